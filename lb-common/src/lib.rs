@@ -1,0 +1,261 @@
+//! Types shared by the xdplb kernel program (`lb-ebpf`) and userspace (`lb-userspace`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields and a size assertion, so
+//! the kernel and userspace agree on the layout byte for byte and no uninitialised padding ever
+//! reaches a hash-map key. Addresses are always 16 bytes: an IPv4 address occupies the first four
+//! bytes, the rest is zero, and a separate `family` field tells which it is.
+//!
+//! # Maps (name, type, size, why)
+//! | map | type | entries | why |
+//! |---|---|---|---|
+//! | [`map_names::VIPS`] | `HASH` | `max_vips` | exact (address, port, protocol) match; few entries, read-mostly |
+//! | [`map_names::RINGS`] | `ARRAY` | `max_vips * 2 * max_ring_size` | Maglev tables, two halves per VIP (see [`VipMeta`]) |
+//! | [`map_names::BACKENDS`] | `ARRAY` | `max_backends` | indexed by backend id from the ring: one bounds-checked load |
+//! | [`map_names::FLOWS`] | `LRU_HASH` | `flow_table_size` | 5-tuple -> backend; LRU so a full table evicts the coldest flow instead of failing new ones |
+//! | [`map_names::CONFIG`] | `ARRAY` | 1 | global knobs ([`LbConfig`]) written once per config change |
+//! | [`map_names::GLOBAL_COUNTERS`] | `PERCPU_ARRAY` | [`counters::COUNT`] | lock-free counters, summed by userspace |
+//! | [`map_names::VIP_COUNTERS`] | `PERCPU_ARRAY` | `max_vips` | per-VIP [`TrafficCounters`] indexed by VIP id |
+//! | [`map_names::BACKEND_COUNTERS`] | `PERCPU_ARRAY` | `max_backends` | per-backend [`TrafficCounters`] |
+//! | [`map_names::TX_PORTS`] | `DEVMAP_HASH` | [`MAX_TX_PORTS`] | egress interfaces for two-armed set-ups (`XDP_REDIRECT`) |
+//! | [`map_names::DECAP_LOCAL`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: outer destinations that are this host |
+//! | [`map_names::DECAP_VIPS`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: inner destinations served here |
+//!
+//! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
+//! the numbers compiled into the object are only placeholders.
+#![no_std]
+
+/// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
+/// layout version equals its own, and replaces them otherwise.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names, shared so the loader and the kernel program cannot disagree.
+pub mod map_names {
+    pub const VIPS: &str = "VIPS";
+    pub const RINGS: &str = "RINGS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
+    pub const VIP_COUNTERS: &str = "VIP_COUNTERS";
+    pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
+    pub const DECAP_VIPS: &str = "DECAP_VIPS";
+}
+
+/// Program names (the function names in lb-ebpf).
+pub mod program_names {
+    pub const LB: &str = "xdplb";
+    pub const DECAP: &str = "xdplb_decap";
+}
+
+/// Placeholder sizes compiled into the object; userspace always overrides them at load time.
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+pub const DEFAULT_MAX_RING_SIZE: u32 = 65537;
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+/// Interfaces a two-armed LB can redirect to; more would mean a very unusual host.
+pub const MAX_TX_PORTS: u32 = 64;
+/// Local tunnel endpoints plus VIPs a backend's decap program recognises.
+pub const MAX_DECAP_ADDRS: u32 = 1024;
+
+/// Address families, as stored in `family` fields.
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers the data path understands.
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_IPV6: u8 = 41;
+
+/// Forwarding modes ([`VipMeta::mode`]).
+pub const MODE_DSR: u8 = 0;
+pub const MODE_IPIP: u8 = 1;
+
+/// Ring slot value meaning "no backend" (never a valid backend id).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Bytes an outer header adds in `ipip` mode.
+pub const IPV4_HEADER_LEN: u32 = 20;
+pub const IPV6_HEADER_LEN: u32 = 40;
+
+/// Hash-map key of a virtual service. `port` is in network byte order, 0 = all ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// What the data path needs to serve one VIP.
+///
+/// The ring is double-buffered: userspace writes a new Maglev table into the half that
+/// `ring_base` does not point to, then replaces this value with one hash-map update (which the
+/// kernel swaps in as a whole), so a packet sees either the old table or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index into `VIP_COUNTERS`; also identifies the VIP in `Backend::vip_id`.
+    pub vip_id: u32,
+    /// First slot of the active Maglev table in `RINGS`.
+    pub ring_base: u32,
+    /// Table size (a prime); 0 = no backend available, packets are dropped and counted.
+    pub ring_size: u32,
+    pub mode: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// `Backend::flags`.
+pub const BACKEND_PRESENT: u8 = 1;
+/// Health checks say the backend is down: established TCP flows stay, UDP flows re-hash.
+pub const BACKEND_DOWN: u8 = 2;
+
+/// One backend of one VIP, indexed by backend id. Everything the forwarder writes into the
+/// packet is resolved by userspace (neighbour table, routes), so the fast path only copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Backend address: outer destination in `ipip` mode.
+    pub addr: [u8; 16],
+    /// Destination MAC: the backend's own (`dsr`) or the next hop's.
+    pub dst_mac: [u8; 6],
+    /// Source MAC: the egress interface's.
+    pub src_mac: [u8; 6],
+    /// Egress interface; equal to the ingress one means `XDP_TX`, else `XDP_REDIRECT`.
+    pub tx_ifindex: u32,
+    /// The VIP this backend belongs to; a flow entry is honoured only while this matches.
+    pub vip_id: u32,
+    /// Largest L3 packet the egress path carries (the interface MTU).
+    pub mtu: u16,
+    pub flags: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 40);
+
+/// Flow-table key: the 5-tuple as seen by the load balancer (client -> VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Ports in network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// `FlowValue::state` bits.
+pub const FLOW_SYN_SEEN: u8 = 1;
+pub const FLOW_FIN_SEEN: u8 = 2;
+pub const FLOW_RST_SEEN: u8 = 4;
+
+/// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_ns() / 1e9`);
+/// `last_seen` is only rewritten when the second changes, to keep writes off the hot path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    pub created: u32,
+    pub last_seen: u32,
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+
+/// Global knobs, one entry in `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbConfig {
+    /// Outer IPv4 source for `ipip`: `(prefix & !host_mask) | (flow_hash & host_mask)`, so
+    /// backends' RSS spreads flows over queues (Katran does the same).
+    pub ipip_src_v4: [u8; 4],
+    pub ipip_src_v4_host_mask: [u8; 4],
+    pub ipip_src_v6: [u8; 16],
+    pub ipip_src_v6_host_mask: [u8; 16],
+    /// Seed of the flow hash; must be equal on LB instances that share traffic.
+    pub hash_seed: u32,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 48);
+
+/// Per-VIP and per-backend traffic counters (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Packets for this VIP/backend that were not forwarded (no backend, too big to encapsulate).
+    pub not_forwarded: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 32);
+
+/// Key of the decap program's address sets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AddrKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+
+/// Declares the global counters once: index constants, their exported names and help texts.
+macro_rules! global_counters {
+    ($($name:ident = $idx:literal, $label:literal, $help:literal;)*) => {
+        $(#[doc = $help] pub const $name: u32 = $idx;)*
+        /// Every counter in index order: (metric label, help).
+        pub const ALL: &[(&str, &str)] = &[$(($label, $help)),*];
+        pub const COUNT: u32 = ALL.len() as u32;
+        const _: () = { let mut i = 0; $(assert!($idx == i); i += 1;)* let _ = i; };
+    };
+}
+
+/// Indices into `GLOBAL_COUNTERS`. Labels are `kind_reason`; userspace splits them into
+/// Prometheus labels (`xdplb_xdp_actions_total{action}`, `xdplb_packets_passed_total{reason}`...).
+pub mod counters {
+    global_counters! {
+        ACTION_ABORTED = 0, "action_aborted", "XDP_ABORTED returned (a bug: never expected)";
+        ACTION_DROP = 1, "action_drop", "XDP_DROP returned";
+        ACTION_PASS = 2, "action_pass", "XDP_PASS returned";
+        ACTION_TX = 3, "action_tx", "XDP_TX returned";
+        ACTION_REDIRECT = 4, "action_redirect", "XDP_REDIRECT returned";
+        PASS_NOT_IP = 5, "pass_not_ip", "passed: neither IPv4 nor IPv6 (ARP, LLDP...)";
+        PASS_MALFORMED = 6, "pass_malformed", "passed: truncated or malformed header";
+        PASS_FRAGMENT = 7, "pass_fragment", "passed: IP fragment (ports unknown)";
+        PASS_NOT_TCP_UDP = 8, "pass_not_tcp_udp", "passed: transport is neither TCP nor UDP";
+        PASS_NOT_VIP = 9, "pass_not_vip", "passed: destination is not a VIP";
+        PASS_TOO_BIG = 10, "pass_too_big", "passed: too big for the egress MTU once encapsulated";
+        DROP_NO_BACKEND = 11, "drop_no_backend", "dropped: the VIP has no available backend";
+        DROP_INTERNAL = 12, "drop_internal", "dropped: a map or helper failed unexpectedly";
+        FLOW_HIT = 13, "flow_hit", "flow-table hit, backend kept";
+        FLOW_MISS = 14, "flow_miss", "flow-table miss, backend chosen from the ring";
+        FLOW_REHASH = 15, "flow_rehash", "flow entry's backend gone (or UDP to a down backend): re-hashed";
+        FLOW_INSERT_FAILED = 16, "flow_insert_failed", "flow-table insert failed";
+        DECAP_OK = 17, "decap_ok", "decap program: outer header removed";
+        DECAP_NOT_OURS = 18, "decap_not_ours", "decap program: tunnel packet not for a local address and VIP";
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain-old-data without implicit padding (see the
+    // size assertions above), so every byte pattern is a valid value.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for LbConfig {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for AddrKey {}
+}

@@ -1,0 +1,173 @@
+//! Sending a packet to its backend: MAC rewrite (`dsr`) or IPIP encapsulation (`ipip`), then
+//! out of the same interface (`XDP_TX`) or another one (`XDP_REDIRECT`).
+
+use crate::{
+    maps::{CONFIG, TX_PORTS},
+    parse::{ptr_at, Packet, ETH_P_IPV4, ETH_P_IPV6},
+};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{
+    counters, Backend, LbConfig, FAMILY_IPV6, IPV4_HEADER_LEN, IPV6_HEADER_LEN, PROTO_IPIP,
+    PROTO_IPV6,
+};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+
+const OUTER_TTL: u8 = 64;
+const IPV4_DF: [u8; 2] = [0x40, 0x00];
+
+/// Rewrites the Ethernet addresses toward the backend (or its next hop).
+#[inline(always)]
+fn set_macs(ctx: &XdpContext, backend: &Backend) -> Result<(), u32> {
+    let macs = ptr_at::<[u8; 12]>(ctx, 0).map_err(|_| counters::DROP_INTERNAL)?;
+    // SAFETY: bounds checked by ptr_at.
+    let macs = unsafe { &mut *macs };
+    macs[..6].copy_from_slice(&backend.dst_mac);
+    macs[6..].copy_from_slice(&backend.src_mac);
+    Ok(())
+}
+
+/// The action that sends the rewritten frame toward `backend`.
+#[inline(always)]
+fn transmit(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
+    if backend.tx_ifindex == 0 || backend.tx_ifindex as usize == ctx.ingress_ifindex() {
+        return Ok(xdp_action::XDP_TX);
+    }
+    // On a missing port the helper returns the low bits of the flags: XDP_DROP, counted below.
+    TX_PORTS
+        .redirect(backend.tx_ifindex, xdp_action::XDP_DROP as u64)
+        .map_err(|_| counters::DROP_INTERNAL)
+}
+
+#[inline(always)]
+pub fn dsr(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
+    set_macs(ctx, backend)?;
+    transmit(ctx, backend)
+}
+
+/// Prepends an outer IPv4 or IPv6 header addressed to the backend (4in4, 6in6, 4in6).
+/// `Err(PASS_TOO_BIG)` leaves the packet untouched for the stack.
+#[inline(always)]
+pub fn ipip(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32) -> Result<u32, u32> {
+    let Some(config) = CONFIG.get(0) else {
+        return Err(counters::DROP_INTERNAL);
+    };
+    let outer_len = if backend.family == FAMILY_IPV6 {
+        IPV6_HEADER_LEN
+    } else {
+        IPV4_HEADER_LEN
+    };
+    if pkt.l3_len + outer_len > backend.mtu as u32 {
+        return Err(counters::PASS_TOO_BIG);
+    }
+    // SAFETY: helper call on our own context; it fails cleanly when there is no headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
+        return Err(counters::DROP_INTERNAL);
+    }
+    // The Ethernet header (and VLAN tag) moves to the new start; MACs are rewritten anyway,
+    // so only the tag needs copying.
+    let l2_len = pkt.l2_len;
+    if l2_len > 14 {
+        let tag =
+            ptr_at::<[u8; 4]>(ctx, outer_len as usize + 12).map_err(|_| counters::DROP_INTERNAL)?;
+        let new_tag = ptr_at::<[u8; 4]>(ctx, 12).map_err(|_| counters::DROP_INTERNAL)?;
+        // SAFETY: both bounds checked; they do not overlap (outer_len >= 20).
+        unsafe { *new_tag = *tag };
+    }
+    set_macs(ctx, backend)?;
+    let ether_type = ptr_at::<[u8; 2]>(ctx, l2_len - 2).map_err(|_| counters::DROP_INTERNAL)?;
+    let inner_proto = if pkt.key.family == FAMILY_IPV6 {
+        PROTO_IPV6
+    } else {
+        PROTO_IPIP
+    };
+    if backend.family == FAMILY_IPV6 {
+        // SAFETY: bounds checked.
+        unsafe { *ether_type = ETH_P_IPV6.to_be_bytes() };
+        let outer = ptr_at::<Ipv6Hdr>(ctx, l2_len).map_err(|_| counters::DROP_INTERNAL)?;
+        // SAFETY: bounds checked.
+        unsafe { write_ipv6(&mut *outer, pkt, backend, config, hash, inner_proto) };
+    } else {
+        // SAFETY: bounds checked.
+        unsafe { *ether_type = ETH_P_IPV4.to_be_bytes() };
+        let outer = ptr_at::<Ipv4Hdr>(ctx, l2_len).map_err(|_| counters::DROP_INTERNAL)?;
+        // SAFETY: bounds checked.
+        unsafe { write_ipv4(&mut *outer, pkt, backend, config, hash, inner_proto) };
+    }
+    transmit(ctx, backend)
+}
+
+/// `(prefix & !mask) | (hash & mask)`, byte by byte: the flow hash fills the host bits.
+#[inline(always)]
+fn mix_source<const N: usize>(prefix: &[u8; N], host_mask: &[u8; N], hash: u32) -> [u8; N] {
+    let hash = hash.to_be_bytes();
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        let h = if i + 4 >= N { hash[i + 4 - N] } else { 0 };
+        out[i] = (prefix[i] & !host_mask[i]) | (h & host_mask[i]);
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn write_ipv4(
+    outer: &mut Ipv4Hdr,
+    pkt: &Packet,
+    backend: &Backend,
+    config: &LbConfig,
+    hash: u32,
+    inner_proto: u8,
+) {
+    outer.vihl = 0x45;
+    outer.tos = pkt.tos;
+    outer.tot_len = ((pkt.l3_len + IPV4_HEADER_LEN) as u16).to_be_bytes();
+    outer.id = [0, 0];
+    outer.frags = IPV4_DF;
+    outer.ttl = OUTER_TTL;
+    outer.proto = inner_proto;
+    outer.check = [0, 0];
+    outer.src_addr = mix_source(&config.ipip_src_v4, &config.ipip_src_v4_host_mask, hash);
+    outer.dst_addr = [
+        backend.addr[0],
+        backend.addr[1],
+        backend.addr[2],
+        backend.addr[3],
+    ];
+    outer.check = ipv4_checksum(outer).to_be_bytes();
+}
+
+#[inline(always)]
+fn write_ipv6(
+    outer: &mut Ipv6Hdr,
+    pkt: &Packet,
+    backend: &Backend,
+    config: &LbConfig,
+    hash: u32,
+    inner_proto: u8,
+) {
+    // Version 6, the inner traffic class, and the flow hash as flow label (ECMP and RSS use it).
+    let label = hash & 0x000f_ffff;
+    outer.vcf = ((6u32 << 28) | ((pkt.tos as u32) << 20) | label).to_be_bytes();
+    outer.payload_len = (pkt.l3_len as u16).to_be_bytes();
+    outer.next_hdr = inner_proto;
+    outer.hop_limit = OUTER_TTL;
+    outer.src_addr = mix_source(&config.ipip_src_v6, &config.ipip_src_v6_host_mask, hash);
+    outer.dst_addr = backend.addr;
+}
+
+/// RFC 1071 checksum of a 20-byte IPv4 header whose checksum field is zero.
+#[inline(always)]
+fn ipv4_checksum(header: &Ipv4Hdr) -> u16 {
+    // SAFETY: Ipv4Hdr is 20 plain bytes.
+    let bytes: &[u8; 20] = unsafe { &*(header as *const Ipv4Hdr as *const [u8; 20]) };
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

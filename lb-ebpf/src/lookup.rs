@@ -1,0 +1,176 @@
+//! VIP match, flow table and Maglev ring: which backend serves this packet.
+
+use crate::{
+    maps::{BACKENDS, FLOWS, RINGS, VIPS},
+    parse::Packet,
+};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT,
+    FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP,
+};
+
+/// Exact (address, port, protocol) first, then the address's all-ports entry.
+#[inline(always)]
+pub fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
+    let mut key = VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    // SAFETY: an updated hash element is replaced as a whole and freed only after every
+    // running program is done (RCU), so the reference stays valid and consistent.
+    if let Some(meta) = unsafe { VIPS.get(&key) } {
+        return Some(meta);
+    }
+    key.port = 0;
+    unsafe { VIPS.get(&key) }
+}
+
+/// Flow hash over the 5-tuple: picks the ring slot and the outer source of `ipip`. Two LB
+/// instances with the same seed compute the same value, which is what keeps a flow on its
+/// backend when routers move it between instances.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    let mut h = seed ^ ((key.proto as u32) << 16 | key.family as u32);
+    let mut i = 0;
+    while i < 16 {
+        h = mix(
+            h,
+            u32::from_ne_bytes([key.src[i], key.src[i + 1], key.src[i + 2], key.src[i + 3]]),
+        );
+        h = mix(
+            h,
+            u32::from_ne_bytes([key.dst[i], key.dst[i + 1], key.dst[i + 2], key.dst[i + 3]]),
+        );
+        i += 4;
+    }
+    h = mix(h, (key.sport as u32) << 16 | key.dport as u32);
+    fmix(h)
+}
+
+/// One murmur3 round.
+#[inline(always)]
+fn mix(h: u32, word: u32) -> u32 {
+    let k = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// murmur3's finaliser: every input bit affects every output bit.
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The backend chosen for a packet.
+pub struct Choice {
+    pub backend_id: u32,
+    pub backend: &'static Backend,
+    pub new_flow: bool,
+}
+
+#[inline(always)]
+fn now_seconds() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+fn backend_of_vip(backend_id: u32, vip: &VipMeta) -> Option<&'static Backend> {
+    let backend = BACKENDS.get(backend_id)?;
+    (backend.flags & BACKEND_PRESENT != 0 && backend.vip_id == vip.vip_id).then_some(backend)
+}
+
+/// Maglev table lookup in the VIP's active half.
+#[inline(always)]
+fn from_ring(vip: &VipMeta, hash: u32) -> Option<(u32, &'static Backend)> {
+    if vip.ring_size == 0 {
+        return None;
+    }
+    let backend_id = *RINGS.get(vip.ring_base + hash % vip.ring_size)?;
+    if backend_id == NO_BACKEND {
+        return None;
+    }
+    Some((backend_id, backend_of_vip(backend_id, vip)?))
+}
+
+#[inline(always)]
+fn state_bits(pkt: &Packet) -> u8 {
+    (pkt.is_tcp_syn_only() as u8 * FLOW_SYN_SEEN)
+        | (pkt.is_tcp_fin() as u8 * FLOW_FIN_SEEN)
+        | (pkt.is_tcp_rst() as u8 * FLOW_RST_SEEN)
+}
+
+/// Flow table first: an existing flow keeps its backend while that backend is still part of
+/// the VIP, even drained or re-weighted. Otherwise (a new flow, or one another LB instance
+/// started) the ring decides and the flow is remembered. `Err` is a drop-reason counter.
+#[inline(always)]
+pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, u32> {
+    let key = &pkt.key;
+    let now = now_seconds();
+    let state = state_bits(pkt);
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: LRU map value; concurrent writers only ever store whole small fields.
+        let flow = unsafe { &mut *flow };
+        // A fresh SYN on a tuple whose connection ended is a new connection: let the ring
+        // choose, so a drained backend gets no new connection through port reuse.
+        let reopened = pkt.is_tcp_syn_only() && flow.state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0;
+        if !reopened {
+            if let Some(backend) = backend_of_vip(flow.backend_id, vip) {
+                let udp_to_down = key.proto == PROTO_UDP && backend.flags & BACKEND_DOWN != 0;
+                if !udp_to_down {
+                    crate::counters::global(counters::FLOW_HIT);
+                    if flow.last_seen != now || flow.state | state != flow.state {
+                        flow.last_seen = now;
+                        flow.state |= state;
+                    }
+                    return Ok(Choice {
+                        backend_id: flow.backend_id,
+                        backend,
+                        new_flow: false,
+                    });
+                }
+            }
+        }
+        crate::counters::global(counters::FLOW_REHASH);
+        let (backend_id, backend) = from_ring(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
+        flow.backend_id = backend_id;
+        flow.created = now;
+        flow.last_seen = now;
+        flow.state = state;
+        return Ok(Choice {
+            backend_id,
+            backend,
+            new_flow: true,
+        });
+    }
+    crate::counters::global(counters::FLOW_MISS);
+    let (backend_id, backend) = from_ring(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
+    let value = FlowValue {
+        backend_id,
+        created: now,
+        last_seen: now,
+        state,
+        _pad: [0; 3],
+    };
+    if FLOWS.insert(key, &value, 0).is_err() {
+        // Still forward: the ring gives the same answer for the next packet.
+        crate::counters::global(counters::FLOW_INSERT_FAILED);
+    }
+    Ok(Choice {
+        backend_id,
+        backend,
+        new_flow: true,
+    })
+}

@@ -1,0 +1,207 @@
+//! Bounds-checked packet access and header parsing.
+//!
+//! Every read goes through [`ptr_at`], which proves to the verifier that the access lies inside
+//! the packet. Parsing never fails hard: an error names the counter of the reason the packet is
+//! passed to the kernel stack untouched.
+
+use aya_ebpf::programs::XdpContext;
+use core::mem::size_of;
+use lb_common::{counters, FlowKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+/// IPv6 extension headers we step over (hop-by-hop, routing, destination options) and the two
+/// that end the walk: fragment (ports unknown) and authentication header.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+/// Bounded walk: more extension headers than this before TCP/UDP is not traffic we serve.
+const IPV6_MAX_EXT_HEADERS: usize = 4;
+
+const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// Returns a pointer to a `T` at `offset` bytes into the packet, or `Err` if it does not fit.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// A header inside the packet, by reference: copying headers to the stack would exhaust the
+/// 512-byte BPF stack once everything is inlined. Header types are byte arrays (alignment 1).
+#[inline(always)]
+pub fn header<'a, T>(ctx: &XdpContext, offset: usize) -> Result<&'a T, ()> {
+    // SAFETY: ptr_at proved the bytes are inside the packet, which outlives the program run.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { &*p })
+}
+
+/// What the load balancer needs to know about a packet.
+pub struct Packet {
+    /// Length of the Ethernet header including a VLAN tag: 14 or 18.
+    pub l2_len: usize,
+    /// The 5-tuple, already in the flow table's key layout (ports in network byte order).
+    pub key: FlowKey,
+    /// IP packet length from the header (excludes Ethernet padding).
+    pub l3_len: u32,
+    /// IPv4 TOS or IPv6 traffic class, copied to an outer header.
+    pub tos: u8,
+    pub tcp_flags: u8,
+}
+
+impl Packet {
+    pub fn is_tcp_syn_only(&self) -> bool {
+        self.key.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+    pub fn is_tcp_fin(&self) -> bool {
+        self.key.proto == PROTO_TCP && self.tcp_flags & TCP_FIN != 0
+    }
+    pub fn is_tcp_rst(&self) -> bool {
+        self.key.proto == PROTO_TCP && self.tcp_flags & TCP_RST != 0
+    }
+}
+
+/// Parses Ethernet with at most one VLAN tag; returns (ethertype, L2 header length).
+#[inline(always)]
+pub fn parse_l2(ctx: &XdpContext) -> Result<(u16, usize), u32> {
+    let eth: &EthHdr = header(ctx, 0).map_err(|_| counters::PASS_MALFORMED)?;
+    let ether_type = u16::from_be(eth.ether_type);
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: &VlanHdr = header(ctx, EthHdr::LEN).map_err(|_| counters::PASS_MALFORMED)?;
+        return Ok((u16::from_be(vlan.ether_type), EthHdr::LEN + VlanHdr::LEN));
+    }
+    Ok((ether_type, EthHdr::LEN))
+}
+
+/// Parses a packet down to its ports. `Err` carries the pass-reason counter.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
+    let (ether_type, l2_len) = parse_l2(ctx)?;
+    match ether_type {
+        ETH_P_IPV4 => parse_ipv4(ctx, l2_len),
+        ETH_P_IPV6 => parse_ipv6(ctx, l2_len),
+        _ => Err(counters::PASS_NOT_IP),
+    }
+}
+
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l2_len: usize) -> Result<Packet, u32> {
+    let ip: &Ipv4Hdr = header(ctx, l2_len).map_err(|_| counters::PASS_MALFORMED)?;
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    let l3_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || l3_len < ihl || l2_len + l3_len > frame_len(ctx) {
+        return Err(counters::PASS_MALFORMED);
+    }
+    // Every fragment goes to the stack: later fragments carry no ports, so a first fragment
+    // forwarded alone could never be reassembled by the backend.
+    if u16::from_be_bytes(ip.frags) & IPV4_MF_OR_OFFSET != 0 {
+        return Err(counters::PASS_FRAGMENT);
+    }
+    let mut pkt = Packet {
+        l2_len,
+        key: FlowKey {
+            proto: ip.proto,
+            family: FAMILY_IPV4,
+            ..FlowKey::default()
+        },
+        l3_len: l3_len as u32,
+        tos: ip.tos,
+        tcp_flags: 0,
+    };
+    pkt.key.src[..4].copy_from_slice(&ip.src_addr);
+    pkt.key.dst[..4].copy_from_slice(&ip.dst_addr);
+    parse_l4(ctx, l2_len + ihl, &mut pkt)?;
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l2_len: usize) -> Result<Packet, u32> {
+    let ip: &Ipv6Hdr = header(ctx, l2_len).map_err(|_| counters::PASS_MALFORMED)?;
+    let l3_len = Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
+    if ip.vcf[0] >> 4 != 6 || l2_len + l3_len > frame_len(ctx) {
+        return Err(counters::PASS_MALFORMED);
+    }
+    let mut next = ip.next_hdr;
+    let mut offset = l2_len + Ipv6Hdr::LEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        let hdr_len = match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AUTH => {
+                let ext: &[u8; 2] = header(ctx, offset).map_err(|_| counters::PASS_MALFORMED)?;
+                next = ext[0];
+                if next == IPV6_AUTH {
+                    (ext[1] as usize + 2) * 4
+                } else {
+                    (ext[1] as usize + 1) * 8
+                }
+            }
+            IPV6_FRAGMENT => return Err(counters::PASS_FRAGMENT),
+            _ => break,
+        };
+        offset += hdr_len;
+    }
+    let mut pkt = Packet {
+        l2_len,
+        key: FlowKey {
+            src: ip.src_addr,
+            dst: ip.dst_addr,
+            proto: next,
+            family: FAMILY_IPV6,
+            ..FlowKey::default()
+        },
+        l3_len: l3_len as u32,
+        tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+        tcp_flags: 0,
+    };
+    parse_l4(ctx, offset, &mut pkt)?;
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), u32> {
+    match pkt.key.proto {
+        PROTO_TCP => {
+            let tcp: &TcpHdr = header(ctx, offset).map_err(|_| counters::PASS_MALFORMED)?;
+            if (tcp.doff() as usize) * 4 < TcpHdr::LEN {
+                return Err(counters::PASS_MALFORMED);
+            }
+            pkt.key.sport = u16::from_ne_bytes(tcp.source);
+            pkt.key.dport = u16::from_ne_bytes(tcp.dest);
+            pkt.tcp_flags = (tcp.fin() as u8 * TCP_FIN)
+                | (tcp.syn() as u8 * TCP_SYN)
+                | (tcp.rst() as u8 * TCP_RST)
+                | (tcp.ack() as u8 * TCP_ACK);
+            Ok(())
+        }
+        PROTO_UDP => {
+            let udp: &UdpHdr = header(ctx, offset).map_err(|_| counters::PASS_MALFORMED)?;
+            pkt.key.sport = u16::from_ne_bytes(udp.src);
+            pkt.key.dport = u16::from_ne_bytes(udp.dst);
+            Ok(())
+        }
+        _ => Err(counters::PASS_NOT_TCP_UDP),
+    }
+}
