@@ -82,7 +82,7 @@ pub const IPV6_HEADER_LEN: u32 = 40;
 
 /// Hash-map key of a virtual service. `port` is in network byte order, 0 = all ports.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct VipKey {
     pub addr: [u8; 16],
     pub port: u16,

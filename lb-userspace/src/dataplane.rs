@@ -250,11 +250,11 @@ impl Dataplane {
         collect(self.vips.iter()).map_err(map_err(map_names::VIPS))
     }
 
-    /// Writes a Maglev table starting at slot `base` (a half that no packet reads yet).
-    pub fn write_ring(&mut self, base: u32, table: &[u32]) -> Result<()> {
-        for (slot, backend_id) in (base..).zip(table) {
+    /// Writes `(slot, backend id)` pairs of a Maglev table into a half no packet reads yet.
+    pub fn write_ring(&mut self, writes: &[(u32, u32)]) -> Result<()> {
+        for (slot, backend_id) in writes {
             self.rings
-                .set(slot, backend_id, 0)
+                .set(*slot, backend_id, 0)
                 .map_err(map_err(map_names::RINGS))?;
         }
         Ok(())
