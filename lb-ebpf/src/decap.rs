@@ -121,10 +121,16 @@ fn strip(ctx: &XdpContext, l2_len: usize, outer_len: usize, inner_family: u8) ->
     } else {
         ETH_P_IPV4
     };
-    let old = ptr_at::<[u8; 16]>(ctx, 0)?;
-    let new = ptr_at::<[u8; 16]>(ctx, outer_len)?;
-    // SAFETY: both ranges bounds checked; they do not overlap because outer_len >= 20 > 16.
-    unsafe { *new = *old };
+    let macs = ptr_at::<[u8; 12]>(ctx, 0)?;
+    let new_macs = ptr_at::<[u8; 12]>(ctx, outer_len)?;
+    // SAFETY: both ranges bounds checked; they do not overlap because outer_len >= 20.
+    unsafe { *new_macs = *macs };
+    if l2_len > 14 {
+        let tag = ptr_at::<[u8; 4]>(ctx, 12)?;
+        let new_tag = ptr_at::<[u8; 4]>(ctx, outer_len + 12)?;
+        // SAFETY: as above.
+        unsafe { *new_tag = *tag };
+    }
     let new_ether_type = ptr_at::<[u8; 2]>(ctx, outer_len + l2_len - 2)?;
     // SAFETY: bounds checked.
     unsafe { *new_ether_type = ether_type.to_be_bytes() };

@@ -96,20 +96,6 @@ pub fn ipip(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32) -> Res
     transmit(ctx, backend)
 }
 
-/// `(prefix & !mask) | (hash & mask)`, byte by byte: the flow hash fills the host bits.
-#[inline(always)]
-fn mix_source<const N: usize>(prefix: &[u8; N], host_mask: &[u8; N], hash: u32) -> [u8; N] {
-    let hash = hash.to_be_bytes();
-    let mut out = [0u8; N];
-    let mut i = 0;
-    while i < N {
-        let h = if i + 4 >= N { hash[i + 4 - N] } else { 0 };
-        out[i] = (prefix[i] & !host_mask[i]) | (h & host_mask[i]);
-        i += 1;
-    }
-    out
-}
-
 #[inline(always)]
 fn write_ipv4(
     outer: &mut Ipv4Hdr,
@@ -127,7 +113,8 @@ fn write_ipv4(
     outer.ttl = OUTER_TTL;
     outer.proto = inner_proto;
     outer.check = [0, 0];
-    outer.src_addr = mix_source(&config.ipip_src_v4, &config.ipip_src_v4_host_mask, hash);
+    outer.src_addr =
+        lb_common::ipip_source(&config.ipip_src_v4, &config.ipip_src_v4_host_mask, hash);
     outer.dst_addr = [
         backend.addr[0],
         backend.addr[1],
@@ -152,7 +139,8 @@ fn write_ipv6(
     outer.payload_len = (pkt.l3_len as u16).to_be_bytes();
     outer.next_hdr = inner_proto;
     outer.hop_limit = OUTER_TTL;
-    outer.src_addr = mix_source(&config.ipip_src_v6, &config.ipip_src_v6_host_mask, hash);
+    outer.src_addr =
+        lb_common::ipip_source(&config.ipip_src_v6, &config.ipip_src_v6_host_mask, hash);
     outer.dst_addr = backend.addr;
 }
 

@@ -28,51 +28,6 @@ pub fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
     unsafe { VIPS.get(&key) }
 }
 
-/// Flow hash over the 5-tuple: picks the ring slot and the outer source of `ipip`. Two LB
-/// instances with the same seed compute the same value, which is what keeps a flow on its
-/// backend when routers move it between instances.
-#[inline(always)]
-pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-    let mut h = seed ^ ((key.proto as u32) << 16 | key.family as u32);
-    let mut i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_ne_bytes([key.src[i], key.src[i + 1], key.src[i + 2], key.src[i + 3]]),
-        );
-        h = mix(
-            h,
-            u32::from_ne_bytes([key.dst[i], key.dst[i + 1], key.dst[i + 2], key.dst[i + 3]]),
-        );
-        i += 4;
-    }
-    h = mix(h, (key.sport as u32) << 16 | key.dport as u32);
-    fmix(h)
-}
-
-/// One murmur3 round.
-#[inline(always)]
-fn mix(h: u32, word: u32) -> u32 {
-    let k = word
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
-}
-
-/// murmur3's finaliser: every input bit affects every output bit.
-#[inline(always)]
-fn fmix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
 /// The backend chosen for a packet.
 pub struct Choice {
     pub backend_id: u32,

@@ -48,7 +48,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         return pass(idx::PASS_NOT_VIP);
     };
     let seed = maps::CONFIG.get(0).map_or(0, |c| c.hash_seed);
-    let hash = lookup::flow_hash(&pkt.key, seed);
+    let hash = lb_common::flow_hash(&pkt.key, seed);
     let choice = match lookup::choose_backend(&pkt, hash, vip) {
         Ok(choice) => choice,
         Err(reason) => {

@@ -72,7 +72,9 @@ impl fmt::Display for Mac {
 impl FromStr for Mac {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("{s:?} is not a MAC address (expected six hex pairs like 02:00:00:00:00:01)");
+        let bad = || {
+            format!("{s:?} is not a MAC address (expected six hex pairs like 02:00:00:00:00:01)")
+        };
         let mut mac = [0u8; 6];
         let mut parts = s.split(':');
         for byte in &mut mac {
@@ -121,9 +123,9 @@ impl fmt::Display for Prefix {
 impl FromStr for Prefix {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a prefix (expected ADDRESS/LENGTH, e.g. 10.255.0.0/16)"))?;
+        let (addr, len) = s.split_once('/').ok_or_else(|| {
+            format!("{s:?} is not a prefix (expected ADDRESS/LENGTH, e.g. 10.255.0.0/16)")
+        })?;
         let addr: IpAddr = addr
             .parse()
             .map_err(|_| format!("{addr:?} in {s:?} is not an IP address"))?;

@@ -24,7 +24,9 @@ use std::{
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
-    #[error("{needed} VIPs configured but max_vips is {max}: raise [daemon] max_vips (needs a restart)")]
+    #[error(
+        "{needed} VIPs configured but max_vips is {max}: raise [daemon] max_vips (needs a restart)"
+    )]
     TooManyVips { needed: usize, max: u32 },
     #[error("{needed} backends configured but max_backends is {max}: raise [daemon] max_backends (needs a restart)")]
     TooManyBackends { needed: usize, max: u32 },
@@ -415,12 +417,11 @@ fn plan_vip(
             weight: *weight,
         })
         .collect();
-    let table = maglev::build_table(&ring, want.ring_size, seed).map_err(|source| {
-        StateError::Maglev {
+    let table =
+        maglev::build_table(&ring, want.ring_size, seed).map_err(|source| StateError::Maglev {
             vip: want.name.clone(),
             source,
-        }
-    })?;
+        })?;
 
     let mut meta = VipMeta {
         mode: want.mode,

@@ -1,1 +1,3 @@
+//! Test support for xdplb's root integration tests: a packet builder and the fixture runner.
+pub mod harness;
 pub mod packet;
