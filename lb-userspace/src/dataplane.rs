@@ -4,12 +4,16 @@
 
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        ProgramError, Xdp, XdpMode,
+    },
     Ebpf, EbpfError, EbpfLoader, Pod,
 };
 use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FlowKey, FlowValue, LbConfig,
-    TrafficCounters, VipKey, VipMeta, MAX_DECAP_ADDRS, MAX_TX_PORTS,
+    TrafficCounters, VipKey, VipMeta, LAYOUT_VERSION, MAX_DECAP_ADDRS, MAX_TX_PORTS,
 };
 use std::{
     borrow::Cow,
@@ -49,6 +53,18 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("interface {iface}: pinned XDP link {path}: {reason}")]
+    Link {
+        iface: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("pin directory {path}: {source} (is bpffs mounted on /sys/fs/bpf?)")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -75,6 +91,14 @@ impl Default for Sizes {
 }
 
 impl Sizes {
+    /// For the decap program, which uses none of the balancer's maps: smallest allocations.
+    pub const UNUSED: Sizes = Sizes {
+        max_vips: 1,
+        max_backends: 1,
+        max_ring_size: 1,
+        flow_table_size: 1,
+    };
+
     /// First slot of half `half` (0 or 1) of the ring area of VIP `vip_id`.
     pub fn ring_base(&self, vip_id: u32, half: u32) -> u32 {
         (vip_id * 2 + half) * self.max_ring_size
@@ -109,11 +133,25 @@ impl Role {
     }
 }
 
+/// What [`Dataplane::load`] found in the pin directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Adoption {
+    /// Nothing pinned (or pinning not requested): empty maps.
+    Fresh,
+    /// Maps of this layout and these sizes were pinned: their contents (flows!) are kept.
+    Adopted,
+    /// Pinned maps could not be used; they are replaced by empty ones.
+    Replaced(String),
+}
+
 /// A loaded object with typed handles on its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     role: Role,
     sizes: Sizes,
+    /// `<pin root>/v<LAYOUT_VERSION>` when pinning.
+    pin_dir: Option<PathBuf>,
+    adoption: Adoption,
     vips: HashMap<MapData, VipKey, VipMeta>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
@@ -143,28 +181,28 @@ where
 
 impl Dataplane {
     /// Loads the object with the given map sizes and verifies `role`'s program in the kernel.
-    /// With `pin_dir`, every map is pinned there, and maps already pinned there are reused
-    /// (their contents survive, which is what makes a daemon restart hitless).
-    pub fn load(role: Role, sizes: Sizes, pin_dir: Option<&Path>) -> Result<Self> {
-        let ring_entries = sizes.max_vips * 2 * sizes.max_ring_size;
-        let pins: Vec<(&'static str, PathBuf)> = match pin_dir {
-            Some(dir) => ALL_MAPS
+    ///
+    /// With `pin_root`, maps are pinned in `pin_root/v<LAYOUT_VERSION>/`, and maps already
+    /// pinned there with the same sizes are reused: their contents survive, which is what makes
+    /// a daemon restart hitless. A layout version bump or a size change gets fresh maps.
+    pub fn load(role: Role, sizes: Sizes, pin_root: Option<&Path>) -> Result<Self> {
+        let map_sizes = map_sizes(&sizes);
+        let pin_dir = pin_root.map(|root| root.join(format!("v{LAYOUT_VERSION}")));
+        let adoption = match &pin_dir {
+            Some(dir) => prepare_pin_dir(dir, &map_sizes)?,
+            None => Adoption::Fresh,
+        };
+        let pins: Vec<(&'static str, PathBuf)> = match &pin_dir {
+            Some(dir) => map_sizes
                 .iter()
-                .map(|name| (*name, dir.join(name)))
+                .map(|(name, _)| (*name, dir.join(name)))
                 .collect(),
             None => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(map_names::VIPS, sizes.max_vips)
-            .map_max_entries(map_names::VIP_COUNTERS, sizes.max_vips)
-            .map_max_entries(map_names::RINGS, ring_entries)
-            .map_max_entries(map_names::BACKENDS, sizes.max_backends)
-            .map_max_entries(map_names::BACKEND_COUNTERS, sizes.max_backends)
-            .map_max_entries(map_names::FLOWS, sizes.flow_table_size)
-            .map_max_entries(map_names::TX_PORTS, MAX_TX_PORTS)
-            .map_max_entries(map_names::DECAP_LOCAL, MAX_DECAP_ADDRS)
-            .map_max_entries(map_names::DECAP_VIPS, MAX_DECAP_ADDRS);
+        for (name, size) in &map_sizes {
+            loader.map_max_entries(name, *size);
+        }
         for (name, path) in &pins {
             loader.map_pin_path(name, Cow::Borrowed(path.as_path()));
         }
@@ -193,7 +231,14 @@ impl Dataplane {
             ebpf,
             role,
             sizes,
+            pin_dir,
+            adoption,
         })
+    }
+
+    /// Whether the maps were adopted from a previous run.
+    pub fn adoption(&self) -> &Adoption {
+        &self.adoption
     }
 
     pub fn sizes(&self) -> Sizes {
@@ -209,8 +254,77 @@ impl Dataplane {
             .expect("checked at load")
     }
 
-    /// Attaches the program to `iface`; it stays attached while `self` lives.
+    /// Attaches the program to `iface`.
+    ///
+    /// When pinning, the attachment is a bpf_link pinned next to the maps: it outlives this
+    /// process (forwarding continues while the daemon restarts), and a later run swaps its
+    /// program into the existing link atomically instead of detaching. Links pinned by an older
+    /// layout are taken over the same way. Without pinning it lasts while `self` lives.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        let Some(pin_dir) = self.pin_dir.clone() else {
+            return self.attach_unpinned(iface, mode).map(drop);
+        };
+        let link_path = pin_dir.join(link_pin_name(iface));
+        let existing = std::iter::once(link_path.clone())
+            .chain(older_layout_dirs(&pin_dir).map(|dir| dir.join(link_pin_name(iface))))
+            .find(|path| path.exists());
+        let link_err = |path: &Path, reason: String| DataplaneError::Link {
+            iface: iface.to_string(),
+            path: path.to_path_buf(),
+            reason,
+        };
+        if let Some(path) = existing {
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(&path, e.to_string()))?;
+            if path != link_path {
+                // Re-pin under this layout before the old directory goes away.
+                std::fs::rename(&path, &link_path).map_err(|e| link_err(&path, e.to_string()))?;
+            }
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| link_err(&link_path, e.to_string()))?;
+            self.program()
+                .attach_to_link(link)
+                .map_err(|source| DataplaneError::Attach {
+                    iface: iface.to_string(),
+                    source,
+                })?;
+            return Ok(());
+        }
+        let link = self.attach_unpinned(iface, mode)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| {
+            link_err(
+                &link_path,
+                format!("{e}: the kernel attached without bpf_link, so it cannot be pinned"),
+            )
+        })?;
+        fd_link
+            .pin(&link_path)
+            .map_err(|e| link_err(&link_path, e.to_string()))?;
+        Ok(())
+    }
+
+    /// Removes every pin (maps and links) of every layout under the pin root: the programs
+    /// detach and the maps are freed once this process lets go of them.
+    pub fn unpin_everything(&self) -> Result<()> {
+        let Some(pin_dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        for dir in std::iter::once(pin_dir.clone()).chain(older_layout_dirs(pin_dir)) {
+            remove_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes pins of older layouts (after their links were taken over).
+    pub fn remove_older_layouts(&self) -> Result<()> {
+        if let Some(pin_dir) = &self.pin_dir {
+            for dir in older_layout_dirs(pin_dir) {
+                remove_dir(&dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_unpinned(&mut self, iface: &str, mode: AttachMode) -> Result<XdpLink> {
         let attach = |program: &mut Xdp, mode| {
             program
                 .attach(iface, mode)
@@ -220,14 +334,23 @@ impl Dataplane {
                 })
         };
         let program = self.program();
-        match mode {
+        let id = match mode {
             AttachMode::Native => attach(program, XdpMode::Driver),
             AttachMode::Generic => attach(program, XdpMode::Skb),
             AttachMode::Auto => {
                 attach(program, XdpMode::Driver).or_else(|_| attach(program, XdpMode::Skb))
             }
-        }
-        .map(drop)
+        }?;
+        program
+            .take_link(id)
+            .map_err(|source| DataplaneError::Attach {
+                iface: iface.to_string(),
+                source,
+            })
+    }
+
+    pub fn config(&self) -> Result<LbConfig> {
+        self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
     }
 
     pub fn set_config(&mut self, config: &LbConfig) -> Result<()> {
@@ -345,19 +468,94 @@ impl Dataplane {
     }
 }
 
-const ALL_MAPS: [&str; 11] = [
-    map_names::VIPS,
-    map_names::RINGS,
-    map_names::BACKENDS,
-    map_names::FLOWS,
-    map_names::CONFIG,
-    map_names::GLOBAL_COUNTERS,
-    map_names::VIP_COUNTERS,
-    map_names::BACKEND_COUNTERS,
-    map_names::TX_PORTS,
-    map_names::DECAP_LOCAL,
-    map_names::DECAP_VIPS,
-];
+fn link_pin_name(iface: &str) -> String {
+    format!("link_{iface}")
+}
+
+/// Sibling `v<N>` directories of other layout versions.
+fn older_layout_dirs(pin_dir: &Path) -> impl Iterator<Item = PathBuf> {
+    let current = pin_dir.file_name().map(|n| n.to_owned());
+    let entries = pin_dir
+        .parent()
+        .and_then(|root| std::fs::read_dir(root).ok())
+        .into_iter()
+        .flatten()
+        .flatten();
+    entries
+        .filter(move |e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            Some(e.file_name()) != current
+                && name.starts_with('v')
+                && name[1..].parse::<u32>().is_ok()
+        })
+        .map(|e| e.path())
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DataplaneError::PinDir {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Every map with its max_entries: what the loader creates, and what a pinned map must have
+/// to be adopted.
+fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
+    vec![
+        (map_names::VIPS, sizes.max_vips),
+        (map_names::VIP_COUNTERS, sizes.max_vips),
+        (map_names::RINGS, sizes.max_vips * 2 * sizes.max_ring_size),
+        (map_names::BACKENDS, sizes.max_backends),
+        (map_names::BACKEND_COUNTERS, sizes.max_backends),
+        (map_names::FLOWS, sizes.flow_table_size),
+        (map_names::CONFIG, 1),
+        (map_names::GLOBAL_COUNTERS, counters::COUNT),
+        (map_names::TX_PORTS, MAX_TX_PORTS),
+        (map_names::DECAP_LOCAL, MAX_DECAP_ADDRS),
+        (map_names::DECAP_VIPS, MAX_DECAP_ADDRS),
+    ]
+}
+
+/// Decides whether the maps pinned in `dir` can be adopted; clears the directory if not.
+fn prepare_pin_dir(dir: &Path, expected: &[(&'static str, u32)]) -> Result<Adoption> {
+    let pin_err = |source| DataplaneError::PinDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !dir.join(map_names::FLOWS).exists() {
+        std::fs::create_dir_all(dir).map_err(pin_err)?;
+        return Ok(Adoption::Fresh);
+    }
+    let mismatch = expected.iter().find_map(|(name, want)| {
+        let have = MapData::from_pin(dir.join(name))
+            .and_then(|map| map.info())
+            .map(|info| info.max_entries());
+        match have {
+            Ok(have) if have == *want => None,
+            Ok(have) => Some(format!(
+                "map {name} has {have} entries, the config asks for {want}"
+            )),
+            Err(e) => Some(format!("map {name} cannot be opened: {e}")),
+        }
+    });
+    match mismatch {
+        None => Ok(Adoption::Adopted),
+        Some(reason) => {
+            // Keep the links: the new program takes them over in attach().
+            for (name, _) in expected {
+                match std::fs::remove_file(dir.join(name)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(pin_err(e)),
+                    _ => {}
+                }
+            }
+            Ok(Adoption::Replaced(reason))
+        }
+    }
+}
 
 fn zeroed_per_cpu() -> Result<PerCpuValues<TrafficCounters>> {
     aya::util::nr_cpus()

@@ -38,12 +38,6 @@ pub enum StateError {
         #[source]
         source: MaglevError,
     },
-    #[error("VIP {vip}, backend {backend}: {reason}")]
-    NextHop {
-        vip: String,
-        backend: IpAddr,
-        reason: String,
-    },
 }
 
 /// Where packets for a backend leave: resolved from routes and neighbours (or configured).
@@ -77,6 +71,15 @@ pub struct BackendStatus {
 pub struct Target {
     pub config: LbConfig,
     pub vips: BTreeMap<VipKey, TargetVip>,
+    /// Backends left out because their next hop is unknown yet (retried later).
+    pub unresolved: Vec<Unresolved>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    pub vip: String,
+    pub backend: IpAddr,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,7 +129,9 @@ fn prefix_and_mask<const N: usize>(prefix: &Prefix) -> ([u8; N], [u8; N]) {
     (addr, mask)
 }
 
-/// Builds the target from the model, runtime status and next-hop resolution.
+/// Builds the target from the model, runtime status and next-hop resolution. A backend whose
+/// next hop cannot be resolved is left out (and listed), so one unreachable backend never
+/// blocks the others.
 pub fn target(
     services: &Services,
     status: impl Fn(&VipSpec, &BackendSpec) -> BackendStatus,
@@ -144,16 +149,21 @@ pub fn target(
         _pad: [0; 4],
     };
     let mut vips = BTreeMap::new();
+    let mut unresolved = Vec::new();
     for spec in &services.vips {
         let mut backends = BTreeMap::new();
         for backend in &spec.backends {
-            let hop = resolver
-                .next_hop(backend)
-                .map_err(|reason| StateError::NextHop {
-                    vip: spec.name.clone(),
-                    backend: backend.addr,
-                    reason,
-                })?;
+            let hop = match resolver.next_hop(backend) {
+                Ok(hop) => hop,
+                Err(reason) => {
+                    unresolved.push(Unresolved {
+                        vip: spec.name.clone(),
+                        backend: backend.addr,
+                        reason,
+                    });
+                    continue;
+                }
+            };
             let status = status(spec, backend);
             let (addr, family) = addr_bytes(backend.addr);
             let entry = Backend {
@@ -183,7 +193,11 @@ pub fn target(
             },
         );
     }
-    Ok(Target { config, vips })
+    Ok(Target {
+        config,
+        vips,
+        unresolved,
+    })
 }
 
 /// Ids handed out first-freed-last-reused, so a freed id (whose old flows may linger in the
@@ -215,6 +229,8 @@ pub struct Live {
     pub vips: BTreeMap<VipKey, LiveVip>,
     vip_ids: IdPool,
     backend_ids: IdPool,
+    /// Present backend entries that no VIP owns (found when adopting): cleared by [`plan`].
+    orphans: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,7 +271,73 @@ impl Live {
             vips: BTreeMap::new(),
             vip_ids: IdPool::new(sizes.max_vips),
             backend_ids: IdPool::new(sizes.max_backends),
+            orphans: Vec::new(),
         }
+    }
+
+    /// Rebuilds the live state from maps a previous run left pinned, so the next [`plan`]
+    /// writes only what differs: unchanged VIPs keep their ids, tables and backends, and
+    /// their flows keep working across the restart.
+    pub fn adopt(dataplane: &Dataplane) -> Result<Self, DataplaneError> {
+        let sizes = dataplane.sizes();
+        let mut live = Self::empty(sizes);
+        live.config = Some(dataplane.config()?);
+        let mut by_vip: BTreeMap<u32, BTreeMap<IpAddr, LiveBackend>> = BTreeMap::new();
+        for id in 0..sizes.max_backends {
+            let entry = dataplane.backend(id)?;
+            if entry.flags & BACKEND_PRESENT != 0 {
+                by_vip.entry(entry.vip_id).or_default().insert(
+                    entry_addr(&entry),
+                    LiveBackend {
+                        id,
+                        entry,
+                        ring_weight: 0,
+                    },
+                );
+            }
+        }
+        for (key, meta) in dataplane.vips()? {
+            let active = ((meta.ring_base / sizes.max_ring_size) % 2) as usize;
+            let mut halves = [Vec::new(), Vec::new()];
+            halves[active] = (meta.ring_base..meta.ring_base + meta.ring_size)
+                .map(|slot| dataplane.ring_slot(slot))
+                .collect::<Result<_, _>>()?;
+            let backends = by_vip.remove(&meta.vip_id).unwrap_or_default();
+            live.vips.insert(
+                key,
+                LiveVip {
+                    name: String::new(),
+                    meta,
+                    halves,
+                    active,
+                    backends,
+                },
+            );
+        }
+        let used_vips: Vec<u32> = live.vips.values().map(|v| v.meta.vip_id).collect();
+        live.vip_ids.free.retain(|id| !used_vips.contains(id));
+        let used_backends: Vec<u32> = live
+            .vips
+            .values()
+            .flat_map(|v| v.backends.values().map(|b| b.id))
+            .collect();
+        live.backend_ids
+            .free
+            .retain(|id| !used_backends.contains(id));
+        // Backends of VIPs that no longer exist: free their ids, clear them on the next plan.
+        live.orphans = by_vip
+            .into_values()
+            .flat_map(|b| b.into_values().map(|b| b.id))
+            .collect();
+        Ok(live)
+    }
+}
+
+fn entry_addr(entry: &Backend) -> IpAddr {
+    if entry.family == FAMILY_IPV4 {
+        IpAddr::from([entry.addr[0], entry.addr[1], entry.addr[2], entry.addr[3]])
+    } else {
+        IpAddr::from(entry.addr)
     }
 }
 
@@ -284,6 +366,10 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
     if next.config != Some(target.config) {
         changes.push(Change::SetConfig(target.config));
         next.config = Some(target.config);
+    }
+
+    for id in std::mem::take(&mut next.orphans) {
+        changes.push(Change::ClearBackend(id));
     }
 
     let removed: Vec<VipKey> = live
@@ -481,4 +567,346 @@ pub fn apply(dataplane: &mut Dataplane, changes: &[Change]) -> Result<(), Datapl
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Forwarding, HealthSpec, Protocol};
+
+    const SIZES: Sizes = Sizes {
+        max_vips: 4,
+        max_backends: 8,
+        max_ring_size: 13,
+        flow_table_size: 64,
+    };
+
+    struct Macs;
+    impl Resolve for Macs {
+        fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
+            let last = match backend.addr {
+                IpAddr::V4(a) => a.octets()[3],
+                IpAddr::V6(a) => a.octets()[15],
+            };
+            if last == 99 {
+                return Err("no neighbour entry yet".into());
+            }
+            Ok(NextHop {
+                dst_mac: backend.mac.unwrap_or(Mac([2, 0, 0, 0, 0, last])),
+                src_mac: Mac([2, 0, 0, 0, 0, 1]),
+                ifindex: 0,
+                mtu: 1500,
+            })
+        }
+    }
+
+    fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> VipSpec {
+        VipSpec {
+            name: name.into(),
+            vip: VipAddr {
+                addr: IpAddr::from([192, 0, 2, last]),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            forwarding: Forwarding::Dsr,
+            ring_size: 13,
+            health: HealthSpec::default(),
+            backends: backends
+                .iter()
+                .map(|(b, weight)| BackendSpec {
+                    addr: IpAddr::from([10, 0, 0, *b]),
+                    weight: *weight,
+                    mac: None,
+                    health_port: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn services(vips: Vec<VipSpec>) -> Services {
+        Services {
+            vips,
+            ..Services::default()
+        }
+    }
+
+    fn plan_for(live: &Live, services: &Services) -> (Vec<Change>, Live) {
+        plan_with(live, services, |_, _| BackendStatus::default())
+    }
+
+    fn plan_with(
+        live: &Live,
+        services: &Services,
+        status: impl Fn(&VipSpec, &BackendSpec) -> BackendStatus,
+    ) -> (Vec<Change>, Live) {
+        plan(live, &target(services, status, &Macs).unwrap()).unwrap()
+    }
+
+    /// Names of the changes in order, for compact assertions.
+    fn kinds(changes: &[Change]) -> Vec<&'static str> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::SetConfig(_) => "config",
+                Change::RemoveVip(_) => "remove-vip",
+                Change::ClearBackend(_) => "clear-backend",
+                Change::ClearVipCounters(_) => "clear-vip-counters",
+                Change::SetBackend(..) => "set-backend",
+                Change::WriteRing(_) => "ring",
+                Change::SetVip(..) => "set-vip",
+            })
+            .collect()
+    }
+
+    fn set_vip(changes: &[Change]) -> VipMeta {
+        changes
+            .iter()
+            .find_map(|c| match c {
+                Change::SetVip(_, meta) => Some(*meta),
+                _ => None,
+            })
+            .expect("a SetVip change")
+    }
+
+    fn ring_writes(changes: &[Change]) -> usize {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::WriteRing(w) => w.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn start(vips: Vec<VipSpec>) -> (Services, Live) {
+        let services = services(vips);
+        let (_, live) = plan_for(&Live::empty(SIZES), &services);
+        (services, live)
+    }
+
+    #[test]
+    fn a_new_vip_writes_backends_then_ring_then_vip() {
+        let (changes, live) = plan_for(
+            &Live::empty(SIZES),
+            &services(vec![vip("web", 10, &[(1, 100), (2, 100)])]),
+        );
+        assert_eq!(
+            kinds(&changes),
+            [
+                "config",
+                "clear-vip-counters",
+                "clear-backend",
+                "set-backend",
+                "clear-backend",
+                "set-backend",
+                "ring",
+                "set-vip"
+            ]
+        );
+        assert_eq!(ring_writes(&changes), 13, "a fresh table is written whole");
+        let meta = set_vip(&changes);
+        assert_eq!((meta.ring_base, meta.ring_size), (0, 13));
+        let table = live.vips.values().next().unwrap().table();
+        assert_eq!(table.len(), 13);
+    }
+
+    #[test]
+    fn an_identical_target_changes_nothing() {
+        let (services, live) = start(vec![vip("web", 10, &[(1, 100), (2, 100)])]);
+        let (changes, next) = plan_for(&live, &services);
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(next, live);
+    }
+
+    #[test]
+    fn a_weight_change_writes_the_other_half_and_flips() {
+        let (_, live) = start(vec![vip("web", 10, &[(1, 100), (2, 100)])]);
+        let (changes, next) = plan_for(
+            &live,
+            &services(vec![vip("web", 10, &[(1, 100), (2, 300)])]),
+        );
+        assert_eq!(
+            kinds(&changes),
+            ["ring", "set-vip"],
+            "backends stay as they are"
+        );
+        let meta = set_vip(&changes);
+        assert_eq!(meta.ring_base, SIZES.ring_base(0, 1), "the inactive half");
+        if let Change::WriteRing(writes) = &changes[0] {
+            assert!(writes.iter().all(|(slot, _)| (13..26).contains(slot)));
+        }
+        // Flipping back only rewrites slots that differ from what that half still holds.
+        let (changes, _) = plan_for(
+            &next,
+            &services(vec![vip("web", 10, &[(1, 100), (2, 100)])]),
+        );
+        assert_eq!(
+            kinds(&changes),
+            ["set-vip"],
+            "half 0 already holds this table"
+        );
+        assert_eq!(set_vip(&changes).ring_base, 0);
+    }
+
+    #[test]
+    fn drain_and_down_take_a_backend_out_of_the_ring_but_keep_it() {
+        let (services, live) = start(vec![vip("web", 10, &[(1, 100), (2, 100)])]);
+        let drained = |_: &VipSpec, b: &BackendSpec| BackendStatus {
+            drained: b.addr == IpAddr::from([10, 0, 0, 1]),
+            ..BackendStatus::default()
+        };
+        let (changes, next) = plan_with(&live, &services, drained);
+        assert_eq!(kinds(&changes), ["ring", "set-vip"]);
+        let web = next.vips.values().next().unwrap();
+        let kept = web.backends[&IpAddr::from([10, 0, 0, 1])].id;
+        assert!(
+            !web.table().contains(&kept),
+            "drained backend left the ring"
+        );
+        assert!(web
+            .table()
+            .iter()
+            .all(|id| *id == web.backends[&IpAddr::from([10, 0, 0, 2])].id));
+
+        let down = |_: &VipSpec, b: &BackendSpec| BackendStatus {
+            down: b.addr == IpAddr::from([10, 0, 0, 1]),
+            ..BackendStatus::default()
+        };
+        let (changes, _) = plan_with(&live, &services, down);
+        assert_eq!(
+            kinds(&changes),
+            ["set-backend", "ring", "set-vip"],
+            "DOWN flag written"
+        );
+        assert!(changes.iter().any(
+            |c| matches!(c, Change::SetBackend(_, e) if e.flags == BACKEND_PRESENT | BACKEND_DOWN)
+        ));
+    }
+
+    #[test]
+    fn a_removed_backend_is_cleared_after_the_ring_stops_using_it() {
+        let (_, live) = start(vec![vip("web", 10, &[(1, 100), (2, 100)])]);
+        let old = live.vips.values().next().unwrap().backends[&IpAddr::from([10, 0, 0, 1])].id;
+        let (changes, next) = plan_for(&live, &services(vec![vip("web", 10, &[(2, 100)])]));
+        assert_eq!(kinds(&changes), ["ring", "set-vip", "clear-backend"]);
+        assert_eq!(changes[2], Change::ClearBackend(old));
+        // The freed id is reused last.
+        assert_eq!(next.backend_ids.free.back(), Some(&old));
+    }
+
+    #[test]
+    fn an_added_backend_gets_a_clean_slot_before_the_ring_refers_to_it() {
+        let (_, live) = start(vec![vip("web", 10, &[(1, 100)])]);
+        let (changes, _) = plan_for(
+            &live,
+            &services(vec![vip("web", 10, &[(1, 100), (2, 100)])]),
+        );
+        assert_eq!(
+            kinds(&changes),
+            ["clear-backend", "set-backend", "ring", "set-vip"]
+        );
+    }
+
+    #[test]
+    fn a_next_hop_change_rewrites_only_the_backend_entry() {
+        let (_, live) = start(vec![vip("web", 10, &[(1, 100)])]);
+        let mut moved = vip("web", 10, &[(1, 100)]);
+        moved.backends[0].mac = Some(Mac([2, 0, 0, 0, 0, 0x42]));
+        let (changes, _) = plan_for(&live, &services(vec![moved]));
+        assert_eq!(kinds(&changes), ["set-backend"]);
+    }
+
+    #[test]
+    fn a_mode_change_rewrites_only_the_vip() {
+        let (_, live) = start(vec![vip("web", 10, &[(1, 100)])]);
+        let mut ipip = vip("web", 10, &[(1, 100)]);
+        ipip.forwarding = Forwarding::Ipip;
+        let (changes, _) = plan_for(&live, &services(vec![ipip]));
+        assert_eq!(kinds(&changes), ["set-vip"]);
+        assert_eq!(set_vip(&changes).mode, lb_common::MODE_IPIP);
+    }
+
+    #[test]
+    fn a_removed_vip_stops_matching_before_its_backends_are_cleared() {
+        let (_, live) = start(vec![
+            vip("web", 10, &[(1, 100)]),
+            vip("api", 11, &[(2, 100)]),
+        ]);
+        let (changes, next) = plan_for(&live, &services(vec![vip("api", 11, &[(2, 100)])]));
+        assert_eq!(kinds(&changes), ["remove-vip", "clear-backend"]);
+        assert_eq!(next.vips.len(), 1);
+    }
+
+    #[test]
+    fn untouched_vips_keep_their_rings_when_another_changes() {
+        let (_, live) = start(vec![
+            vip("web", 10, &[(1, 100)]),
+            vip("api", 11, &[(2, 100)]),
+        ]);
+        let (changes, next) = plan_for(
+            &live,
+            &services(vec![
+                vip("web", 10, &[(1, 100), (3, 100)]),
+                vip("api", 11, &[(2, 100)]),
+            ]),
+        );
+        let api = state_key(11);
+        assert!(!changes
+            .iter()
+            .any(|c| matches!(c, Change::SetVip(k, _) if *k == api)));
+        assert_eq!(next.vips[&api], live.vips[&api]);
+    }
+
+    fn state_key(last: u8) -> VipKey {
+        vip_key(&VipAddr {
+            addr: IpAddr::from([192, 0, 2, last]),
+            port: 80,
+            protocol: Protocol::Tcp,
+        })
+    }
+
+    #[test]
+    fn no_available_backend_means_an_empty_ring() {
+        let (_, live) = start(vec![vip("web", 10, &[(1, 100)])]);
+        let (changes, next) = plan_for(&live, &services(vec![vip("web", 10, &[(1, 0)])]));
+        assert_eq!(kinds(&changes), ["set-vip"]);
+        assert_eq!(set_vip(&changes).ring_size, 0);
+        assert!(next.vips.values().next().unwrap().table().is_empty());
+    }
+
+    #[test]
+    fn unresolved_backends_are_left_out_and_listed() {
+        let t = target(
+            &services(vec![vip("web", 10, &[(1, 100), (99, 100)])]),
+            |_, _| BackendStatus::default(),
+            &Macs,
+        )
+        .unwrap();
+        assert_eq!(t.vips.values().next().unwrap().backends.len(), 1);
+        assert_eq!(t.unresolved.len(), 1);
+        assert_eq!(t.unresolved[0].backend, IpAddr::from([10, 0, 0, 99]));
+    }
+
+    #[test]
+    fn capacity_errors_name_the_setting_to_raise() {
+        let many: Vec<VipSpec> = (0..5).map(|i| vip(&format!("v{i}"), 20 + i, &[])).collect();
+        let err = plan(
+            &Live::empty(SIZES),
+            &target(&services(many), |_, _| BackendStatus::default(), &Macs).unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("raise [daemon] max_vips"), "{err}");
+        let backends: Vec<(u8, u32)> = (1..=9).map(|b| (b, 100)).collect();
+        let err = plan(
+            &Live::empty(SIZES),
+            &target(
+                &services(vec![vip("web", 10, &backends)]),
+                |_, _| BackendStatus::default(),
+                &Macs,
+            )
+            .unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_backends"), "{err}");
+    }
 }
