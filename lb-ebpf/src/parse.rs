@@ -20,8 +20,9 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
-/// IPv6 extension headers we step over (hop-by-hop, routing, destination options) and the two
-/// that end the walk: fragment (ports unknown) and authentication header.
+/// IPv6 extension headers we step over (hop-by-hop, routing, destination options, and the
+/// authentication header, whose length counts 4-byte units) and the fragment header, which
+/// ends the walk (ports unknown).
 const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -37,10 +38,15 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// Returns a pointer to a `T` at `offset` bytes into the packet, or `Err` if it does not fit.
+///
+/// `data_end` is read with a volatile load on purpose: otherwise LLVM may prove this check
+/// redundant from earlier length comparisons (e.g. IP length <= frame length) and delete it,
+/// and the verifier, which cannot follow that reasoning, rejects the program.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
     let start = ctx.data();
-    let end = ctx.data_end();
+    // SAFETY: reading a field of the context the kernel passed us.
+    let end = unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) } as usize;
     if start + offset + size_of::<T>() > end {
         return Err(());
     }
@@ -151,8 +157,9 @@ fn parse_ipv6(ctx: &XdpContext, l2_len: usize) -> Result<Packet, u32> {
         let hdr_len = match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AUTH => {
                 let ext: &[u8; 2] = header(ctx, offset).map_err(|_| counters::PASS_MALFORMED)?;
+                let this = next;
                 next = ext[0];
-                if next == IPV6_AUTH {
+                if this == IPV6_AUTH {
                     (ext[1] as usize + 2) * 4
                 } else {
                     (ext[1] as usize + 1) * 8
@@ -180,10 +187,15 @@ fn parse_ipv6(ctx: &XdpContext, l2_len: usize) -> Result<Packet, u32> {
     Ok(pkt)
 }
 
+/// Reads the ports. Headers must end inside the IP packet, not in Ethernet padding after it.
 #[inline(always)]
 fn parse_l4(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), u32> {
+    let l3_end = pkt.l2_len + pkt.l3_len as usize;
     match pkt.key.proto {
         PROTO_TCP => {
+            if offset + TcpHdr::LEN > l3_end {
+                return Err(counters::PASS_MALFORMED);
+            }
             let tcp: &TcpHdr = header(ctx, offset).map_err(|_| counters::PASS_MALFORMED)?;
             if (tcp.doff() as usize) * 4 < TcpHdr::LEN {
                 return Err(counters::PASS_MALFORMED);
@@ -197,6 +209,9 @@ fn parse_l4(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), u32
             Ok(())
         }
         PROTO_UDP => {
+            if offset + UdpHdr::LEN > l3_end {
+                return Err(counters::PASS_MALFORMED);
+            }
             let udp: &UdpHdr = header(ctx, offset).map_err(|_| counters::PASS_MALFORMED)?;
             pkt.key.sport = u16::from_ne_bytes(udp.src);
             pkt.key.dport = u16::from_ne_bytes(udp.dst);

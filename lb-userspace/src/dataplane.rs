@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
         links::{FdLink, PinnedLink},
-        xdp::XdpLink,
+        xdp::{XdpLink, XdpLinkId},
         ProgramError, Xdp, XdpMode,
     },
     Ebpf, EbpfError, EbpfLoader, Pod,
@@ -262,7 +262,8 @@ impl Dataplane {
     /// layout are taken over the same way. Without pinning it lasts while `self` lives.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
         let Some(pin_dir) = self.pin_dir.clone() else {
-            return self.attach_unpinned(iface, mode).map(drop);
+            // The program keeps the link: attached for as long as `self` lives.
+            return self.attach_link(iface, mode).map(drop);
         };
         let link_path = pin_dir.join(link_pin_name(iface));
         let existing = std::iter::once(link_path.clone())
@@ -289,7 +290,14 @@ impl Dataplane {
                 })?;
             return Ok(());
         }
-        let link = self.attach_unpinned(iface, mode)?;
+        let id = self.attach_link(iface, mode)?;
+        let link = self
+            .program()
+            .take_link(id)
+            .map_err(|source| DataplaneError::Attach {
+                iface: iface.to_string(),
+                source,
+            })?;
         let fd_link = FdLink::try_from(link).map_err(|e| {
             link_err(
                 &link_path,
@@ -324,7 +332,7 @@ impl Dataplane {
         Ok(())
     }
 
-    fn attach_unpinned(&mut self, iface: &str, mode: AttachMode) -> Result<XdpLink> {
+    fn attach_link(&mut self, iface: &str, mode: AttachMode) -> Result<XdpLinkId> {
         let attach = |program: &mut Xdp, mode| {
             program
                 .attach(iface, mode)
@@ -334,19 +342,13 @@ impl Dataplane {
                 })
         };
         let program = self.program();
-        let id = match mode {
+        match mode {
             AttachMode::Native => attach(program, XdpMode::Driver),
             AttachMode::Generic => attach(program, XdpMode::Skb),
             AttachMode::Auto => {
                 attach(program, XdpMode::Driver).or_else(|_| attach(program, XdpMode::Skb))
             }
-        }?;
-        program
-            .take_link(id)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_string(),
-                source,
-            })
+        }
     }
 
     pub fn config(&self) -> Result<LbConfig> {

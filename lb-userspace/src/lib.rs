@@ -1,14 +1,27 @@
 //! xdplb userspace: everything but the per-packet work.
 //!
+//! * [`config`]: TOML -> validated [`model`] (every problem named with its key).
 //! * [`maglev`]: consistent-hashing tables (pure).
-//! * [`model`]: the validated service model.
 //! * [`state`]: desired state -> diff -> ordered map writes (the only place state changes).
 //! * [`dataplane`]: the kernel object, its maps and programs (the only map writer).
+//! * [`net`]: next hops toward backends (routes, neighbours, interfaces).
+//! * [`health`]: health checks and their state machines.
+//! * [`overrides`]: drains and CLI weights, persisted.
+//! * [`stats`], [`metrics`]: counters, rates, Prometheus export.
+//! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
+//!   [`cli`], [`watch`]: the command line.
 
+pub mod api;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod overrides;
 pub mod state;
+pub mod stats;
+pub mod watch;

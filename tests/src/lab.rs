@@ -246,7 +246,12 @@ impl Daemon {
         let dir = std::env::temp_dir().join(&lab.id);
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("admin.sock");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", lab.id));
+        // Its own bpffs outside /sys: `ip netns exec` remounts /sys privately, so pins under
+        // /sys/fs/bpf would vanish with the daemon (and `kill -9` would stop forwarding).
+        let bpffs = dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs)?;
+        sh(&format!("mount -t bpf bpf {}", bpffs.display()))?;
+        let pin_dir = bpffs.join("xdplb");
         let config = dir.join("xdplb.toml");
         std::fs::write(
             &config,
@@ -345,7 +350,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // Unmounting the lab's bpffs drops every pin: programs detach, maps are freed.
+        let _ = sh(&format!("umount -l {}", self.dir.join("bpffs").display()));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -65,6 +65,11 @@ fn stages(args: &TestArgs, counts: &mut TestCounts) -> Result<()> {
         "test: unit tests",
         counts,
     )?;
+    // The lab tests run the real daemon binary (target/debug/xdplb).
+    run(
+        &mut cargo("build --package lb-userspace --bin xdplb"),
+        "test: build xdplb",
+    )?;
     let mut integration = cargo(&format!("test --package {INTEGRATION_TESTS} --"));
     // libtest refuses `--test-threads` given twice, so the caller's choice replaces ours.
     if !args

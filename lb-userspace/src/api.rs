@@ -1,0 +1,190 @@
+//! The admin API: one JSON request and one JSON response per line over a unix socket that only
+//! root can open (mode 0600). The daemon serves it; every CLI command except `run`, `check`
+//! and `decap` is a client of it. The types here are the whole protocol (sozu's model: one
+//! command module shared by both sides).
+
+use serde::{Deserialize, Serialize};
+use std::{
+    io,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/xdplb/admin.sock";
+
+/// Bytes read from one connection at most (a request is a few hundred bytes).
+const MAX_CONNECTION_BYTES: u64 = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Reload,
+    Drain {
+        vip: String,
+        backend: IpAddr,
+    },
+    Undrain {
+        vip: String,
+        backend: IpAddr,
+    },
+    /// `None` returns the backend to its configured weight.
+    Weight {
+        vip: String,
+        backend: IpAddr,
+        weight: Option<u32>,
+    },
+    Flows {
+        vip: Option<String>,
+        backend: Option<IpAddr>,
+        limit: usize,
+    },
+    Stats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum Response {
+    Done(String),
+    Status(StatusReport),
+    Flows(FlowList),
+    Stats(crate::stats::Snapshot),
+    Error(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub config_file: PathBuf,
+    pub interfaces: Vec<String>,
+    /// How the maps were obtained at start: fresh, adopted from a previous run, or replaced.
+    pub maps: String,
+    pub vips: Vec<VipStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub address: String,
+    pub forwarding: String,
+    pub ring_size: u32,
+    /// Backends that new flows can go to now.
+    pub available: usize,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: IpAddr,
+    pub configured_weight: u32,
+    /// Weight set from the CLI, if any.
+    pub cli_weight: Option<u32>,
+    /// Weight new flows see: 0 when drained or down.
+    pub effective_weight: u32,
+    pub drained: bool,
+    /// "up", "down" or "unknown".
+    pub health: String,
+    /// Seconds since the last health transition.
+    pub health_since_s: Option<u64>,
+    pub last_failure: Option<String>,
+    pub active_flows: u64,
+    /// "02:00:00:00:00:11 via eth0", or why it is unresolved.
+    pub next_hop: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowList {
+    /// Entries matching the filter (may exceed `flows.len()` when limited).
+    pub matched: usize,
+    pub flows: Vec<FlowInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowInfo {
+    pub client: String,
+    pub vip: String,
+    pub protocol: String,
+    pub backend: IpAddr,
+    pub age_s: u32,
+    pub idle_s: u32,
+    /// "syn", "established", "fin", "rst", or "udp".
+    pub state: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(
+        "the xdplb daemon is not running (no socket at {0}); start it with `xdplb run -c FILE`"
+    )]
+    NotRunning(PathBuf),
+    #[error("permission denied on {0}: the admin socket is root-only")]
+    PermissionDenied(PathBuf),
+    #[error("talking to the daemon at {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("the daemon sent an invalid response: {0}")]
+    Protocol(String),
+}
+
+/// Sends one request and waits for its response.
+pub async fn call(socket: &Path, request: &Request) -> Result<Response, ApiError> {
+    let io_err = |source: io::Error| match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ApiError::NotRunning(socket.to_path_buf())
+        }
+        io::ErrorKind::PermissionDenied => ApiError::PermissionDenied(socket.to_path_buf()),
+        _ => ApiError::Io {
+            path: socket.to_path_buf(),
+            source,
+        },
+    };
+    let stream = UnixStream::connect(socket).await.map_err(io_err)?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request).expect("requests serialize");
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.map_err(io_err)?;
+    let mut response = String::new();
+    BufReader::new(read)
+        .read_line(&mut response)
+        .await
+        .map_err(io_err)?;
+    serde_json::from_str(&response).map_err(|e| ApiError::Protocol(e.to_string()))
+}
+
+/// Binds the admin socket: removes a stale one, creates the directory, mode 0600.
+pub fn bind(socket: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves one connection: reads request lines, answers each with `handle`.
+pub async fn serve_connection<F, Fut>(stream: UnixStream, handle: F) -> io::Result<()>
+where
+    F: Fn(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    let (read, mut write) = stream.into_split();
+    // A client that never sends a newline cannot make the daemon buffer without limit.
+    let mut lines = BufReader::new(read.take(MAX_CONNECTION_BYTES)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handle(request).await,
+            Err(e) => Response::Error(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_string(&response).expect("responses serialize");
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! Command line: `xdplb run` is the daemon, the other commands are clients of its admin API
+//! (except `check`, which only reads a file, and `decap`, which runs on backends).
+
+use crate::{
+    api::{self, FlowList, Request, Response, StatusReport},
+    config, daemon,
+    dataplane::{AttachMode, Dataplane, Role, Sizes},
+    stats,
+};
+use anyhow::{bail, Context as _, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+use lb_common::AddrKey;
+use serde::Serialize;
+use std::{
+    io::{IsTerminal, Write},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "xdplb",
+    version,
+    about = "XDP L4 load balancer: daemon and CLI"
+)]
+pub struct Cli {
+    /// Admin socket of the daemon.
+    #[arg(long, global = true, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon in the foreground (SIGHUP reloads, SIGTERM stops).
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// On exit, detach XDP and remove pinned maps instead of leaving forwarding running.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Validate a config file and print what it would apply.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Make the daemon re-read its config file.
+    Reload,
+    /// VIPs, backends, health, weights, active flows.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sending new flows to a backend; established flows continue.
+    Drain {
+        vip: String,
+        backend: IpAddr,
+        /// Wait until the backend has no active flow (or the timeout passes).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, e.g. 30s, 5m.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Return a drained backend to service.
+    Undrain { vip: String, backend: IpAddr },
+    /// Set a backend's weight ("reset" returns to the configured weight).
+    Weight {
+        vip: String,
+        backend: IpAddr,
+        /// A weight 0..=65535, or "reset".
+        weight: String,
+    },
+    /// List flows from the flow table.
+    Flows {
+        vip: Option<String>,
+        #[arg(long)]
+        backend: Option<IpAddr>,
+        /// Print at most this many flows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters and rates per VIP and backend.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// On a backend: strip `ipip` tunnels for local VIPs (runs until SIGTERM).
+    Decap {
+        interface: String,
+        /// VIP addresses served on this host.
+        #[arg(long = "vip", required = true)]
+        vips: Vec<IpAddr>,
+        /// Tunnel endpoint addresses of this host (the backend addresses the LB sends to).
+        #[arg(long = "local", required = true)]
+        locals: Vec<IpAddr>,
+        #[arg(long, default_value = "auto", value_parser = parse_mode)]
+        xdp_mode: AttachMode,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    config::parse_duration(text)
+}
+
+fn parse_mode(text: &str) -> Result<AttachMode, String> {
+    match text {
+        "auto" => Ok(AttachMode::Auto),
+        "native" => Ok(AttachMode::Native),
+        "generic" => Ok(AttachMode::Generic),
+        _ => Err(format!("{text:?}: expected auto, native or generic")),
+    }
+}
+
+pub async fn main(cli: Cli) -> Result<()> {
+    let socket = cli.socket.as_path();
+    match cli.command {
+        Command::Run {
+            config,
+            detach_on_exit,
+        } => {
+            daemon::run(daemon::Options {
+                config_path: config,
+                detach_on_exit,
+            })
+            .await
+        }
+        Command::Check { config } => {
+            let config = config::load(&config)?;
+            print!("{}", config.summary());
+            Ok(())
+        }
+        Command::Reload => done(socket, Request::Reload).await,
+        Command::Status { json } => {
+            let Response::Status(report) = call(socket, Request::Status).await? else {
+                bail!("unexpected response");
+            };
+            print_either(json, &report, render_status)
+        }
+        Command::Drain {
+            vip,
+            backend,
+            wait,
+            timeout,
+        } => {
+            done(
+                socket,
+                Request::Drain {
+                    vip: vip.clone(),
+                    backend,
+                },
+            )
+            .await?;
+            if wait {
+                wait_for_drain(socket, &vip, backend, timeout).await?;
+            }
+            Ok(())
+        }
+        Command::Undrain { vip, backend } => done(socket, Request::Undrain { vip, backend }).await,
+        Command::Weight {
+            vip,
+            backend,
+            weight,
+        } => {
+            let weight = match weight.as_str() {
+                "reset" => None,
+                w => Some(w.parse::<u16>().map(u32::from).map_err(|_| {
+                    anyhow::anyhow!("weight {w:?}: expected 0..=65535 or \"reset\"")
+                })?),
+            };
+            done(
+                socket,
+                Request::Weight {
+                    vip,
+                    backend,
+                    weight,
+                },
+            )
+            .await
+        }
+        Command::Flows {
+            vip,
+            backend,
+            limit,
+            json,
+        } => {
+            let Response::Flows(list) = call(
+                socket,
+                Request::Flows {
+                    vip,
+                    backend,
+                    limit,
+                },
+            )
+            .await?
+            else {
+                bail!("unexpected response");
+            };
+            print_either(json, &list, render_flows)
+        }
+        Command::Stats { json, watch } => stats_command(socket, json, watch).await,
+        Command::Decap {
+            interface,
+            vips,
+            locals,
+            xdp_mode,
+        } => decap(&interface, &vips, &locals, xdp_mode).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "xdplb", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+async fn call(socket: &Path, request: Request) -> Result<Response> {
+    match api::call(socket, &request).await? {
+        Response::Error(e) => bail!(e),
+        response => Ok(response),
+    }
+}
+
+async fn done(socket: &Path, request: Request) -> Result<()> {
+    match call(socket, request).await? {
+        Response::Done(message) => {
+            println!("{message}");
+            Ok(())
+        }
+        _ => bail!("unexpected response"),
+    }
+}
+
+fn print_either<T: Serialize>(json: bool, value: &T, render: fn(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(value));
+    }
+    Ok(())
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(rows: &[Vec<String>], indent: &str) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = indent.to_string();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn ago(seconds: Option<u64>) -> String {
+    match seconds {
+        None => String::new(),
+        Some(s) if s < 120 => format!("{s}s"),
+        Some(s) if s < 7200 => format!("{}m", s / 60),
+        Some(s) => format!("{}h", s / 3600),
+    }
+}
+
+pub fn render_status(report: &StatusReport) -> String {
+    let mut out = format!(
+        "config {}  interfaces {}  maps {}\n",
+        report.config_file.display(),
+        report.interfaces.join(","),
+        report.maps
+    );
+    for vip in &report.vips {
+        out.push_str(&format!(
+            "\n{}  {}  {}  ring {}  {}/{} backends available\n",
+            vip.name,
+            vip.address,
+            vip.forwarding,
+            vip.ring_size,
+            vip.available,
+            vip.backends.len()
+        ));
+        let mut rows = vec![[
+            "BACKEND",
+            "WEIGHT",
+            "STATE",
+            "HEALTH",
+            "SINCE",
+            "ACTIVE",
+            "NEXT HOP",
+            "LAST FAILURE",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for b in &vip.backends {
+            let weight = match b.cli_weight {
+                Some(w) => format!(
+                    "{} (cli {w}, config {})",
+                    b.effective_weight, b.configured_weight
+                ),
+                None if b.effective_weight != b.configured_weight => {
+                    format!("{} (config {})", b.effective_weight, b.configured_weight)
+                }
+                None => b.effective_weight.to_string(),
+            };
+            rows.push(vec![
+                b.address.to_string(),
+                weight,
+                if b.drained { "drained" } else { "active" }.into(),
+                b.health.clone(),
+                ago(b.health_since_s),
+                b.active_flows.to_string(),
+                b.next_hop.clone(),
+                b.last_failure.clone().unwrap_or_default(),
+            ]);
+        }
+        out.push_str(&table(&rows, "  "));
+    }
+    out
+}
+
+pub fn render_flows(list: &FlowList) -> String {
+    let mut rows = vec![
+        ["CLIENT", "VIP", "PROTO", "BACKEND", "AGE", "IDLE", "STATE"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for f in &list.flows {
+        rows.push(vec![
+            f.client.clone(),
+            f.vip.clone(),
+            f.protocol.clone(),
+            f.backend.to_string(),
+            format!("{}s", f.age_s),
+            format!("{}s", f.idle_s),
+            f.state.clone(),
+        ]);
+    }
+    let mut out = table(&rows, "");
+    if list.matched > list.flows.len() {
+        out.push_str(&format!(
+            "({} of {} matching flows shown; use --limit)\n",
+            list.flows.len(),
+            list.matched
+        ));
+    }
+    out
+}
+
+/// Polls the backend's active flows, printing a progress line, until 0 or the timeout.
+async fn wait_for_drain(
+    socket: &Path,
+    vip: &str,
+    backend: IpAddr,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let Response::Status(report) = call(socket, Request::Status).await? else {
+            bail!("unexpected response");
+        };
+        let active = report
+            .vips
+            .iter()
+            .filter(|v| v.name == vip || v.address.starts_with(vip))
+            .flat_map(|v| &v.backends)
+            .find(|b| b.address == backend)
+            .map(|b| b.active_flows)
+            .context("the backend disappeared from the config while draining")?;
+        let line = format!("draining {vip} {backend}: {active} active flows");
+        if terminal {
+            print!("\r\x1b[2K{line}");
+            std::io::stdout().flush()?;
+        } else {
+            println!("{line}");
+        }
+        if active == 0 {
+            if terminal {
+                println!();
+            }
+            println!("drained: {backend} has no active flow");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            if terminal {
+                println!();
+            }
+            bail!("timed out after {timeout:?} with {active} active flows on {backend} (it stays drained)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn stats_command(socket: &Path, json: bool, watch: bool) -> Result<()> {
+    let fetch = || async {
+        match call(socket, Request::Stats).await? {
+            Response::Stats(snapshot) => Ok(snapshot),
+            _ => bail!("unexpected response"),
+        }
+    };
+    if !watch {
+        return print_either(json, &fetch().await?, stats::render_table);
+    }
+    crate::watch::run(fetch, json).await
+}
+
+/// `xdplb decap`: loads the decap program on a backend and keeps it attached until stopped.
+async fn decap(
+    interface: &str,
+    vips: &[IpAddr],
+    locals: &[IpAddr],
+    mode: AttachMode,
+) -> Result<()> {
+    let key = |addr: &IpAddr| {
+        let (addr, family) = crate::state::addr_bytes(*addr);
+        AddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    };
+    let mut dataplane = Dataplane::load(Role::Decap, Sizes::UNUSED, None)?;
+    dataplane.set_decap_local(&locals.iter().map(key).collect::<Vec<_>>())?;
+    dataplane.set_decap_vips(&vips.iter().map(key).collect::<Vec<_>>())?;
+    dataplane.attach(interface, mode)?;
+    tracing::info!(%interface, "decap program attached; stop with SIGTERM or Ctrl-C");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,794 @@
+//! `xdplb run`: owns the data path for its lifetime. Every change (config reload, CLI command,
+//! health transition, next-hop change) goes through [`Daemon::apply`]: model + overrides +
+//! health -> target -> plan -> map writes.
+
+use crate::{
+    api::{
+        self, BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport,
+        VipStatus,
+    },
+    config::{self, Config},
+    dataplane::{Adoption, Dataplane, Role},
+    health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
+    metrics,
+    model::{BackendSpec, OnAllDown, VipSpec},
+    net::HostResolver,
+    overrides::Overrides,
+    state::{self, BackendStatus, Live, NextHop, Resolve, Unresolved},
+    stats::{self, BackendSample, Sample, Stats, VipSample},
+};
+use anyhow::{bail, Context as _, Result};
+use lb_common::{FlowKey, FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, PROTO_TCP};
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+/// How often unresolved next hops are retried and resolved ones refreshed.
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Options {
+    pub config_path: PathBuf,
+    /// On exit, detach the programs and remove the pinned maps (instead of leaving the data
+    /// path running for the next daemon to adopt).
+    pub detach_on_exit: bool,
+}
+
+/// Next hops that stay usable while a neighbour entry is briefly unresolvable: the last good
+/// answer is kept, so a flapping ARP entry never pulls a backend out of its ring.
+struct Remembering<'a> {
+    resolver: &'a HostResolver,
+    known: RefCell<&'a mut HashMap<IpAddr, NextHop>>,
+}
+
+impl Resolve for Remembering<'_> {
+    fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
+        match self.resolver.next_hop(backend) {
+            Ok(hop) => {
+                self.known.borrow_mut().insert(backend.addr, hop);
+                Ok(hop)
+            }
+            Err(reason) => self
+                .known
+                .borrow()
+                .get(&backend.addr)
+                .copied()
+                .ok_or(reason),
+        }
+    }
+}
+
+pub struct Daemon {
+    config_path: PathBuf,
+    config: Config,
+    dataplane: Dataplane,
+    live: Live,
+    overrides: Overrides,
+    resolver: HostResolver,
+    next_hops: HashMap<IpAddr, NextHop>,
+    unresolved: Vec<Unresolved>,
+    health: HealthMonitor,
+    /// Per VIP, the backends last seen healthy (for `on_all_down = "keep"`).
+    last_healthy: BTreeMap<String, BTreeSet<IpAddr>>,
+    stats: Stats,
+    health_metrics: metrics::HealthMetrics,
+}
+
+impl Daemon {
+    /// Loads the config, loads or adopts the data path, fills the maps, then attaches.
+    fn start(options: &Options, health_events: mpsc::UnboundedSender<HealthEvent>) -> Result<Self> {
+        let config = config::load(&options.config_path)?;
+        let daemon_config = &config.daemon;
+        ensure_bpffs(&daemon_config.pin_dir)?;
+        let mut dataplane = Dataplane::load(
+            Role::Balancer,
+            daemon_config.sizes,
+            Some(&daemon_config.pin_dir),
+        )?;
+        let live = match dataplane.adoption() {
+            Adoption::Adopted => {
+                info!("adopting pinned maps: established flows keep their backends");
+                Live::adopt(&dataplane)?
+            }
+            Adoption::Replaced(reason) => {
+                warn!("pinned maps replaced, flow table starts empty: {reason}");
+                Live::empty(daemon_config.sizes)
+            }
+            Adoption::Fresh => Live::empty(daemon_config.sizes),
+        };
+        let resolver = HostResolver::new(&daemon_config.interfaces)?;
+        let overrides = Overrides::load(&daemon_config.state_dir)?;
+        let health_metrics = metrics::HealthMetrics::default();
+        let observer: CheckObserver = {
+            let metrics = health_metrics.clone();
+            Arc::new(move |_target, vips, took, ok| {
+                for vip in vips {
+                    metrics.record_check(vip, took, ok);
+                }
+            })
+        };
+        let health = HealthMonitor::new(health_events, observer);
+        for iface in &daemon_config.interfaces {
+            dataplane.add_tx_port(crate::net::interface_index(iface)?)?;
+        }
+        let mut daemon = Self {
+            config_path: options.config_path.clone(),
+            config,
+            dataplane,
+            live,
+            overrides,
+            resolver,
+            next_hops: HashMap::new(),
+            unresolved: Vec::new(),
+            health,
+            last_healthy: BTreeMap::new(),
+            stats: Stats::default(),
+            health_metrics,
+        };
+        daemon.sync_health();
+        // Maps first, then attach: a fresh program never sees a packet with empty maps.
+        daemon.apply()?;
+        let mode = daemon.config.daemon.xdp_mode;
+        for iface in daemon.config.daemon.interfaces.clone() {
+            daemon.dataplane.attach(&iface, mode)?;
+            info!(%iface, "XDP program attached");
+        }
+        daemon.dataplane.remove_older_layouts()?;
+        Ok(daemon)
+    }
+
+    /// Starts and stops health checks to match the config.
+    fn sync_health(&mut self) {
+        self.health.sync(&self.config.services.vips);
+    }
+
+    fn is_down(&self, vip: &VipSpec, backend: &BackendSpec) -> bool {
+        // Unknown counts as up: at start every backend is unknown, and a restarted daemon
+        // must not stop sending new flows until its first checks pass.
+        self.health.status(vip, backend).is_down()
+    }
+
+    /// Counts a health transition for every VIP backend it concerns.
+    fn record_transition(&self, event: &HealthEvent) {
+        for vip in &self.config.services.vips {
+            for backend in vip.backends.iter().filter(|b| event.applies_to(vip, b)) {
+                self.health_metrics.record_transition(
+                    &vip.name,
+                    &backend.addr.to_string(),
+                    &event.to.to_string(),
+                );
+            }
+        }
+    }
+
+    /// What a backend's runtime state means for the ring.
+    fn backend_status(&self, vip: &VipSpec, backend: &BackendSpec) -> BackendStatus {
+        let cli = self.overrides.get(&vip.name, backend.addr);
+        let down = self.is_down(vip, backend) && !self.keeping_all_down(vip, backend.addr);
+        BackendStatus {
+            drained: cli.drained,
+            weight: cli.weight,
+            down,
+        }
+    }
+
+    /// With `on_all_down = "keep"`, a VIP whose backends are all down keeps its last healthy
+    /// set: a broken checker must not black-hole a service.
+    fn keeping_all_down(&self, vip: &VipSpec, backend: IpAddr) -> bool {
+        vip.health.on_all_down == OnAllDown::Keep
+            && vip.backends.iter().all(|b| self.is_down(vip, b))
+            && self
+                .last_healthy
+                .get(&vip.name)
+                .is_some_and(|set| set.contains(&backend))
+    }
+
+    /// Makes the maps match config + overrides + health + next hops.
+    pub fn apply(&mut self) -> Result<()> {
+        self.remember_healthy_sets();
+        let mut statuses: HashMap<(String, IpAddr), BackendStatus> = HashMap::new();
+        for vip in &self.config.services.vips {
+            for b in &vip.backends {
+                statuses.insert((vip.name.clone(), b.addr), self.backend_status(vip, b));
+            }
+        }
+        let resolver = Remembering {
+            resolver: &self.resolver,
+            known: RefCell::new(&mut self.next_hops),
+        };
+        let target = state::target(
+            &self.config.services,
+            |vip, b| statuses[&(vip.name.clone(), b.addr)],
+            &resolver,
+        )?;
+        let (changes, next) = state::plan(&self.live, &target)?;
+        if let Err(e) = state::apply(&mut self.dataplane, &changes) {
+            // The maps are the truth: re-read them so the next attempt diffs correctly.
+            self.live = Live::adopt(&self.dataplane)?;
+            return Err(e.into());
+        }
+        if !changes.is_empty() {
+            info!(changes = changes.len(), "data path updated");
+        }
+        for u in &target.unresolved {
+            if !self.unresolved.contains(u) {
+                warn!(vip = %u.vip, backend = %u.backend, "backend left out: {}", u.reason);
+            }
+        }
+        self.live = next;
+        self.unresolved = target.unresolved;
+        Ok(())
+    }
+
+    fn remember_healthy_sets(&mut self) {
+        for vip in &self.config.services.vips {
+            let healthy: BTreeSet<IpAddr> = vip
+                .backends
+                .iter()
+                .filter(|b| !self.is_down(vip, b))
+                .map(|b| b.addr)
+                .collect();
+            if !healthy.is_empty() {
+                self.last_healthy.insert(vip.name.clone(), healthy);
+            } else if vip.health.on_all_down == OnAllDown::Keep {
+                warn!(vip = %vip.name, "every backend is down: on_all_down = \"keep\" keeps the last healthy set in the ring");
+            }
+        }
+    }
+
+    /// Re-reads the config file. A file that fails validation, or that changes settings only
+    /// a restart can apply, is rejected and the running config keeps serving.
+    pub fn reload(&mut self) -> Result<String> {
+        let new = config::load(&self.config_path)?;
+        let restart_only = restart_only_changes(&self.config, &new);
+        if !restart_only.is_empty() {
+            bail!(
+                "{} changed: these take effect only with a restart (`systemctl restart xdplb`); \
+                 the running config keeps serving",
+                restart_only.join(", ")
+            );
+        }
+        let old = std::mem::replace(&mut self.config, new);
+        if let Err(e) = self.apply() {
+            self.config = old;
+            self.apply()
+                .context("restoring the previous config after a failed reload")?;
+            return Err(
+                e.context("the new config could not be applied; the previous one keeps serving")
+            );
+        }
+        self.sync_health();
+        self.forget_removed(&old);
+        if self.overrides.prune(&self.config.services) {
+            self.overrides.save(&self.config.daemon.state_dir)?;
+        }
+        Ok(format!(
+            "reloaded {}: {} VIPs",
+            self.config_path.display(),
+            self.config.services.vips.len()
+        ))
+    }
+
+    fn find_backend(&self, vip: &str, backend: IpAddr) -> Result<(String, u32)> {
+        let spec = self.find_vip(vip)?;
+        let b = spec
+            .backends
+            .iter()
+            .find(|b| b.addr == backend)
+            .with_context(|| format!("VIP {} has no backend {backend}", spec.name))?;
+        Ok((spec.name.clone(), b.weight))
+    }
+
+    /// A VIP by name or by address ("192.0.2.10:80", "[2001:db8::1]:80", "192.0.2.10").
+    fn find_vip(&self, vip: &str) -> Result<&VipSpec> {
+        let vips = &self.config.services.vips;
+        vips.iter()
+            .find(|v| v.name == vip)
+            .or_else(|| {
+                vips.iter().find(|v| {
+                    let full = v.vip.to_string();
+                    full == vip
+                        || full.rsplit_once('/').is_some_and(|(addr, _)| addr == vip)
+                        || v.vip.addr.to_string() == vip
+                })
+            })
+            .with_context(|| {
+                let names: Vec<&str> = vips.iter().map(|v| v.name.as_str()).collect();
+                format!("no VIP {vip:?} (configured: {})", names.join(", "))
+            })
+    }
+
+    fn set_override(
+        &mut self,
+        vip: &str,
+        backend: IpAddr,
+        change: impl FnOnce(&mut crate::overrides::Override),
+    ) -> Result<String> {
+        let (name, _) = self.find_backend(vip, backend)?;
+        let before = self.overrides.clone();
+        self.overrides.update(&name, backend, change);
+        if let Err(e) = self.apply() {
+            self.overrides = before;
+            return Err(e);
+        }
+        self.overrides.save(&self.config.daemon.state_dir)?;
+        let now = self.overrides.get(&name, backend);
+        Ok(format!(
+            "{name} {backend}: {}{}",
+            if now.drained { "drained" } else { "in service" },
+            now.weight
+                .map(|w| format!(", weight {w} (cli)"))
+                .unwrap_or_default()
+        ))
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => self.status().map(Response::Status),
+            Request::Reload => self.reload().map(Response::Done),
+            Request::Drain { vip, backend } => self
+                .set_override(&vip, backend, |o| o.drained = true)
+                .map(Response::Done),
+            Request::Undrain { vip, backend } => self
+                .set_override(&vip, backend, |o| o.drained = false)
+                .map(Response::Done),
+            Request::Weight {
+                vip,
+                backend,
+                weight,
+            } => self
+                .set_override(&vip, backend, |o| o.weight = weight)
+                .map(Response::Done),
+            Request::Flows {
+                vip,
+                backend,
+                limit,
+            } => self
+                .flows(vip.as_deref(), backend, limit)
+                .map(Response::Flows),
+            Request::Stats => Ok(Response::Stats(self.stats.snapshot().clone())),
+        };
+        result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+    }
+
+    /// Backend id -> active flows (seen within the idle timeout, not closed).
+    fn active_flows(&self) -> Result<HashMap<u32, u64>> {
+        let flows = self.dataplane.flows()?;
+        Ok(stats::active_flows(
+            &flows,
+            stats::monotonic_seconds(),
+            self.config.daemon.flow_idle_timeout.as_secs() as u32,
+        ))
+    }
+
+    fn status(&self) -> Result<StatusReport> {
+        let active = self.active_flows()?;
+        let vips = self
+            .config
+            .services
+            .vips
+            .iter()
+            .map(|vip| {
+                let live = self.live.vips.get(&state::vip_key(&vip.vip));
+                let backends: Vec<ApiBackend> = vip
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let cli = self.overrides.get(&vip.name, b.addr);
+                        let status = self.backend_status(vip, b);
+                        let health: BackendHealth = self.health.status(vip, b);
+                        let live_backend = live.and_then(|l| l.backends.get(&b.addr));
+                        let next_hop = match self.next_hops.get(&b.addr) {
+                            Some(hop) if live_backend.is_some() => {
+                                format!("{} ifindex {}", hop.dst_mac, hop.ifindex)
+                            }
+                            _ => self
+                                .unresolved
+                                .iter()
+                                .find(|u| u.vip == vip.name && u.backend == b.addr)
+                                .map(|u| format!("unresolved: {}", u.reason))
+                                .unwrap_or_else(|| "unresolved".into()),
+                        };
+                        ApiBackend {
+                            address: b.addr,
+                            configured_weight: b.weight,
+                            cli_weight: cli.weight,
+                            effective_weight: live_backend.map_or(0, |l| l.ring_weight),
+                            drained: status.drained,
+                            health: health.state.to_string(),
+                            health_since_s: health.since.map(|t| t.elapsed().as_secs()),
+                            last_failure: health.last_failure.map(|f| f.reason),
+                            active_flows: live_backend
+                                .and_then(|l| active.get(&l.id))
+                                .copied()
+                                .unwrap_or(0),
+                            next_hop,
+                        }
+                    })
+                    .collect();
+                VipStatus {
+                    name: vip.name.clone(),
+                    address: vip.vip.to_string(),
+                    forwarding: vip.forwarding.to_string(),
+                    ring_size: vip.ring_size,
+                    available: backends.iter().filter(|b| b.effective_weight > 0).count(),
+                    backends,
+                }
+            })
+            .collect();
+        Ok(StatusReport {
+            config_file: self.config_path.clone(),
+            interfaces: self.config.daemon.interfaces.clone(),
+            maps: match self.dataplane.adoption() {
+                Adoption::Fresh => "fresh".into(),
+                Adoption::Adopted => "adopted from the previous run".into(),
+                Adoption::Replaced(why) => format!("replaced ({why})"),
+            },
+            vips,
+        })
+    }
+
+    fn flows(&self, vip: Option<&str>, backend: Option<IpAddr>, limit: usize) -> Result<FlowList> {
+        let vip_filter = vip
+            .map(|v| self.find_vip(v).map(|s| s.name.clone()))
+            .transpose()?;
+        let now = stats::monotonic_seconds();
+        // Backend id -> (VIP name, backend address), from what this daemon wrote.
+        let owners: HashMap<u32, (&str, IpAddr)> = self
+            .live
+            .vips
+            .values()
+            .flat_map(|v| {
+                v.backends
+                    .iter()
+                    .map(move |(addr, b)| (b.id, (v.name.as_str(), *addr)))
+            })
+            .collect();
+        let mut matched = 0;
+        let mut flows = Vec::new();
+        for (key, value) in self.dataplane.flows()? {
+            let Some((vip_name, backend_addr)) = owners.get(&value.backend_id) else {
+                continue;
+            };
+            if vip_filter.as_deref().is_some_and(|v| v != *vip_name)
+                || backend.is_some_and(|b| b != *backend_addr)
+            {
+                continue;
+            }
+            matched += 1;
+            if flows.len() < limit {
+                flows.push(FlowInfo {
+                    client: socket_text(&key, true),
+                    vip: vip_name.to_string(),
+                    protocol: if key.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
+                    backend: *backend_addr,
+                    age_s: now.saturating_sub(value.created),
+                    idle_s: now.saturating_sub(value.last_seen),
+                    state: flow_state(key.proto, value.state).into(),
+                });
+            }
+        }
+        flows.sort_by_key(|f| std::cmp::Reverse(f.age_s));
+        Ok(FlowList { matched, flows })
+    }
+
+    /// One stats sample: counters, active flows, health, weights. The flow table is read once.
+    fn sample(&mut self) -> Result<()> {
+        let flows = self.dataplane.flows()?;
+        let active = stats::active_flows(
+            &flows,
+            stats::monotonic_seconds(),
+            self.config.daemon.flow_idle_timeout.as_secs() as u32,
+        );
+        let global = self.dataplane.global_counters()?;
+        let mut vips = Vec::new();
+        for spec in &self.config.services.vips {
+            let Some(live) = self.live.vips.get(&state::vip_key(&spec.vip)) else {
+                continue;
+            };
+            let mut backends = Vec::new();
+            for b in &spec.backends {
+                let Some(lb) = live.backends.get(&b.addr) else {
+                    continue;
+                };
+                let health = self.health.status(spec, b).state;
+                backends.push(BackendSample {
+                    address: b.addr.to_string(),
+                    counters: self.dataplane.backend_counters(lb.id)?,
+                    active_flows: active.get(&lb.id).copied().unwrap_or(0),
+                    weight: lb.ring_weight,
+                    configured_weight: b.weight,
+                    drained: self.overrides.get(&spec.name, b.addr).drained,
+                    health: health.to_string(),
+                    up: health != State::Down,
+                });
+            }
+            vips.push(VipSample {
+                name: spec.name.clone(),
+                address: spec.vip.to_string(),
+                counters: self.dataplane.vip_counters(live.meta.vip_id)?,
+                backends,
+            });
+        }
+        let flow_table_entries = flows.len() as u64;
+        self.stats.ingest(Sample {
+            at: Instant::now(),
+            global,
+            vips,
+            flow_table_entries,
+        });
+        Ok(())
+    }
+
+    fn metrics_text(&self) -> String {
+        metrics::render(self.stats.snapshot(), &self.health_metrics)
+    }
+
+    /// Drops metric series of VIPs and backends the new config no longer has.
+    fn forget_removed(&self, old: &Config) {
+        for vip in &old.services.vips {
+            match self
+                .config
+                .services
+                .vips
+                .iter()
+                .find(|v| v.name == vip.name)
+            {
+                None => self.health_metrics.forget_vip(&vip.name),
+                Some(new) => {
+                    for b in vip
+                        .backends
+                        .iter()
+                        .filter(|b| !new.backends.iter().any(|n| n.addr == b.addr))
+                    {
+                        self.health_metrics
+                            .forget_backend(&vip.name, &b.addr.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// For `/healthz`: the programs are attached and the maps were written.
+    fn healthy(&self) -> bool {
+        !self.live.vips.is_empty() || self.config.services.vips.is_empty()
+    }
+
+    fn shutdown(&self, detach: bool) {
+        if detach {
+            match self.dataplane.unpin_everything() {
+                Ok(()) => info!("programs detached and pinned maps removed"),
+                Err(e) => error!("cleaning up pins: {e}"),
+            }
+        } else {
+            info!("stopping; the XDP program keeps forwarding with the current maps (no health checks) until the next `xdplb run` adopts it");
+        }
+    }
+}
+
+fn socket_text(key: &FlowKey, client: bool) -> String {
+    let (addr, port) = if client {
+        (&key.src, key.sport)
+    } else {
+        (&key.dst, key.dport)
+    };
+    let port = u16::from_be(port);
+    if key.family == lb_common::FAMILY_IPV4 {
+        format!("{}.{}.{}.{}:{port}", addr[0], addr[1], addr[2], addr[3])
+    } else {
+        format!("[{}]:{port}", std::net::Ipv6Addr::from(*addr))
+    }
+}
+
+fn flow_state(proto: u8, state: u8) -> &'static str {
+    if proto != PROTO_TCP {
+        "udp"
+    } else if state & FLOW_RST_SEEN != 0 {
+        "rst"
+    } else if state & FLOW_FIN_SEEN != 0 {
+        "fin"
+    } else if state & FLOW_SYN_SEEN != 0 {
+        "syn"
+    } else {
+        "established"
+    }
+}
+
+/// Daemon settings a reload cannot change (they shape maps, sockets and attachments).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.daemon, &new.daemon);
+    [
+        (o.interfaces != n.interfaces, "daemon.interfaces"),
+        (o.xdp_mode != n.xdp_mode, "daemon.xdp_mode"),
+        (o.admin_socket != n.admin_socket, "daemon.admin_socket"),
+        (o.state_dir != n.state_dir, "daemon.state_dir"),
+        (o.pin_dir != n.pin_dir, "daemon.pin_dir"),
+        (
+            o.sizes != n.sizes,
+            "map sizes (flow_table_size, max_vips, max_backends, max_ring_size)",
+        ),
+        (
+            o.metrics_listen != n.metrics_listen,
+            "daemon.metrics_listen",
+        ),
+        (
+            o.stats_interval != n.stats_interval,
+            "daemon.stats_interval",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(changed, key)| changed.then_some(key))
+    .collect()
+}
+
+/// Pinning needs bpffs. Under /sys/fs/bpf it is mounted if missing (as systemd would);
+/// elsewhere the operator must have mounted one. Pins on a bpffs that only this process's
+/// mount namespace sees (e.g. under `ip netns exec`, which remounts /sys) vanish when the
+/// daemon exits, and with them the attachment: that case is refused with what to do.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    let mount_point = if pin_dir.starts_with(bpffs) {
+        bpffs
+    } else {
+        pin_dir
+    };
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating daemon.pin_dir {}", pin_dir.display()))?;
+    if is_bpffs(pin_dir)? {
+        return Ok(());
+    }
+    if mount_point != bpffs {
+        bail!(
+            "daemon.pin_dir {} is not on a bpf filesystem: run `mount -t bpf bpf {}` first",
+            pin_dir.display(),
+            pin_dir.display()
+        );
+    }
+    if private_mount_namespace() {
+        bail!(
+            "/sys/fs/bpf is not mounted in this mount namespace (as under `ip netns exec`): \
+             pins there would vanish when xdplb exits. Mount a bpffs outside /sys and point \
+             daemon.pin_dir at it (`mount -t bpf bpf /run/xdplb/bpf`)"
+        );
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("running mount -t bpf")?;
+    if !status.success() || !is_bpffs(pin_dir)? {
+        bail!("bpffs is not mounted on /sys/fs/bpf and mounting it failed: run `mount -t bpf bpf /sys/fs/bpf`");
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statfs fills the zeroed struct or fails.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0 {
+        bail!(
+            "statfs {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(fs.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Whether this process runs in another mount namespace than init.
+fn private_mount_namespace() -> bool {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    ns("self") != ns("1")
+}
+
+/// Every task shares the daemon behind one mutex, never held across an await. A poisoned
+/// lock only means a handler panicked; the daemon's state is still the maps' truth.
+fn lock(daemon: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
+    daemon
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(options: Options) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("xdplb run needs root (it loads XDP programs and pins BPF maps)");
+    }
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel();
+    let daemon = Daemon::start(&options, health_tx)?;
+    let socket = daemon.config.daemon.admin_socket.clone();
+    let metrics_listen = daemon.config.daemon.metrics_listen;
+    let stats_interval = daemon.config.daemon.stats_interval;
+    let daemon = Arc::new(Mutex::new(daemon));
+
+    let listener = api::bind(&socket)
+        .with_context(|| format!("binding the admin socket {}", socket.display()))?;
+    info!(socket = %socket.display(), "admin API listening");
+    let api_task = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let daemon = daemon.clone();
+                tokio::spawn(async move {
+                    let handle = |request| {
+                        let response = lock(&daemon).handle(request);
+                        async move { response }
+                    };
+                    if let Err(e) = api::serve_connection(stream, handle).await {
+                        warn!("admin connection: {e}");
+                    }
+                });
+            }
+        })
+    };
+    let metrics_task = match metrics_listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding daemon.metrics_listen {listen}"))?;
+            info!(%listen, "metrics on http://{listen}/metrics");
+            let (text, healthy) = (daemon.clone(), daemon.clone());
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                move || lock(&text).metrics_text(),
+                move || lock(&healthy).healthy(),
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut resolve_tick = tokio::time::interval(RESOLVE_INTERVAL);
+    let mut stats_tick = tokio::time::interval(stats_interval);
+    info!("xdplb running");
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => match lock(&daemon).reload() {
+                Ok(msg) => info!("SIGHUP: {msg}"),
+                Err(e) => error!("SIGHUP: reload rejected: {e:#}"),
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            Some(event) = health_rx.recv() => {
+                let mut daemon = lock(&daemon);
+                daemon.record_transition(&event);
+                if let Err(e) = daemon.apply() {
+                    error!("applying a health change: {e:#}");
+                }
+            }
+            _ = resolve_tick.tick() => {
+                if let Err(e) = lock(&daemon).apply() {
+                    error!("refreshing next hops: {e:#}");
+                }
+            }
+            _ = stats_tick.tick() => {
+                if let Err(e) = lock(&daemon).sample() {
+                    warn!("sampling counters: {e:#}");
+                }
+            }
+        }
+    }
+    api_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&socket);
+    lock(&daemon).shutdown(options.detach_on_exit);
+    Ok(())
+}

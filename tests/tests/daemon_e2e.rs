@@ -1,0 +1,204 @@
+//! The daemon in a lab: drain, reload and `kill -9` + restart while traffic flows, with real
+//! TCP servers and clients. No established connection may break: every transfer must deliver
+//! its exact byte count.
+
+use std::{net::SocketAddr, sync::mpsc, thread, time::Duration};
+use xdplb_tests::lab::{addr, backend4, stream, who, Daemon, Lab, Process};
+
+const VIP: &str = "192.0.2.10";
+/// A transfer long enough to span the event under test: 3 MB at 600 kB/s = 5 s.
+const TRANSFER: u64 = 3_000_000;
+const RATE: u64 = 600_000;
+
+fn vip() -> SocketAddr {
+    addr(VIP.parse::<std::net::Ipv4Addr>().unwrap(), 80)
+}
+
+fn web(backends: usize) -> String {
+    let mut text =
+        format!("[[vip]]\nname = \"web\"\naddress = \"{VIP}\"\nport = 80\nring_size = 1021\n");
+    for n in 0..backends {
+        text.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", backend4(n)));
+    }
+    text
+}
+
+/// A lab with `n` backends serving TCP on port 80 and the daemon up with `configured`
+/// backends resolved.
+fn lab_with_daemon(n: usize, configured: usize) -> (Lab, Vec<Process>, Daemon) {
+    let lab = Lab::new(n).expect("lab");
+    let servers = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.serve(&format!("b{i}"), "0.0.0.0:80", "tcp").unwrap())
+        .collect();
+    let daemon = Daemon::start(&lab, "", &web(configured)).expect("daemon");
+    wait_available(&daemon, configured);
+    (lab, servers, daemon)
+}
+
+fn wait_available(daemon: &Daemon, n: usize) {
+    daemon
+        .wait_status(&format!("{n} backends available"), |s| {
+            s["vips"][0]["available"].as_u64() == Some(n as u64)
+        })
+        .unwrap();
+}
+
+/// Names of the backends that answer `count` new connections.
+fn spread(lab: &Lab, count: usize) -> Vec<String> {
+    lab.client
+        .ns
+        .enter(|| {
+            (0..count)
+                .map(|_| who(vip()).expect("connect to the VIP"))
+                .collect()
+        })
+        .unwrap()
+}
+
+/// Runs `during(serving backend address)` while a long transfer is in flight, then checks the
+/// transfer delivered every byte from the backend it started on.
+fn with_transfer(lab: &Lab, during: impl FnOnce(&str)) {
+    let (tx, rx) = mpsc::channel();
+    let client = &lab.client.ns;
+    thread::scope(|scope| {
+        let transfer = scope.spawn(|| {
+            client
+                .enter(|| {
+                    stream(vip(), TRANSFER, RATE, |name| {
+                        tx.send(name.to_string()).unwrap()
+                    })
+                })
+                .unwrap()
+        });
+        let serving = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("transfer started");
+        let backend = backend4(serving[1..].parse().unwrap()).to_string();
+        during(&backend);
+        let (name, bytes) = transfer.join().unwrap().expect("transfer broke");
+        assert_eq!((name.as_str(), bytes), (serving.as_str(), TRANSFER));
+    });
+}
+
+#[test]
+fn drain_moves_new_connections_while_a_long_transfer_continues() {
+    let (lab, _servers, daemon) = lab_with_daemon(3, 3);
+    let names = spread(&lab, 30);
+    for b in ["b0", "b1", "b2"] {
+        assert!(
+            names.iter().any(|n| n == b),
+            "{b} got none of 30 connections: {names:?}"
+        );
+    }
+    let mut drained = String::new();
+    with_transfer(&lab, |backend| {
+        drained = backend.to_string();
+        let out = daemon.cli(&["drain", "web", backend]).unwrap();
+        assert!(out.contains("drained"), "{out}");
+        let name = format!(
+            "b{}",
+            backend.rsplit('.').next().unwrap().parse::<u8>().unwrap() - 11
+        );
+        let names = spread(&lab, 60);
+        assert!(
+            !names.contains(&name),
+            "a new connection reached drained {name}: {names:?}"
+        );
+        let status = daemon.cli(&["status"]).unwrap();
+        assert!(status.contains("drained"), "{status}");
+    });
+    // The transfer finished and the client closed: nothing active remains.
+    let waited = daemon
+        .cli(&["drain", "web", &drained, "--wait", "--timeout", "20s"])
+        .unwrap();
+    assert!(waited.contains("has no active flow"), "{waited}");
+    // Drains persist in the state dir and survive a restart.
+    let mut daemon = daemon;
+    daemon.kill();
+    daemon.restart().unwrap();
+    let status = daemon.cli(&["status", "--json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let drained_after_restart = status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["address"] == drained.as_str() && b["drained"] == true);
+    assert!(drained_after_restart, "{status}");
+    daemon.cli(&["undrain", "web", &drained]).unwrap();
+    wait_available(&daemon, 3);
+}
+
+#[test]
+fn reload_under_traffic_breaks_no_connection() {
+    let (lab, _servers, daemon) = lab_with_daemon(4, 3);
+    with_transfer(&lab, |_| {
+        // Add the fourth backend.
+        std::fs::write(
+            &daemon.config,
+            std::fs::read_to_string(&daemon.config).unwrap()
+                + &format!("[[vip.backend]]\naddress = \"{}\"\n", backend4(3)),
+        )
+        .unwrap();
+        let out = daemon.cli(&["reload"]).unwrap();
+        assert!(out.contains("reloaded"), "{out}");
+        wait_available(&daemon, 4);
+
+        // A broken file is rejected with its reason; the running config keeps serving.
+        let good = std::fs::read_to_string(&daemon.config).unwrap();
+        std::fs::write(
+            &daemon.config,
+            good.replace("ring_size = 1021\n", "ring_size = 1000\n"),
+        )
+        .unwrap();
+        let err = daemon.cli(&["reload"]).unwrap_err().to_string();
+        assert!(err.contains("ring_size") && err.contains("prime"), "{err}");
+        std::fs::write(&daemon.config, good).unwrap();
+        wait_available(&daemon, 4);
+    });
+    let names = spread(&lab, 60);
+    assert!(
+        names.iter().any(|n| n == "b3"),
+        "the added backend got no connection: {names:?}"
+    );
+}
+
+#[test]
+fn kill_9_and_restart_keep_a_transfer_running() {
+    let (lab, _servers, mut daemon) = lab_with_daemon(3, 3);
+    with_transfer(&lab, |_| {
+        daemon.kill();
+        // Forwarding continues without the daemon: the pinned program and maps stay.
+        let names = spread(&lab, 5);
+        assert_eq!(names.len(), 5);
+        daemon.restart().unwrap();
+        let status = daemon.cli(&["status", "--json"]).unwrap();
+        assert!(status.contains("adopted"), "{status}");
+    });
+    assert_eq!(spread(&lab, 10).len(), 10);
+}
+
+#[test]
+fn cli_errors_are_one_clear_line() {
+    let (_lab, _servers, daemon) = lab_with_daemon(1, 1);
+    let err = daemon
+        .cli(&["drain", "nope", "10.0.0.11"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no VIP \"nope\"") && err.contains("web"),
+        "{err}"
+    );
+    let err = daemon
+        .cli(&["drain", "web", "10.0.0.99"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has no backend 10.0.0.99"), "{err}");
+    let mut stopped = daemon;
+    stopped.kill();
+    let err = stopped.cli(&["status"]).unwrap_err().to_string();
+    assert!(err.contains("not running"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
