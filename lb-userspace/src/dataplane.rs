@@ -23,6 +23,10 @@ use std::{
 /// The compiled kernel programs, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// Where build.rs put every binary of lb-ebpf: benchmarks load their baseline programs from
+/// here at run time, so the daemon does not embed them.
+pub const OBJECT_DIR: &str = env!("OUT_DIR");
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("loading the XDP object failed (is this root on Linux >= 5.15 with BTF?): {0}")]

@@ -3,6 +3,7 @@
 //! Everything a fresh machine needs is installed by `setup`, so CI and developers run the same
 //! steps; `test` is what `.ci/run` calls.
 
+mod lab;
 mod libtest;
 mod process;
 mod setup;
@@ -27,6 +28,16 @@ enum Task {
     Setup,
     /// Run setup, fmt, clippy, the unit tests and the root integration tests
     Test(test::TestArgs),
+    /// Build everything and walk through a lab in network namespaces (`--keep` leaves it up)
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure the data path and control plane next to baselines; writes bench/results.*
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,6 +53,8 @@ fn main() -> ExitCode {
     match cli.task {
         Task::Setup => report(setup::setup()),
         Task::Test(args) => test::test(&args),
+        Task::Demo { args } => report(lab::run_lab_program("xdplb-demo", false, &args)),
+        Task::Bench { args } => report(lab::run_lab_program("xdplb-bench", true, &args)),
     }
 }
 
