@@ -9,7 +9,7 @@
 //! | map | type | entries | why |
 //! |---|---|---|---|
 //! | [`map_names::VIPS`] | `HASH` | `max_vips` | exact (address, port, protocol) match; few entries, read-mostly |
-//! | [`map_names::RINGS`] | `ARRAY` | `max_vips * 2 * max_ring_size` | Maglev tables, two halves per VIP (see [`VipMeta`]) |
+//! | [`map_names::RINGS`] | `ARRAY`, mmapable | `max_vips * 2 * max_ring_size` | Maglev tables, two halves per VIP (see [`VipMeta`]); written through a shared mapping |
 //! | [`map_names::BACKENDS`] | `ARRAY` | `max_backends` | indexed by backend id from the ring: one bounds-checked load |
 //! | [`map_names::FLOWS`] | `LRU_HASH` | `flow_table_size` | 5-tuple -> backend; LRU so a full table evicts the coldest flow instead of failing new ones |
 //! | [`map_names::CONFIG`] | `ARRAY` | 1 | global knobs ([`LbConfig`]) written once per config change |
@@ -26,7 +26,11 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
+/// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
+pub const RINGS_MAP_FLAGS: u32 = 1 << 10;
 
 /// Map names, shared so the loader and the kernel program cannot disagree.
 pub mod map_names {

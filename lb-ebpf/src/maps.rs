@@ -8,15 +8,17 @@ use aya_ebpf::{
 use lb_common::{
     counters, AddrKey, Backend, FlowKey, FlowValue, LbConfig, TrafficCounters, VipKey, VipMeta,
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS,
-    MAX_DECAP_ADDRS, MAX_TX_PORTS,
+    MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS,
 };
 
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 #[map]
-pub static RINGS: Array<u32> =
-    Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * DEFAULT_MAX_RING_SIZE, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(
+    DEFAULT_MAX_VIPS * 2 * DEFAULT_MAX_RING_SIZE,
+    RINGS_MAP_FLAGS,
+);
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

@@ -451,7 +451,7 @@ const MAX_FLOW_TABLE_SIZE: (u32, &str) = (
     1 << 28,
     "each flow entry takes about 100 bytes, so that is already about 25 GiB",
 );
-/// The ring map (`max_vips * 2 * max_ring_size` slots of 4 bytes) is allocated in full when
+/// The ring map (`max_vips * 2 * max_ring_size` slots of 8 bytes: the kernel aligns array values to 8) is allocated in full when
 /// the daemon starts.
 const MAX_RING_BYTES: u64 = 4 << 30;
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -549,12 +549,12 @@ fn read_sizes(t: &Table, p: &mut Problems) -> Result<Sizes, Reported> {
         max_ring_size: max_ring_size?,
         flow_table_size: flow_table_size?,
     };
-    let ring_bytes = u64::from(sizes.max_vips) * 2 * u64::from(sizes.max_ring_size) * 4;
+    let ring_bytes = u64::from(sizes.max_vips) * 2 * u64::from(sizes.max_ring_size) * 8;
     if ring_bytes > MAX_RING_BYTES {
         return Err(p.report(
             t.key("max_ring_size"),
             format!(
-                "the ring map would take {} MiB (max_vips {} x 2 halves x max_ring_size {} x 4 \
+                "the ring map would take {} MiB (max_vips {} x 2 halves x max_ring_size {} x 8 \
                  bytes), over the 4 GiB limit; lower max_ring_size or max_vips",
                 ring_bytes >> 20,
                 sizes.max_vips,
@@ -1801,7 +1801,7 @@ mod tests {
             ("max_backends = -1", "daemon.max_backends", "-1 is too small: use at least 1"),
             ("max_ring_size = 0", "daemon.max_ring_size", "0 is too small: use at least 1"),
             ("max_ring_size = 4294967296", "daemon.max_ring_size", "4294967296 is too large: use at most 4294967295"),
-            ("max_vips = 4096\nmax_ring_size = 262147", "daemon.max_ring_size", "the ring map would take 8192 MiB (max_vips 4096 x 2 halves x max_ring_size 262147 x 4 bytes), over the 4 GiB limit; lower max_ring_size or max_vips"),
+            ("max_vips = 4096\nmax_ring_size = 262147", "daemon.max_ring_size", "the ring map would take 16384 MiB (max_vips 4096 x 2 halves x max_ring_size 262147 x 8 bytes), over the 4 GiB limit; lower max_ring_size or max_vips"),
             ("metrics_listen = \"localhost:9650\"", "daemon.metrics_listen", "\"localhost:9650\" is not a socket address (expected IP:PORT"),
             ("idle_timeout = \"1x\"", "daemon.idle_timeout", "\"1x\" is not a duration: write whole numbers with a unit (ms, s, m, h)"),
             ("stats_interval = \"0s\"", "daemon.stats_interval", "must be longer than zero"),

@@ -74,7 +74,8 @@ pub enum DataplaneError {
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
 /// Map sizes chosen by the operator at load time. Memory: the ring array dominates
-/// (`max_vips * 2 * max_ring_size * 4` bytes), then the flow table (~100 bytes per entry).
+/// (`max_vips * 2 * max_ring_size * 8` bytes: the kernel aligns array values to 8 bytes),
+/// then the flow table (~100 bytes per entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
     pub max_vips: u32,
@@ -157,7 +158,7 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     adoption: Adoption,
     vips: HashMap<MapData, VipKey, VipMeta>,
-    rings: Array<MapData, u32>,
+    rings: RingArea,
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     config: Array<MapData, LbConfig>,
@@ -222,7 +223,11 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })?;
         Ok(Self {
             vips: take(&mut ebpf, map_names::VIPS)?,
-            rings: take(&mut ebpf, map_names::RINGS)?,
+            rings: RingArea::map(
+                ebpf.take_map(map_names::RINGS)
+                    .ok_or(DataplaneError::MissingMap(map_names::RINGS))?,
+                sizes.max_vips * 2 * sizes.max_ring_size,
+            )?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
             flows: take(&mut ebpf, map_names::FLOWS)?,
             config: take(&mut ebpf, map_names::CONFIG)?,
@@ -380,17 +385,18 @@ impl Dataplane {
     }
 
     /// Writes `(slot, backend id)` pairs of a Maglev table into a half no packet reads yet.
+    /// The VIP-map update that makes the half active comes after, through a syscall, which
+    /// orders these stores before it.
     pub fn write_ring(&mut self, writes: &[(u32, u32)]) -> Result<()> {
         for (slot, backend_id) in writes {
-            self.rings
-                .set(*slot, backend_id, 0)
-                .map_err(map_err(map_names::RINGS))?;
+            self.rings.set(*slot, *backend_id)?;
         }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
     pub fn ring_slot(&self, slot: u32) -> Result<u32> {
-        self.rings.get(&slot, 0).map_err(map_err(map_names::RINGS))
+        self.rings.get(slot)
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
@@ -471,6 +477,87 @@ impl Dataplane {
     /// Decap program: VIPs served on this host.
     pub fn set_decap_vips(&mut self, addrs: &[AddrKey]) -> Result<()> {
         replace_set(&mut self.decap_vips, addrs).map_err(map_err(map_names::DECAP_VIPS))
+    }
+}
+
+/// The ring array, mapped into this process (`BPF_F_MMAPABLE`). The kernel stores array
+/// values 8-byte aligned, so slot `i` lives at byte `8 * i`.
+struct RingArea {
+    slots: *mut std::sync::atomic::AtomicU32,
+    entries: u32,
+    bytes: usize,
+    /// Keeps the map alive while it is mapped.
+    _map: MapData,
+}
+
+/// Bytes between ring slots in the mapping (`round_up(sizeof(u32), 8)` in the kernel).
+const SLOT_STRIDE: usize = 8;
+
+// SAFETY: the mapping is shared memory accessed only through atomics.
+unsafe impl Send for RingArea {}
+
+impl RingArea {
+    fn map(map: aya::maps::Map, entries: u32) -> Result<Self> {
+        let aya::maps::Map::Array(data) = map else {
+            return Err(DataplaneError::MissingMap(map_names::RINGS));
+        };
+        use std::os::fd::{AsFd, AsRawFd};
+        let page = 4096;
+        let bytes = (entries as usize * SLOT_STRIDE).div_ceil(page) * page;
+        // SAFETY: mapping a BPF array fd created with BPF_F_MMAPABLE, shared and writable.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Map {
+                name: map_names::RINGS,
+                source: MapError::IoError(std::io::Error::last_os_error()),
+            });
+        }
+        Ok(Self {
+            slots: ptr.cast(),
+            entries,
+            bytes,
+            _map: data,
+        })
+    }
+
+    fn slot(&self, index: u32) -> Result<&std::sync::atomic::AtomicU32> {
+        if index >= self.entries {
+            return Err(DataplaneError::Map {
+                name: map_names::RINGS,
+                source: MapError::OutOfBounds {
+                    index,
+                    max_entries: self.entries,
+                },
+            });
+        }
+        // SAFETY: in bounds of the mapping, which lives as long as self; 8-byte aligned.
+        Ok(unsafe { &*self.slots.byte_add(index as usize * SLOT_STRIDE) })
+    }
+
+    fn get(&self, index: u32) -> Result<u32> {
+        Ok(self.slot(index)?.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn set(&self, index: u32, value: u32) -> Result<()> {
+        self.slot(index)?
+            .store(value, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for RingArea {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.slots.cast(), self.bytes) };
     }
 }
 
