@@ -454,3 +454,116 @@ async fn decap(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackendStatus, FlowInfo, VipStatus};
+
+    fn report() -> StatusReport {
+        let backend = |addr: &str, weight, cli, drained, health: &str, active| BackendStatus {
+            address: addr.parse().unwrap(),
+            configured_weight: 100,
+            cli_weight: cli,
+            effective_weight: weight,
+            drained,
+            health: health.into(),
+            health_since_s: Some(90),
+            last_failure: (health == "down").then(|| "connect: connection refused".into()),
+            active_flows: active,
+            next_hop: "02:00:00:00:00:11 ifindex 2".into(),
+        };
+        StatusReport {
+            config_file: "/etc/xdplb/xdplb.toml".into(),
+            interfaces: vec!["eth0".into()],
+            maps: "fresh".into(),
+            vips: vec![VipStatus {
+                name: "web".into(),
+                address: "192.0.2.10:80/tcp".into(),
+                forwarding: "dsr".into(),
+                ring_size: 65537,
+                available: 1,
+                backends: vec![
+                    backend("10.1.0.11", 100, None, false, "up", 12),
+                    backend("10.1.0.12", 0, None, true, "up", 3),
+                    backend("10.1.0.13", 0, Some(50), false, "down", 0),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn status_table_is_aligned_and_complete() {
+        let expected = "\
+config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
+
+web  192.0.2.10:80/tcp  dsr  ring 65537  1/3 backends available
+  BACKEND    WEIGHT                  STATE    HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
+  10.1.0.11  100                     active   up      90s    12      02:00:00:00:00:11 ifindex 2
+  10.1.0.12  0 (config 100)          drained  up      90s    3       02:00:00:00:00:11 ifindex 2
+  10.1.0.13  0 (cli 50, config 100)  active   down    90s    0       02:00:00:00:00:11 ifindex 2  connect: connection refused
+";
+        assert_eq!(render_status(&report()), expected);
+    }
+
+    #[test]
+    fn status_json_round_trips() {
+        let json = serde_json::to_string(&report()).unwrap();
+        let back: StatusReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, report());
+        assert!(json.contains("\"drained\":true"), "{json}");
+    }
+
+    #[test]
+    fn flows_table_says_when_output_was_limited() {
+        let list = FlowList {
+            matched: 3,
+            flows: vec![FlowInfo {
+                client: "198.51.100.7:40000".into(),
+                vip: "web".into(),
+                protocol: "tcp".into(),
+                backend: "10.1.0.11".parse().unwrap(),
+                age_s: 75,
+                idle_s: 2,
+                state: "established".into(),
+            }],
+        };
+        let expected = "\
+CLIENT              VIP  PROTO  BACKEND    AGE  IDLE  STATE
+198.51.100.7:40000  web  tcp    10.1.0.11  75s  2s    established
+(1 of 3 matching flows shown; use --limit)
+";
+        assert_eq!(render_flows(&list), expected);
+    }
+
+    #[test]
+    fn durations_and_ages_read_naturally() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(ago(Some(59)), "59s");
+        assert_eq!(ago(Some(600)), "10m");
+        assert_eq!(ago(Some(7200)), "2h");
+        assert_eq!(ago(None), "");
+    }
+
+    #[test]
+    fn every_command_parses() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "xdplb",
+            "drain",
+            "web",
+            "10.1.0.11",
+            "--wait",
+            "--timeout",
+            "2m",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Drain { wait: true, timeout, .. } if timeout == Duration::from_secs(120)
+        ));
+        let err = Cli::try_parse_from(["xdplb", "drain", "web", "not-an-ip"]).unwrap_err();
+        assert!(err.to_string().contains("not-an-ip"), "{err}");
+    }
+}
