@@ -115,13 +115,18 @@ impl Harness {
 
     /// Applies `services` through the real state code (target -> plan -> apply).
     pub fn apply(&mut self, services: &Services) {
+        self.apply_with(services, &ConfiguredMacs);
+    }
+
+    /// Like [`apply`](Self::apply), resolving next hops with `resolver`.
+    pub fn apply_with(&mut self, services: &Services, resolver: &dyn Resolve) {
         let status = |vip: &VipSpec, backend: &BackendSpec| {
             self.status
                 .get(&(vip.name.clone(), backend.addr))
                 .copied()
                 .unwrap_or_default()
         };
-        let target = state::target(services, status, &ConfiguredMacs).expect("target");
+        let target = state::target(services, status, resolver).expect("target");
         let (changes, next) = state::plan(&self.live, &target).expect("plan");
         state::apply(&mut self.dataplane, &changes).expect("apply");
         self.live = next;
