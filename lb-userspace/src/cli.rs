@@ -99,8 +99,9 @@ pub enum Command {
         /// VIP addresses served on this host.
         #[arg(long = "vip", required = true)]
         vips: Vec<IpAddr>,
-        /// Tunnel endpoint addresses of this host (the backend addresses the LB sends to).
-        #[arg(long = "local", required = true)]
+        /// Tunnel endpoint addresses of this host (the backend addresses the LB sends to);
+        /// default: the interface's global addresses.
+        #[arg(long = "local")]
         locals: Vec<IpAddr>,
         #[arg(long, default_value = "auto", value_parser = parse_mode)]
         xdp_mode: AttachMode,
@@ -442,11 +443,19 @@ async fn decap(
             _pad: [0; 3],
         }
     };
+    let locals = if locals.is_empty() {
+        crate::net::interface_addresses(interface).map_err(anyhow::Error::msg)?
+    } else {
+        locals.to_vec()
+    };
+    if locals.is_empty() {
+        bail!("{interface} has no global address to end tunnels on: give --local ADDRESS");
+    }
     let mut dataplane = Dataplane::load(Role::Decap, Sizes::UNUSED, None)?;
     dataplane.set_decap_local(&locals.iter().map(key).collect::<Vec<_>>())?;
     dataplane.set_decap_vips(&vips.iter().map(key).collect::<Vec<_>>())?;
     dataplane.attach(interface, mode)?;
-    tracing::info!(%interface, "decap program attached; stop with SIGTERM or Ctrl-C");
+    tracing::info!(%interface, ?locals, ?vips, "decap program attached; stop with SIGTERM or Ctrl-C");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = terminate.recv() => {}

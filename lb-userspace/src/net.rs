@@ -191,6 +191,32 @@ impl Resolve for HostResolver {
     }
 }
 
+/// The global (non-link-local) addresses of an interface: where tunnels to this host end.
+pub fn interface_addresses(name: &str) -> Result<Vec<IpAddr>, String> {
+    parse_addresses(&ip_json(&["addr", "show", "dev", name])?)
+}
+
+/// `ip -j addr show dev X`: one entry with its `addr_info`.
+fn parse_addresses(json: &str) -> Result<Vec<IpAddr>, String> {
+    #[derive(Deserialize)]
+    struct Link {
+        addr_info: Vec<AddrInfo>,
+    }
+    #[derive(Deserialize)]
+    struct AddrInfo {
+        local: IpAddr,
+        scope: String,
+    }
+    let links: Vec<Link> = serde_json::from_str(json)
+        .map_err(|e| format!("cannot parse `ip -j addr show` output ({e}): {json}"))?;
+    Ok(links
+        .into_iter()
+        .flat_map(|l| l.addr_info)
+        .filter(|a| a.scope == "global")
+        .map(|a| a.local)
+        .collect())
+}
+
 /// Runs `ip -j ARGS` and returns its output.
 fn ip_json(args: &[&str]) -> Result<String, String> {
     let command = format!("ip -j {}", args.join(" "));
@@ -415,5 +441,21 @@ mod tests {
             interface_index("a-name-longer-than-15"),
             Err(NetError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn global_addresses_of_an_interface() {
+        let json = r#"[{"ifindex":2,"ifname":"eth0","addr_info":[
+            {"family":"inet","local":"10.0.0.11","prefixlen":24,"scope":"global"},
+            {"family":"inet6","local":"fd00::11","prefixlen":64,"scope":"global"},
+            {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
+        let addrs = parse_addresses(json).unwrap();
+        assert_eq!(
+            addrs,
+            [
+                "10.0.0.11".parse::<IpAddr>().unwrap(),
+                "fd00::11".parse().unwrap()
+            ]
+        );
     }
 }
