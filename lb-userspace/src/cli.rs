@@ -9,7 +9,6 @@ use crate::{
 };
 use anyhow::{bail, Context as _, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use lb_common::AddrKey;
 use serde::Serialize;
 use std::{
     io::{IsTerminal, Write},
@@ -435,14 +434,7 @@ async fn decap(
     locals: &[IpAddr],
     mode: AttachMode,
 ) -> Result<()> {
-    let key = |addr: &IpAddr| {
-        let (addr, family) = crate::state::addr_bytes(*addr);
-        AddrKey {
-            addr,
-            family,
-            _pad: [0; 3],
-        }
-    };
+    let key = |addr: &IpAddr| crate::state::addr_key(*addr);
     let locals = if locals.is_empty() {
         crate::net::interface_addresses(interface).map_err(anyhow::Error::msg)?
     } else {

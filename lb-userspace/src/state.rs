@@ -15,7 +15,8 @@ use crate::{
     model::{BackendSpec, Mac, Prefix, Services, VipAddr, VipSpec},
 };
 use lb_common::{
-    Backend, LbConfig, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT, FAMILY_IPV4, FAMILY_IPV6,
+    AddrKey, Backend, LbConfig, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT, FAMILY_IPV4,
+    FAMILY_IPV6,
 };
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -117,6 +118,16 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
             (bytes, FAMILY_IPV4)
         }
         IpAddr::V6(a) => (a.octets(), FAMILY_IPV6),
+    }
+}
+
+/// Key of the decap program's address sets.
+pub fn addr_key(addr: IpAddr) -> AddrKey {
+    let (addr, family) = addr_bytes(addr);
+    AddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
     }
 }
 

@@ -1,52 +1,24 @@
 //! Every forwarding path of the LB program and the decap program, with exact expected bytes.
 
-use lb_common::{counters::*, AddrKey, FlowKey, FAMILY_IPV4, FAMILY_IPV6};
+use lb_common::counters::*;
+use lb_userspace::state::addr_key;
 use lb_userspace::{
     dataplane::Role,
-    model::{DataPathSettings, Forwarding, Prefix, Protocol, Services, VipAddr},
-    state::{addr_bytes, BackendStatus},
+    model::{Forwarding, Protocol, Services},
+    state::BackendStatus,
 };
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
+use xdplb_tests::fixture::*;
 use xdplb_tests::{
     harness::{vip_spec, Action, Fixture, Harness, CLIENT_MAC, LB_MAC},
     packet::{checksum_ok_ipv4_header, Packet, TCP_ACK, TCP_PSH, TCP_SYN},
 };
 
-const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
-const SEED: u32 = 0x5eed;
-
-fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
-}
-fn v6(s: &str) -> IpAddr {
-    IpAddr::V6(s.parse().unwrap())
-}
-fn mac(last: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0x0b, last]
-}
-fn vip(addr: IpAddr, port: u16, protocol: Protocol) -> VipAddr {
-    VipAddr {
-        addr,
-        port,
-        protocol,
-    }
-}
-
-/// Outer source pools with host bits, so the hash visibly lands in the outer header.
-fn settings() -> DataPathSettings {
-    DataPathSettings {
-        hash_seed: SEED,
-        ipip_source_v4: "172.16.0.0/16".parse::<Prefix>().unwrap(),
-        ipip_source_v6: "fd00:1b::/96".parse::<Prefix>().unwrap(),
-    }
-}
-
 fn services() -> Services {
     use Forwarding::*;
     use Protocol::*;
     Services {
-        settings: settings(),
+        settings: settings(SEED),
         vips: vec![
             vip_spec(
                 "web4",
@@ -112,68 +84,6 @@ fn lb() -> Harness {
     let mut harness = Harness::new(Role::Balancer);
     harness.apply(&services());
     harness
-}
-
-/// The flow hash the kernel computes for a packet (shared code in lb-common).
-fn hash(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> u32 {
-    let (src, family) = addr_bytes(src);
-    let (dst, _) = addr_bytes(dst);
-    lb_common::flow_hash(
-        &FlowKey {
-            src,
-            dst,
-            sport: sport.to_be(),
-            dport: dport.to_be(),
-            proto,
-            family,
-            _pad: [0; 2],
-        },
-        SEED,
-    )
-}
-
-fn outer_src_v4(hash: u32) -> Ipv4Addr {
-    Ipv4Addr::from(lb_common::ipip_source(
-        &[172, 16, 0, 0],
-        &[0, 0, 0xff, 0xff],
-        hash,
-    ))
-}
-fn outer_src_v6(hash: u32) -> Ipv6Addr {
-    let prefix: Ipv6Addr = "fd00:1b::".parse().unwrap();
-    let mut mask = [0u8; 16];
-    mask[12..].fill(0xff);
-    Ipv6Addr::from(lb_common::ipip_source(&prefix.octets(), &mask, hash))
-}
-
-fn tcp4(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Packet {
-    Packet::new()
-        .ipv4(CLIENT4, dst)
-        .tos(0x28)
-        .tcp(sport, dport)
-        .flags(flags)
-        .seq(1000)
-}
-fn tcp6(dst: &str, sport: u16, dport: u16, flags: u8) -> Packet {
-    Packet::new()
-        .ipv6(CLIENT6, dst.parse().unwrap())
-        .tos(0x28)
-        .tcp(sport, dport)
-        .flags(flags)
-        .seq(1000)
-}
-/// `inner` framed as it arrives from the client.
-fn from_client(inner: &Packet) -> Vec<u8> {
-    framed(CLIENT_MAC, LB_MAC, &inner.build())
-}
-fn framed(src: [u8; 6], dst: [u8; 6], l3: &[u8]) -> Vec<u8> {
-    let ether_type: u16 = if l3[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
-    let mut frame = Vec::with_capacity(14 + l3.len());
-    frame.extend_from_slice(&dst);
-    frame.extend_from_slice(&src);
-    frame.extend_from_slice(&ether_type.to_be_bytes());
-    frame.extend_from_slice(l3);
-    frame
 }
 
 #[test]
@@ -358,16 +268,6 @@ fn ipip_too_big_for_the_mtu_is_passed_untouched() {
     }]);
 }
 
-fn addr_key(addr: IpAddr) -> AddrKey {
-    let (addr, family) = addr_bytes(addr);
-    assert!(family == FAMILY_IPV4 || family == FAMILY_IPV6);
-    AddrKey {
-        addr,
-        family,
-        _pad: [0; 3],
-    }
-}
-
 #[test]
 fn decap_restores_the_inner_packet() {
     let mut decap = Harness::new(Role::Decap);
@@ -430,7 +330,7 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() {
     use Protocol::Tcp;
     let web = vip(v4(192, 0, 2, 10), 80, Tcp);
     let one = |backends: &[(IpAddr, [u8; 6], u32)]| Services {
-        settings: settings(),
+        settings: settings(SEED),
         vips: vec![vip_spec("web", web, Forwarding::Dsr, 13, backends)],
     };
     let a = (v4(10, 1, 0, 11), mac(0x11), 100);

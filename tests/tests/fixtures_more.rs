@@ -2,51 +2,23 @@
 //! headers, IPv4 options, VLAN tags and Ethernet padding under `ipip`, backends going down or
 //! drained, flow-table contents, weighted spread and determinism across instances.
 
-use lb_common::{counters::*, AddrKey, FlowKey, FLOW_FIN_SEEN, FLOW_SYN_SEEN};
+use lb_common::{counters::*, AddrKey, FLOW_FIN_SEEN, FLOW_SYN_SEEN};
 use lb_userspace::{
     dataplane::Role,
-    model::{DataPathSettings, Forwarding, Prefix, Protocol, Services, VipAddr},
+    model::{Forwarding, Protocol, Services},
     state::{addr_bytes, BackendStatus},
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use xdplb_tests::fixture::*;
 use xdplb_tests::{
     harness::{vip_spec, Action, Fixture, Harness, CLIENT_MAC, LB_MAC},
     packet::{hex_diff, l4_offset, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
-const SEED: u32 = 0x5eed;
-
 const WEB4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const WEB6: &str = "2001:db8::10";
 const TUN4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
 const TUN46: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
-
-fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
-}
-fn v6(s: &str) -> IpAddr {
-    IpAddr::V6(s.parse().unwrap())
-}
-fn mac(last: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0x0b, last]
-}
-fn vip(addr: IpAddr, port: u16, protocol: Protocol) -> VipAddr {
-    VipAddr {
-        addr,
-        port,
-        protocol,
-    }
-}
-
-fn settings(hash_seed: u32) -> DataPathSettings {
-    DataPathSettings {
-        hash_seed,
-        ipip_source_v4: "172.16.0.0/16".parse::<Prefix>().unwrap(),
-        ipip_source_v6: "fd00:1b::/96".parse::<Prefix>().unwrap(),
-    }
-}
 
 /// One VIP of each kind the fixtures below need, each with one backend.
 fn services() -> Services {
@@ -93,39 +65,6 @@ fn lb() -> Harness {
     harness
 }
 
-fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
-    let (src, family) = addr_bytes(src);
-    let (dst, _) = addr_bytes(dst);
-    FlowKey {
-        src,
-        dst,
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto,
-        family,
-        _pad: [0; 2],
-    }
-}
-
-/// The flow hash the kernel computes for a packet (shared code in lb-common).
-fn hash(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> u32 {
-    lb_common::flow_hash(&flow_key(src, dst, sport, dport, proto), SEED)
-}
-
-fn outer_src_v4(hash: u32) -> Ipv4Addr {
-    Ipv4Addr::from(lb_common::ipip_source(
-        &[172, 16, 0, 0],
-        &[0, 0, 0xff, 0xff],
-        hash,
-    ))
-}
-fn outer_src_v6(hash: u32) -> Ipv6Addr {
-    let prefix: Ipv6Addr = "fd00:1b::".parse().unwrap();
-    let mut mask = [0u8; 16];
-    mask[12..].fill(0xff);
-    Ipv6Addr::from(lb_common::ipip_source(&prefix.octets(), &mask, hash))
-}
-
 /// Address of the backend the VIP's active Maglev table gives this flow hash.
 fn ring_choice(lb: &Harness, vip_name: &str, hash: u32) -> IpAddr {
     let vip = lb
@@ -161,42 +100,6 @@ fn ring_holds_only(lb: &Harness, vip_name: &str, addr: IpAddr) -> bool {
         .find(|v| v.name == vip_name)
         .unwrap();
     vip.table().iter().all(|slot| *slot == id)
-}
-
-fn tcp4(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Packet {
-    Packet::new()
-        .ipv4(CLIENT4, dst)
-        .tos(0x28)
-        .tcp(sport, dport)
-        .flags(flags)
-        .seq(1000)
-}
-fn tcp6(dst: &str, sport: u16, dport: u16, flags: u8) -> Packet {
-    Packet::new()
-        .ipv6(CLIENT6, dst.parse().unwrap())
-        .tos(0x28)
-        .tcp(sport, dport)
-        .flags(flags)
-        .seq(1000)
-}
-/// `inner` framed as it arrives from the client.
-fn from_client(inner: &Packet) -> Vec<u8> {
-    framed(CLIENT_MAC, LB_MAC, &inner.build())
-}
-fn framed(src: [u8; 6], dst: [u8; 6], l3: &[u8]) -> Vec<u8> {
-    vlan_framed(src, dst, None, l3)
-}
-/// An Ethernet frame around an IP packet, with an 802.1Q tag if `tci` is given.
-fn vlan_framed(src: [u8; 6], dst: [u8; 6], tci: Option<u16>, l3: &[u8]) -> Vec<u8> {
-    let ether_type: u16 = if l3[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
-    let mut frame = [dst, src].concat();
-    if let Some(tci) = tci {
-        frame.extend(0x8100u16.to_be_bytes());
-        frame.extend(tci.to_be_bytes());
-    }
-    frame.extend(ether_type.to_be_bytes());
-    frame.extend(l3);
-    frame
 }
 
 /// The 4in4 packet the LB sends to tun4's backend for `inner`, Ethernet header left to the

@@ -9,13 +9,14 @@
 //! Packets come from a seeded xorshift64* generator. A failure names the seed, the phase and the
 //! packet; `XDPLB_FUZZ_SEED=<hex>` runs another seed.
 
-use lb_common::{counters::*, AddrKey};
+use lb_common::counters::*;
+use lb_userspace::state::addr_key;
 use lb_userspace::{
     dataplane::Role,
     model::{DataPathSettings, Forwarding, Protocol, Services, VipAddr},
-    state::addr_bytes,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use xdplb_tests::fixture::*;
 use xdplb_tests::{
     harness::{vip_spec, Action, Harness, Outcome, CLIENT_MAC, LB_MAC, MTU},
     packet::{hex_diff, Packet},
@@ -91,16 +92,6 @@ impl TestVip {
             20
         }
     }
-}
-
-fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
-}
-fn v6(s: &str) -> IpAddr {
-    IpAddr::V6(s.parse().unwrap())
-}
-fn mac(last: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0x0b, last]
 }
 
 fn test_vips() -> Vec<TestVip> {
@@ -805,15 +796,6 @@ fn balancer_survives_valid_truncated_mutated_and_random_packets() {
 
 // ---------------------------------------------------------------------------------------------
 // The decap program.
-
-fn addr_key(addr: IpAddr) -> AddrKey {
-    let (addr, family) = addr_bytes(addr);
-    AddrKey {
-        addr,
-        family,
-        _pad: [0; 3],
-    }
-}
 
 /// Outer destination and inner destination of a tunnel frame, and the frame without its outer
 /// header (Ethernet header and VLAN tag kept, ethertype of the inner family): what the decap
