@@ -220,6 +220,9 @@ pub fn ipip_source<const N: usize>(prefix: &[u8; N], host_mask: &[u8; N], hash: 
 pub const FLOW_SYN_SEEN: u8 = 1;
 pub const FLOW_FIN_SEEN: u8 = 2;
 pub const FLOW_RST_SEEN: u8 = 4;
+/// A segment with ACK and without SYN: the handshake completed (or the flow was picked up
+/// mid-stream).
+pub const FLOW_ACK_SEEN: u8 = 8;
 
 /// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_ns() / 1e9`);
 /// `last_seen` is only rewritten when the second changes, to keep writes off the hot path.

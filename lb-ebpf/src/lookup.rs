@@ -7,7 +7,7 @@ use crate::{
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT,
-    FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP,
+    FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP,
 };
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry.
@@ -63,6 +63,7 @@ fn from_ring(vip: &VipMeta, hash: u32) -> Option<(u32, &'static Backend)> {
 #[inline(always)]
 fn state_bits(pkt: &Packet) -> u8 {
     (pkt.is_tcp_syn_only() as u8 * FLOW_SYN_SEEN)
+        | (pkt.is_tcp_ack_only() as u8 * FLOW_ACK_SEEN)
         | (pkt.is_tcp_fin() as u8 * FLOW_FIN_SEEN)
         | (pkt.is_tcp_rst() as u8 * FLOW_RST_SEEN)
 }

@@ -78,6 +78,9 @@ impl Packet {
     pub fn is_tcp_syn_only(&self) -> bool {
         self.key.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
+    pub fn is_tcp_ack_only(&self) -> bool {
+        self.key.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
+    }
     pub fn is_tcp_fin(&self) -> bool {
         self.key.proto == PROTO_TCP && self.tcp_flags & TCP_FIN != 0
     }

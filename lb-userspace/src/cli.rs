@@ -385,7 +385,9 @@ async fn wait_for_drain(
         let active = report
             .vips
             .iter()
-            .filter(|v| v.name == vip || v.address.starts_with(vip))
+            .filter(|v| {
+                v.name == vip || v.address == vip || v.address.starts_with(&format!("{vip}:"))
+            })
             .flat_map(|v| &v.backends)
             .find(|b| b.address == backend)
             .map(|b| b.active_flows)

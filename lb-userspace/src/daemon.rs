@@ -11,14 +11,14 @@ use crate::{
     dataplane::{Adoption, Dataplane, Role},
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
     metrics,
-    model::{BackendSpec, OnAllDown, VipSpec},
+    model::{BackendSpec, Mac, OnAllDown, VipSpec},
     net::HostResolver,
     overrides::Overrides,
     state::{self, BackendStatus, Live, NextHop, Resolve, Unresolved},
     stats::{self, BackendSample, Sample, Stats, VipSample},
 };
 use anyhow::{bail, Context as _, Result};
-use lb_common::{FlowKey, FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, PROTO_TCP};
+use lb_common::{FlowKey, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, PROTO_TCP};
 use std::{
     cell::RefCell,
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -81,6 +81,9 @@ pub struct Daemon {
     last_healthy: BTreeMap<String, BTreeSet<IpAddr>>,
     stats: Stats,
     health_metrics: metrics::HealthMetrics,
+    /// Held while the daemon runs: a second `xdplb run` on the same state would take over the
+    /// links and the admin socket of this one.
+    _instance_lock: std::fs::File,
 }
 
 impl Daemon {
@@ -88,6 +91,7 @@ impl Daemon {
     fn start(options: &Options, health_events: mpsc::UnboundedSender<HealthEvent>) -> Result<Self> {
         let config = config::load(&options.config_path)?;
         let daemon_config = &config.daemon;
+        let instance_lock = lock_instance(&daemon_config.state_dir)?;
         ensure_bpffs(&daemon_config.pin_dir)?;
         let mut dataplane = Dataplane::load(
             Role::Balancer,
@@ -120,6 +124,23 @@ impl Daemon {
         for iface in &daemon_config.interfaces {
             dataplane.add_tx_port(crate::net::interface_index(iface)?)?;
         }
+        // A restart must not lose a backend whose neighbour entry happens to be missing right
+        // now: the adopted entries hold the next hops the data path is using.
+        let next_hops = live
+            .vips
+            .values()
+            .flat_map(|vip| vip.backends.iter())
+            .map(|(addr, backend)| {
+                let e = &backend.entry;
+                let hop = NextHop {
+                    dst_mac: Mac(e.dst_mac),
+                    src_mac: Mac(e.src_mac),
+                    ifindex: e.tx_ifindex,
+                    mtu: e.mtu,
+                };
+                (*addr, hop)
+            })
+            .collect();
         let mut daemon = Self {
             config_path: options.config_path.clone(),
             config,
@@ -127,12 +148,13 @@ impl Daemon {
             live,
             overrides,
             resolver,
-            next_hops: HashMap::new(),
+            next_hops,
             unresolved: Vec::new(),
             health,
             last_healthy: BTreeMap::new(),
             stats: Stats::default(),
             health_metrics,
+            _instance_lock: instance_lock,
         };
         daemon.sync_health();
         // Maps first, then attach: a fresh program never sees a packet with empty maps.
@@ -143,6 +165,12 @@ impl Daemon {
             info!(%iface, "XDP program attached");
         }
         daemon.dataplane.remove_older_layouts()?;
+        for iface in daemon
+            .dataplane
+            .detach_others(&daemon.config.daemon.interfaces)?
+        {
+            info!(%iface, "XDP program detached: the interface is no longer in daemon.interfaces");
+        }
         Ok(daemon)
     }
 
@@ -453,31 +481,33 @@ impl Daemon {
                     .map(move |(addr, b)| (b.id, (v.name.as_str(), *addr)))
             })
             .collect();
-        let mut matched = 0;
-        let mut flows = Vec::new();
-        for (key, value) in self.dataplane.flows()? {
-            let Some((vip_name, backend_addr)) = owners.get(&value.backend_id) else {
-                continue;
-            };
-            if vip_filter.as_deref().is_some_and(|v| v != *vip_name)
-                || backend.is_some_and(|b| b != *backend_addr)
-            {
-                continue;
-            }
-            matched += 1;
-            if flows.len() < limit {
-                flows.push(FlowInfo {
-                    client: socket_text(&key, true),
-                    vip: vip_name.to_string(),
-                    protocol: if key.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
-                    backend: *backend_addr,
-                    age_s: now.saturating_sub(value.created),
-                    idle_s: now.saturating_sub(value.last_seen),
-                    state: flow_state(key.proto, value.state).into(),
-                });
-            }
-        }
-        flows.sort_by_key(|f| std::cmp::Reverse(f.age_s));
+        let mut matching: Vec<_> = self
+            .dataplane
+            .flows()?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let (vip_name, backend_addr) = owners.get(&value.backend_id)?;
+                let wanted = vip_filter.as_deref().is_none_or(|v| v == *vip_name)
+                    && backend.is_none_or(|b| b == *backend_addr);
+                wanted.then_some((key, value, *vip_name, *backend_addr))
+            })
+            .collect();
+        let matched = matching.len();
+        // Oldest first, then cut: the longest-lived flows are the ones a drain waits for.
+        matching.sort_by_key(|(_, value, ..)| value.created);
+        let flows = matching
+            .into_iter()
+            .take(limit)
+            .map(|(key, value, vip_name, backend_addr)| FlowInfo {
+                client: socket_text(&key, true),
+                vip: vip_name.to_string(),
+                protocol: if key.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
+                backend: backend_addr,
+                age_s: now.saturating_sub(value.created),
+                idle_s: now.saturating_sub(value.last_seen),
+                state: flow_state(key.proto, value.state).into(),
+            })
+            .collect();
         Ok(FlowList { matched, flows })
     }
 
@@ -596,10 +626,10 @@ fn flow_state(proto: u8, state: u8) -> &'static str {
         "rst"
     } else if state & FLOW_FIN_SEEN != 0 {
         "fin"
-    } else if state & FLOW_SYN_SEEN != 0 {
-        "syn"
-    } else {
+    } else if state & FLOW_ACK_SEEN != 0 {
         "established"
+    } else {
+        "syn"
     }
 }
 
@@ -630,28 +660,52 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
+/// Takes an exclusive lock on `state_dir/xdplb.lock`, or says which daemon holds it.
+fn lock_instance(state_dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating daemon.state_dir {}", state_dir.display()))?;
+    let path = state_dir.join("xdplb.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another `xdplb run` already uses state_dir {} (lock {}): stop it first",
+            state_dir.display(),
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
 /// Pinning needs bpffs. Under /sys/fs/bpf it is mounted if missing (as systemd would);
 /// elsewhere the operator must have mounted one. Pins on a bpffs that only this process's
 /// mount namespace sees (e.g. under `ip netns exec`, which remounts /sys) vanish when the
 /// daemon exits, and with them the attachment: that case is refused with what to do.
 fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     let bpffs = Path::new("/sys/fs/bpf");
-    let mount_point = if pin_dir.starts_with(bpffs) {
-        bpffs
-    } else {
-        pin_dir
+    let create = || {
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating daemon.pin_dir {}", pin_dir.display()))
     };
-    std::fs::create_dir_all(pin_dir)
-        .with_context(|| format!("creating daemon.pin_dir {}", pin_dir.display()))?;
-    if is_bpffs(pin_dir)? {
+    if !pin_dir.starts_with(bpffs) {
+        create()?;
+        if !is_bpffs(pin_dir)? {
+            bail!(
+                "daemon.pin_dir {} is not on a bpf filesystem: run `mount -t bpf bpf {}` first",
+                pin_dir.display(),
+                pin_dir.display()
+            );
+        }
         return Ok(());
     }
-    if mount_point != bpffs {
-        bail!(
-            "daemon.pin_dir {} is not on a bpf filesystem: run `mount -t bpf bpf {}` first",
-            pin_dir.display(),
-            pin_dir.display()
-        );
+    if bpffs.exists() && is_bpffs(bpffs)? {
+        return create();
     }
     if private_mount_namespace() {
         bail!(
@@ -664,10 +718,10 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
         .status()
         .context("running mount -t bpf")?;
-    if !status.success() || !is_bpffs(pin_dir)? {
+    if !status.success() || !is_bpffs(bpffs)? {
         bail!("bpffs is not mounted on /sys/fs/bpf and mounting it failed: run `mount -t bpf bpf /sys/fs/bpf`");
     }
-    Ok(())
+    create()
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {

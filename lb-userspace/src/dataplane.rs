@@ -334,6 +334,30 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Removes the pinned links of interfaces not in `keep` (the program detaches from them);
+    /// returns those interfaces.
+    pub fn detach_others(&self, keep: &[String]) -> Result<Vec<String>> {
+        let Some(pin_dir) = &self.pin_dir else {
+            return Ok(Vec::new());
+        };
+        let pin_err = |source| DataplaneError::PinDir {
+            path: pin_dir.clone(),
+            source,
+        };
+        let mut detached = Vec::new();
+        for entry in std::fs::read_dir(pin_dir).map_err(pin_err)? {
+            let entry = entry.map_err(pin_err)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_prefix("link_") {
+                if !keep.iter().any(|k| k == iface) {
+                    std::fs::remove_file(entry.path()).map_err(pin_err)?;
+                    detached.push(iface.to_string());
+                }
+            }
+        }
+        Ok(detached)
+    }
+
     /// Removes pins of older layouts (after their links were taken over).
     pub fn remove_older_layouts(&self) -> Result<()> {
         if let Some(pin_dir) = &self.pin_dir {

@@ -3,7 +3,7 @@
 //! its exact byte count.
 
 use std::{net::SocketAddr, sync::mpsc, thread, time::Duration};
-use xdplb_tests::lab::{addr, backend4, stream, who, Daemon, Lab, Process};
+use xdplb_tests::lab::{addr, backend4, stream, who, xdplb_binary, Daemon, Lab, Process};
 
 const VIP: &str = "192.0.2.10";
 /// A transfer long enough to span the event under test: 3 MB at 600 kB/s = 5 s.
@@ -168,11 +168,17 @@ fn reload_under_traffic_breaks_no_connection() {
 #[test]
 fn kill_9_and_restart_keep_a_transfer_running() {
     let (lab, _servers, mut daemon) = lab_with_daemon(3, 3);
-    with_transfer(&lab, |_| {
+    with_transfer(&lab, |backend| {
+        // Drained first, so the transfer's backend is no longer the ring's choice: if the
+        // restart lost it even briefly, the flow would re-hash elsewhere and be reset.
+        daemon.cli(&["drain", "web", backend]).unwrap();
         daemon.kill();
         // Forwarding continues without the daemon: the pinned program and maps stay.
         let names = spread(&lab, 5);
         assert_eq!(names.len(), 5);
+        // A restarted daemon that cannot resolve a neighbour at once must keep the next hops
+        // the data path uses, not drop the backends.
+        lab.lb.ns.exec("ip neigh flush dev eth0").unwrap();
         daemon.restart().unwrap();
         let status = daemon.cli(&["status", "--json"]).unwrap();
         assert!(status.contains("adopted"), "{status}");
@@ -182,7 +188,18 @@ fn kill_9_and_restart_keep_a_transfer_running() {
 
 #[test]
 fn cli_errors_are_one_clear_line() {
-    let (_lab, _servers, daemon) = lab_with_daemon(1, 1);
+    let (lab, _servers, daemon) = lab_with_daemon(1, 1);
+    // A second daemon on the same state is refused before it touches anything.
+    let second = lab.lb.ns.exec(&format!(
+        "{} run -c {} 2>&1; echo exit=$?",
+        xdplb_binary().display(),
+        daemon.config.display()
+    ));
+    let second = second.unwrap();
+    assert!(
+        second.contains("already uses state_dir") && second.contains("exit=1"),
+        "{second}"
+    );
     let err = daemon
         .cli(&["drain", "nope", "10.0.0.11"])
         .unwrap_err()

@@ -2,7 +2,7 @@
 //! headers, IPv4 options, VLAN tags and Ethernet padding under `ipip`, backends going down or
 //! drained, flow-table contents, weighted spread and determinism across instances.
 
-use lb_common::{counters::*, AddrKey, FLOW_FIN_SEEN, FLOW_SYN_SEEN};
+use lb_common::{counters::*, AddrKey, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_SYN_SEEN};
 use lb_userspace::{
     dataplane::Role,
     model::{Forwarding, Protocol, Services},
@@ -632,8 +632,9 @@ fn reopened_connection_goes_to_the_ring_not_the_drained_backend() {
     let entry = lb.dataplane.flow(&key).unwrap().expect("flow entry");
     assert_eq!(entry.backend_id, backend_id(&lb, "web", web_b));
     assert_eq!(
-        entry.state, FLOW_SYN_SEEN,
-        "state restarts with the new connection"
+        entry.state,
+        FLOW_SYN_SEEN | FLOW_ACK_SEEN,
+        "state restarts with the new connection: its SYN and ACK, no FIN or RST"
     );
 }
 
@@ -650,7 +651,7 @@ fn flow_entry_records_state_backend_and_times() {
     let fin = from_client(&tcp4(WEB4, 45501, 80, TCP_FIN | TCP_ACK));
     assert_eq!(lb.run(&fin).action, Action::Tx as u32);
     let entry = lb.dataplane.flow(&key).unwrap().expect("entry after FIN");
-    assert_eq!(entry.state, FLOW_SYN_SEEN | FLOW_FIN_SEEN);
+    assert_eq!(entry.state, FLOW_SYN_SEEN | FLOW_ACK_SEEN | FLOW_FIN_SEEN);
     assert_eq!(entry.backend_id, backend_id(&lb, "web4", v4(10, 1, 0, 11)));
     assert_eq!(entry.created, after_syn.created, "created is kept");
     assert!(entry.created > 0, "seconds of CLOCK_MONOTONIC");
