@@ -10,6 +10,16 @@
 //! ```
 //! VIPs live in 192.0.2.0/24 and 2001:db8:100::/64; the client routes them via the LB. In
 //! `dsr`, backends hold the VIPs on `lo` and answer the client directly.
+//!
+//! [`Lab::with_ecmp`] puts the client behind a router that spreads the VIPs over two LBs by a
+//! hash of the 5-tuple, as a data-centre fabric would:
+//! ```text
+//!   client (10.0.1.10) --- router (10.0.1.1 | .1) ---+
+//!                                 lb (.2), lb2 (.3) ---+-- br0
+//!                                 b1..bN (.11+) -------+
+//! ```
+//! Backends answer the client through the router (DSR), so only client-to-VIP packets cross
+//! the LBs.
 
 use anyhow::{bail, Context as _, Result};
 use lb_userspace::dataplane::{AttachMode, Dataplane, Role, Sizes};
@@ -39,6 +49,23 @@ pub fn backend6(n: usize) -> Ipv6Addr {
 pub const LB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
 
+/// ECMP labs: the second LB, and the router's side of the bridge.
+pub const LB2_4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+pub const LB2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3);
+pub const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+/// ECMP labs: the client's own link to the router.
+const ECMP_NET4: &str = "10.0.1.0/24";
+const ECMP_NET6: &str = "fd00:0:0:1::/64";
+pub const ECMP_CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+pub const ECMP_CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 0x10);
+const ECMP_GATEWAY4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+const ECMP_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 1);
+
+/// Map sizes of lab daemons: small, so a daemon starts fast and many labs fit in memory.
+pub const LAB_SIZES: &str =
+    "flow_table_size = 65536\nmax_vips = 8\nmax_backends = 64\nmax_ring_size = 1021\n";
+
 /// Runs a command and fails with its stderr.
 pub fn sh(command: &str) -> Result<String> {
     let out = Command::new("sh")
@@ -63,10 +90,12 @@ impl Netns {
     pub fn new(name: &str) -> Result<Self> {
         // A leftover from a crashed run of the same name would make `add` fail.
         let _ = sh(&format!("ip netns del {name} 2>/dev/null"));
-        sh(&format!("ip netns add {name}"))?;
+        // The guard exists first: should `add` be interrupted after creating the namespace
+        // (Ctrl-C in the demo), its drop still deletes it.
         let ns = Self {
             name: name.to_string(),
         };
+        sh(&format!("ip netns add {name}"))?;
         ns.exec("ip link set lo up")?;
         Ok(ns)
     }
@@ -129,14 +158,42 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// A bpffs mounted on the directory it names: unmounting it drops every pin in it (pinned links
+/// detach their programs). Unmounted and removed on drop.
+struct BpfMount(PathBuf);
+
+impl BpfMount {
+    fn new(dir: PathBuf) -> Result<Self> {
+        // The guard exists before the mount, so a failed mount still removes the directory.
+        let mount = Self(dir);
+        std::fs::create_dir_all(&mount.0)?;
+        sh(&format!("mount -t bpf bpf {}", mount.0.display()))?;
+        Ok(mount)
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = sh(&format!("umount -l {}", self.0.display()));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub struct Lab {
     pub id: String,
     pub client: Host,
     pub lb: Host,
+    /// The second LB of an ECMP lab ([`Lab::with_ecmp`]).
+    pub lb2: Option<Host>,
+    /// The router between the client and the LBs of an ECMP lab; `ip4`/`ip6` are its addresses
+    /// on the bridge.
+    pub router: Option<Host>,
     pub backends: Vec<Host>,
-    /// Keeps an XDP program on the LB's bridge port: veth drops XDP_TX frames unless its peer
-    /// has one (TOOLCHAIN.md). The decap program with empty sets passes everything.
-    _peer_xdp: Dataplane,
+    /// Keeps an XDP program on each LB's bridge port: veth drops XDP_TX frames unless its peer
+    /// has one (TOOLCHAIN.md). The decap program with empty sets passes everything. Its links
+    /// are pinned here rather than held by this process, so a lab left running on purpose
+    /// (`xdplb-demo --keep`) keeps forwarding after the process exits.
+    _peer_xdp: BpfMount,
     // Dropped last: deleting it removes the bridge ports.
     pub switch: Netns,
 }
@@ -144,8 +201,19 @@ pub struct Lab {
 impl Lab {
     /// Builds the topology with `backends` backends serving nothing yet.
     pub fn new(backends: usize) -> Result<Self> {
+        Self::build(backends, false)
+    }
+
+    /// The ECMP topology (see the module docs): two LBs, `backends` backends, and the client
+    /// behind a router with a multipath route to the VIPs hashed on the 5-tuple.
+    pub fn with_ecmp(backends: usize) -> Result<Self> {
+        Self::build(backends, true)
+    }
+
+    fn build(backends: usize, ecmp: bool) -> Result<Self> {
         let id = unique("xl");
         let switch = Netns::new(&format!("{id}-sw"))?;
+        let peer_xdp = BpfMount::new(std::env::temp_dir().join(format!("{id}-peers")))?;
         switch.exec("ip link add br0 type bridge && ip link set br0 up")?;
         let host = |name: &str, ip4: Ipv4Addr, ip6: Ipv6Addr| -> Result<Host> {
             let ns = Netns::new(&format!("{id}-{name}"))?;
@@ -162,11 +230,50 @@ impl Lab {
             ))?;
             Ok(Host { ns, ip4, ip6 })
         };
-        let client = host("c", CLIENT4, CLIENT6)?;
-        let lb = host("lb", LB4, LB6)?;
-        client.ns.exec(&format!(
-            "ip route add {VIP_NET4} via {LB4} && ip -6 route add {VIP_NET6} via {LB6}"
-        ))?;
+        let (client, lb, lb2, router) = if ecmp {
+            let router = host("r", ROUTER4, ROUTER6)?;
+            let client = Netns::new(&format!("{id}-c"))?;
+            sh(&format!(
+                "ip link add eth0 netns {} type veth peer name eth1 netns {}",
+                client.name, router.ns.name
+            ))?;
+            client.exec(&format!(
+                "ip addr add {ECMP_CLIENT4}/24 dev eth0 && \
+                 ip addr add {ECMP_CLIENT6}/64 dev eth0 nodad && ip link set eth0 up && \
+                 ethtool -K eth0 tx off >/dev/null && \
+                 ip route add default via {ECMP_GATEWAY4} && \
+                 ip -6 route add default via {ECMP_GATEWAY6}"
+            ))?;
+            let lb = host("lb", LB4, LB6)?;
+            let lb2 = host("lb2", LB2_4, LB2_6)?;
+            // Policy 1 hashes on the 5-tuple, so each flow sticks to one LB until the route
+            // changes. Replies from backends to the VIP's address come in on the bridge, where
+            // the VIP route also points: rp_filter is off anyway, as on real routers with ECMP.
+            router.ns.exec(&format!(
+                "ip addr add {ECMP_GATEWAY4}/24 dev eth1 && \
+                 ip addr add {ECMP_GATEWAY6}/64 dev eth1 nodad && \
+                 ip link set eth1 up && ethtool -K eth1 tx off >/dev/null && \
+                 sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+                 net.ipv4.fib_multipath_hash_policy=1 net.ipv6.fib_multipath_hash_policy=1 \
+                 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0 \
+                 net.ipv4.conf.eth1.rp_filter=0 && \
+                 ip route add {VIP_NET4} nexthop via {LB4} nexthop via {LB2_4} && \
+                 ip -6 route add {VIP_NET6} nexthop via {LB6} nexthop via {LB2_6}"
+            ))?;
+            let client = Host {
+                ns: client,
+                ip4: ECMP_CLIENT4,
+                ip6: ECMP_CLIENT6,
+            };
+            (client, lb, Some(lb2), Some(router))
+        } else {
+            let client = host("c", CLIENT4, CLIENT6)?;
+            let lb = host("lb", LB4, LB6)?;
+            client.ns.exec(&format!(
+                "ip route add {VIP_NET4} via {LB4} && ip -6 route add {VIP_NET6} via {LB6}"
+            ))?;
+            (client, lb, None, None)
+        };
         let backends = (0..backends)
             .map(|n| host(&format!("b{n}"), backend4(n), backend6(n)))
             .collect::<Result<Vec<_>>>()?;
@@ -178,20 +285,71 @@ impl Lab {
                  net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2 \
                  net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0"
             ))?;
+            if ecmp {
+                // Replies go straight back to the client, through the router.
+                b.ns.exec(&format!(
+                    "ip route add {ECMP_NET4} via {ROUTER4} && \
+                     ip -6 route add {ECMP_NET6} via {ROUTER6}"
+                ))?;
+            }
         }
-        let peer_xdp = switch.enter(|| -> Result<Dataplane> {
-            let mut xdp = Dataplane::load(Role::Decap, Sizes::UNUSED, None)?;
-            xdp.attach("p-lb", AttachMode::Native)?;
-            Ok(xdp)
+        let lb_ports: &[&str] = if ecmp { &["p-lb", "p-lb2"] } else { &["p-lb"] };
+        switch.enter(|| -> Result<()> {
+            for port in lb_ports {
+                let pins = peer_xdp.0.join(port);
+                let mut xdp = Dataplane::load(Role::Decap, Sizes::UNUSED, Some(&pins))?;
+                xdp.attach(port, AttachMode::Native)?;
+            }
+            Ok(())
         })??;
         Ok(Self {
             id,
             client,
             lb,
+            lb2,
+            router,
             backends,
             _peer_xdp: peer_xdp,
             switch,
         })
+    }
+
+    /// Leaves the lab, `daemons` and `processes` running after this process exits (none of
+    /// their drops runs) and returns a shell command that removes all of them.
+    pub fn leave_running(self, daemons: Vec<Daemon>, processes: Vec<Process>) -> String {
+        let mut namespaces: Vec<&str> = [&self.client, &self.lb]
+            .into_iter()
+            .chain(&self.lb2)
+            .chain(&self.router)
+            .chain(&self.backends)
+            .map(|host| host.ns.name.as_str())
+            .collect();
+        // Last: deleting it removes the bridge ports of the others.
+        namespaces.push(&self.switch.name);
+        let mut mounts: Vec<PathBuf> = daemons.iter().map(|d| d.dir.join("bpffs")).collect();
+        mounts.push(self._peer_xdp.0.clone());
+        let mut dirs: Vec<PathBuf> = daemons.iter().map(|d| d.dir.clone()).collect();
+        dirs.push(self._peer_xdp.0.clone());
+        let join = |paths: &[PathBuf]| {
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        // Processes first (the daemon, servers, decap programs), then the namespaces; the
+        // unmounts drop the pinned programs and maps.
+        let command = format!(
+            "for ns in {}; do ip netns pids $ns | xargs -r kill; ip netns del $ns; done; \
+             umount -l {}; rm -rf {}",
+            namespaces.join(" "),
+            join(&mounts),
+            join(&dirs)
+        );
+        std::mem::forget(processes);
+        std::mem::forget(daemons);
+        std::mem::forget(self);
+        command
     }
 }
 
@@ -202,12 +360,17 @@ pub fn xdplb_binary() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xdplb"))
 }
 
-/// The lab server binary of this crate: cargo builds it next to the test binaries' directory
-/// (`target/debug/lab-server` beside `target/debug/deps/<test>`).
+/// The lab server binary of this crate: cargo builds it in `target/debug`, beside this crate's
+/// other binaries (`xdplb-demo`) and one level above the test binaries (`target/debug/deps`).
 pub fn server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let debug = exe.parent().and_then(Path::parent).expect("target/debug");
-    debug.join("lab-server")
+    let exe = std::env::current_exe().expect("own binary path");
+    let dir = exe.parent().expect("target/debug");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target/debug")
+    } else {
+        dir
+    };
+    dir.join("lab-server")
 }
 
 /// A process killed on drop.
@@ -227,6 +390,62 @@ impl Host {
             .spawn(&server_binary(), &[name, listen, proto])
             .map(Process)
     }
+
+    /// Waits until at least `tcp` TCP listeners and `udp` UDP sockets are bound in the host's
+    /// namespace: servers start asynchronously, and a request sent before would be refused.
+    pub fn wait_sockets(&self, tcp: usize, udp: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let count = |flags: &str| -> Result<usize> {
+                Ok(self.ns.exec(&format!("ss -H {flags}"))?.lines().count())
+            };
+            if count("-ltn")? >= tcp && count("-lun")? >= udp {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: {tcp} TCP and {udp} UDP sockets were not bound within 10 s",
+                    self.ns.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `xdplb decap eth0` (the project's decapsulator: this kernel has no ipip module)
+    /// for tunnels addressed to `locals` that carry packets for `vips`, and waits until its
+    /// program is attached.
+    pub fn decap(&self, locals: &[IpAddr], vips: &[IpAddr]) -> Result<Process> {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.ns.name])
+            .arg(xdplb_binary())
+            .args(["decap", "eth0", "--xdp-mode", "native"]);
+        for local in locals {
+            command.args(["--local", &local.to_string()]);
+        }
+        for vip in vips {
+            command.args(["--vip", &vip.to_string()]);
+        }
+        // Its "attached" line would interleave with test and demo output; errors still show.
+        command.env("XDPLB_LOG", "warn").stdin(Stdio::null());
+        let mut process = Process(
+            command
+                .spawn()
+                .with_context(|| format!("starting xdplb decap in {}", self.ns.name))?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.ns.exec("ip link show dev eth0")?.contains("prog/xdp") {
+            if let Some(status) = process.0.try_wait()? {
+                bail!("xdplb decap in {} exited: {status}", self.ns.name);
+            }
+            if Instant::now() > deadline {
+                bail!("xdplb decap in {} did not attach in 20 s", self.ns.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(process)
+    }
 }
 
 /// The daemon running in the LB namespace with its own pin dir, socket and state dir.
@@ -243,35 +462,46 @@ impl Daemon {
     /// Writes `[daemon]` settings unique to this lab in front of `services` (TOML of
     /// `[[vip]]` tables) and starts `xdplb run`, waiting until its socket answers.
     pub fn start(lab: &Lab, extra_daemon: &str, services: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(&lab.id);
-        std::fs::create_dir_all(&dir)?;
+        Self::start_on(
+            &lab.lb.ns,
+            &lab.id,
+            &format!("{LAB_SIZES}{extra_daemon}"),
+            services,
+        )
+    }
+
+    /// Starts `xdplb run` in `ns` with its files under `<temp dir>/<name>`: each daemon of a
+    /// lab needs its own name, since the pin dir, socket and state would otherwise be shared.
+    /// `daemon_keys` are the `[daemon]` keys besides the interface and those paths.
+    pub fn start_on(ns: &Netns, name: &str, daemon_keys: &str, services: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(name);
         let socket = dir.join("admin.sock");
         // Its own bpffs outside /sys: `ip netns exec` remounts /sys privately, so pins under
         // /sys/fs/bpf would vanish with the daemon (and `kill -9` would stop forwarding).
         let bpffs = dir.join("bpffs");
-        std::fs::create_dir_all(&bpffs)?;
-        sh(&format!("mount -t bpf bpf {}", bpffs.display()))?;
         let pin_dir = bpffs.join("xdplb");
         let config = dir.join("xdplb.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[daemon]\ninterfaces = [\"eth0\"]\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n\
-                 pin_dir = \"{}\"\nflow_table_size = 65536\nmax_vips = 8\nmax_backends = 64\n\
-                 max_ring_size = 1021\n{extra_daemon}\n{services}",
-                socket.display(),
-                dir.join("state").display(),
-                pin_dir.display(),
-            ),
-        )?;
+        // Built before anything is created, so that Drop cleans up after any failure below.
         let mut daemon = Self {
             dir,
             config,
             socket,
             pin_dir,
             process: None,
-            ns: lab.lb.ns.name.clone(),
+            ns: ns.name.clone(),
         };
+        std::fs::create_dir_all(&bpffs)?;
+        sh(&format!("mount -t bpf bpf {}", bpffs.display()))?;
+        std::fs::write(
+            &daemon.config,
+            format!(
+                "[daemon]\ninterfaces = [\"eth0\"]\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n\
+                 pin_dir = \"{}\"\n{daemon_keys}\n{services}",
+                daemon.socket.display(),
+                daemon.dir.join("state").display(),
+                daemon.pin_dir.display(),
+            ),
+        )?;
         daemon.restart()?;
         Ok(daemon)
     }
