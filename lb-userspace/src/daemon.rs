@@ -810,6 +810,10 @@ pub async fn run(options: Options) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut resolve_tick = tokio::time::interval(RESOLVE_INTERVAL);
     let mut stats_tick = tokio::time::interval(stats_interval);
+    // After a slow tick, wait a full period instead of firing the missed ones back to back:
+    // rates are computed over the real time between samples either way.
+    resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!("xdplb running");
     loop {
         tokio::select! {
