@@ -79,13 +79,19 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: LRU map value; concurrent writers only ever store whole small fields.
         let flow = unsafe { &mut *flow };
+        let syn = pkt.is_tcp_syn_only();
         // A fresh SYN on a tuple whose connection ended is a new connection: let the ring
         // choose, so a drained backend gets no new connection through port reuse.
-        let reopened = pkt.is_tcp_syn_only() && flow.state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0;
+        let reopened = syn && flow.state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0;
         if !reopened {
             if let Some(backend) = backend_of_vip(flow.backend_id, vip) {
-                let udp_to_down = key.proto == PROTO_UDP && backend.flags & BACKEND_DOWN != 0;
-                if !udp_to_down {
+                // A down backend keeps its established TCP flows (they cannot move), but UDP
+                // flows leave it, and so does a SYN: a handshake cannot complete there, and
+                // the client may be reusing the port of an attempt the backend reset (a reset
+                // this LB never sees in DSR).
+                let leave_down =
+                    backend.flags & BACKEND_DOWN != 0 && (key.proto == PROTO_UDP || syn);
+                if !leave_down {
                     crate::counters::global(counters::FLOW_HIT);
                     if flow.last_seen != now || flow.state | state != flow.state {
                         flow.last_seen = now;

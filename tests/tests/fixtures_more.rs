@@ -565,6 +565,14 @@ fn udp_flow_leaves_a_down_backend_tcp_flow_stays() {
             output: Some(framed(LB_MAC, mac(0x34), &new_syn.build())),
             counters: &[(FLOW_MISS, 1)],
         },
+        Fixture {
+            description: "a SYN on the down backend's flow (the client reusing a port A reset, \
+                          which the LB never sees): re-picked, B",
+            input: from_client(&syn),
+            action: Action::Tx,
+            output: Some(framed(LB_MAC, mac(0x34), &syn.build())),
+            counters: &[(FLOW_REHASH, 1)],
+        },
     ]);
     let entry = lb
         .dataplane
