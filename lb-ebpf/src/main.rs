@@ -84,13 +84,4 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // Unreachable: the verifier rejects any program with a reachable panic path.
-    loop {}
-}
-
-#[link_section = "license"]
-#[no_mangle]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+lb_ebpf::object_boilerplate!();

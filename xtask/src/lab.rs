@@ -5,11 +5,17 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{process::run, setup::setup};
+use crate::{
+    process::run,
+    setup::{setup, setup_bench},
+};
 
 /// Builds the daemon and `program` (a binary of xdplb-tests), then runs it with `args`.
 pub fn run_lab_program(program: &str, release: bool, args: &[String]) -> Result<()> {
     setup()?;
+    if program == "xdplb-bench" {
+        setup_bench()?;
+    }
     let profile: &[&str] = if release { &["--release"] } else { &[] };
     run(
         Command::new("cargo")

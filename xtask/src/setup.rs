@@ -24,6 +24,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
 ];
 
+/// Baselines `cargo xtask bench` measures xdplb against (nftables DNAT, HAProxy); installed
+/// only by the bench, so `cargo xtask test` and CI do not pull them in.
+const BENCH_DEBIAN_PACKAGES: &[&str] = &["nftables", "haproxy"];
+
 /// The kernel crate builds with `-Z build-std=core` (rust-src); `cargo xtask test` lints it with
 /// the nightly clippy.
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
@@ -60,12 +64,21 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask bench` needs on top of [`setup`]: the baseline load balancers.
+pub fn setup_bench() -> Result<()> {
+    install_debian_packages("setup: bench baselines", BENCH_DEBIAN_PACKAGES)
+}
+
 fn debian_packages() -> Result<()> {
-    let step = "setup: Debian packages";
+    install_debian_packages("setup: Debian packages", DEBIAN_PACKAGES)
+}
+
+/// Installs whichever of `packages` dpkg does not list as installed.
+fn install_debian_packages(step: &str, packages: &[&str]) -> Result<()> {
     let mut query = Command::new("dpkg-query");
     query
         .args(["-W", "-f=${Package} ${Status}\\n"])
-        .args(DEBIAN_PACKAGES);
+        .args(packages);
     // dpkg-query exits 1 when a package is unknown to dpkg; that is the answer "missing", so
     // only what it printed is judged.
     let listing = probe(&mut query, step)?;
@@ -80,13 +93,13 @@ fn debian_packages() -> Result<()> {
             }
         })
         .collect();
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !installed.contains(package))
         .collect();
     if missing.is_empty() {
-        println!("{step} ({}) ... ok", DEBIAN_PACKAGES.join(" "));
+        println!("{step} ({}) ... ok", packages.join(" "));
         return Ok(());
     }
     println!("{step} ... missing {}, installing", missing.join(" "));
