@@ -33,8 +33,12 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-/// How often unresolved next hops are retried and resolved ones refreshed.
+/// How often unresolved next hops are retried and some resolved ones refreshed.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Next hops re-resolved per tick, unresolved ones first: with 1,000 backends each is
+/// refreshed about every 30 s, and the cost stays bounded (an `ip` process is about 1.7 ms of
+/// CPU, so at most ~5 % of a core).
+const REFRESH_PER_TICK: usize = 32;
 
 pub struct Options {
     pub config_path: PathBuf,
@@ -43,26 +47,51 @@ pub struct Options {
     pub detach_on_exit: bool,
 }
 
-/// Next hops that stay usable while a neighbour entry is briefly unresolvable: the last good
-/// answer is kept, so a flapping ARP entry never pulls a backend out of its ring.
-struct Remembering<'a> {
-    resolver: &'a HostResolver,
-    known: RefCell<&'a mut HashMap<IpAddr, NextHop>>,
+/// Next hops toward backends, resolved as rarely as possible: resolving costs a route and a
+/// neighbour lookup (an `ip` process each), so a known answer, good or bad, is reused unless
+/// the backend is in `refresh` (the periodic tick retries failures every second). The last
+/// good answer also outlives a neighbour entry that briefly disappears, so a flapping ARP
+/// entry never pulls a backend out of its ring.
+struct Remembering<'a, R> {
+    resolver: &'a R,
+    known: RefCell<&'a mut NextHops>,
+    refresh: &'a BTreeSet<IpAddr>,
 }
 
-impl Resolve for Remembering<'_> {
+/// What resolution last said per backend address.
+#[derive(Default)]
+struct NextHops {
+    good: HashMap<IpAddr, NextHop>,
+    /// Addresses that never resolved, with why.
+    failed: HashMap<IpAddr, String>,
+}
+
+impl<R: Resolve> Resolve for Remembering<'_, R> {
     fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
+        let addr = backend.addr;
+        if !self.refresh.contains(&addr) {
+            let known = self.known.borrow();
+            if let Some(hop) = known.good.get(&addr) {
+                return Ok(*hop);
+            }
+            if let Some(reason) = known.failed.get(&addr) {
+                return Err(reason.clone());
+            }
+        }
+        let mut known = self.known.borrow_mut();
         match self.resolver.next_hop(backend) {
             Ok(hop) => {
-                self.known.borrow_mut().insert(backend.addr, hop);
+                known.failed.remove(&addr);
+                known.good.insert(addr, hop);
                 Ok(hop)
             }
-            Err(reason) => self
-                .known
-                .borrow()
-                .get(&backend.addr)
-                .copied()
-                .ok_or(reason),
+            Err(reason) => match known.good.get(&addr) {
+                Some(hop) => Ok(*hop),
+                None => {
+                    known.failed.insert(addr, reason.clone());
+                    Err(reason)
+                }
+            },
         }
     }
 }
@@ -74,9 +103,11 @@ pub struct Daemon {
     live: Live,
     overrides: Overrides,
     resolver: HostResolver,
-    next_hops: HashMap<IpAddr, NextHop>,
+    next_hops: NextHops,
     unresolved: Vec<Unresolved>,
     health: HealthMonitor,
+    /// Where the round-robin next-hop refresh continues.
+    refresh_cursor: usize,
     /// Per VIP, the backends last seen healthy (for `on_all_down = "keep"`).
     last_healthy: BTreeMap<String, BTreeSet<IpAddr>>,
     stats: Stats,
@@ -126,21 +157,24 @@ impl Daemon {
         }
         // A restart must not lose a backend whose neighbour entry happens to be missing right
         // now: the adopted entries hold the next hops the data path is using.
-        let next_hops = live
-            .vips
-            .values()
-            .flat_map(|vip| vip.backends.iter())
-            .map(|(addr, backend)| {
-                let e = &backend.entry;
-                let hop = NextHop {
-                    dst_mac: Mac(e.dst_mac),
-                    src_mac: Mac(e.src_mac),
-                    ifindex: e.tx_ifindex,
-                    mtu: e.mtu,
-                };
-                (*addr, hop)
-            })
-            .collect();
+        let next_hops = NextHops {
+            good: live
+                .vips
+                .values()
+                .flat_map(|vip| vip.backends.iter())
+                .map(|(addr, backend)| {
+                    let e = &backend.entry;
+                    let hop = NextHop {
+                        dst_mac: Mac(e.dst_mac),
+                        src_mac: Mac(e.src_mac),
+                        ifindex: e.tx_ifindex,
+                        mtu: e.mtu,
+                    };
+                    (*addr, hop)
+                })
+                .collect(),
+            failed: HashMap::new(),
+        };
         let mut daemon = Self {
             config_path: options.config_path.clone(),
             config,
@@ -150,6 +184,7 @@ impl Daemon {
             resolver,
             next_hops,
             unresolved: Vec::new(),
+            refresh_cursor: 0,
             health,
             last_healthy: BTreeMap::new(),
             stats: Stats::default(),
@@ -220,8 +255,45 @@ impl Daemon {
                 .is_some_and(|set| set.contains(&backend))
     }
 
-    /// Makes the maps match config + overrides + health + next hops.
+    /// Makes the maps match config + overrides + health + next hops, reusing known next hops.
     pub fn apply(&mut self) -> Result<()> {
+        self.apply_refreshing(&BTreeSet::new())
+    }
+
+    /// Every backend address of the config, sorted and once.
+    fn backend_addresses(&self) -> BTreeSet<IpAddr> {
+        self.config
+            .services
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.addr))
+            .collect()
+    }
+
+    /// The periodic next-hop refresh of at most [`REFRESH_PER_TICK`] backends: unresolved
+    /// ones first, then the next slice of the resolved ones, round robin.
+    fn refresh_next_hops(&mut self) -> Result<()> {
+        let all: Vec<IpAddr> = self.backend_addresses().into_iter().collect();
+        let mut refresh: BTreeSet<IpAddr> = self
+            .unresolved
+            .iter()
+            .map(|u| u.backend)
+            .take(REFRESH_PER_TICK)
+            .collect();
+        let room = REFRESH_PER_TICK
+            .saturating_sub(refresh.len())
+            .min(all.len());
+        for i in 0..room {
+            refresh.insert(all[(self.refresh_cursor + i) % all.len()]);
+        }
+        if !all.is_empty() {
+            self.refresh_cursor = (self.refresh_cursor + room) % all.len();
+        }
+        self.apply_refreshing(&refresh)
+    }
+
+    /// Like [`apply`](Self::apply), resolving the backends in `refresh` again.
+    fn apply_refreshing(&mut self, refresh: &BTreeSet<IpAddr>) -> Result<()> {
         self.remember_healthy_sets();
         let mut statuses: HashMap<(String, IpAddr), BackendStatus> = HashMap::new();
         for vip in &self.config.services.vips {
@@ -232,6 +304,7 @@ impl Daemon {
         let resolver = Remembering {
             resolver: &self.resolver,
             known: RefCell::new(&mut self.next_hops),
+            refresh,
         };
         let target = state::target(
             &self.config.services,
@@ -286,7 +359,8 @@ impl Daemon {
             );
         }
         let old = std::mem::replace(&mut self.config, new);
-        if let Err(e) = self.apply() {
+        // A reload may change a backend's `mac` or bring new backends: resolve them all.
+        if let Err(e) = self.apply_refreshing(&self.backend_addresses()) {
             self.config = old;
             self.apply()
                 .context("restoring the previous config after a failed reload")?;
@@ -415,7 +489,7 @@ impl Daemon {
                         let status = self.backend_status(vip, b);
                         let health: BackendHealth = self.health.status(vip, b);
                         let live_backend = live.and_then(|l| l.backends.get(&b.addr));
-                        let next_hop = match self.next_hops.get(&b.addr) {
+                        let next_hop = match self.next_hops.good.get(&b.addr) {
                             Some(hop) if live_backend.is_some() => {
                                 format!("{} ifindex {}", hop.dst_mac, hop.ifindex)
                             }
@@ -826,12 +900,16 @@ pub async fn run(options: Options) -> Result<()> {
             Some(event) = health_rx.recv() => {
                 let mut daemon = lock(&daemon);
                 daemon.record_transition(&event);
+                // A burst of transitions (a switch failing) becomes one update.
+                while let Ok(event) = health_rx.try_recv() {
+                    daemon.record_transition(&event);
+                }
                 if let Err(e) = daemon.apply() {
                     error!("applying a health change: {e:#}");
                 }
             }
             _ = resolve_tick.tick() => {
-                if let Err(e) = lock(&daemon).apply() {
+                if let Err(e) = lock(&daemon).refresh_next_hops() {
                     error!("refreshing next hops: {e:#}");
                 }
             }
@@ -849,4 +927,76 @@ pub async fn run(options: Options) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     lock(&daemon).shutdown(options.detach_on_exit);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Counts resolutions; fails for 10.0.0.99.
+    struct Counting(Cell<usize>);
+
+    impl Resolve for Counting {
+        fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
+            self.0.set(self.0.get() + 1);
+            if backend.addr == IpAddr::from([10, 0, 0, 99]) {
+                return Err("no neighbour".into());
+            }
+            Ok(NextHop {
+                dst_mac: Mac([2, 0, 0, 0, 0, 1]),
+                src_mac: Mac([2, 0, 0, 0, 0, 2]),
+                ifindex: 2,
+                mtu: 1500,
+            })
+        }
+    }
+
+    fn backend(last: u8) -> BackendSpec {
+        BackendSpec {
+            addr: IpAddr::from([10, 0, 0, last]),
+            weight: 100,
+            mac: None,
+            health_port: None,
+        }
+    }
+
+    #[test]
+    fn known_next_hops_are_reused_unless_refreshed() {
+        let counting = Counting(Cell::new(0));
+        let mut known = NextHops::default();
+        let none = BTreeSet::new();
+        let resolve = |known: &mut NextHops, refresh: &BTreeSet<IpAddr>, b| {
+            Remembering {
+                resolver: &counting,
+                known: RefCell::new(known),
+                refresh,
+            }
+            .next_hop(&backend(b))
+        };
+        assert!(resolve(&mut known, &none, 1).is_ok());
+        assert_eq!(counting.0.get(), 1, "unknown: resolved");
+        assert!(resolve(&mut known, &none, 1).is_ok());
+        assert_eq!(counting.0.get(), 1, "known: reused, no lookup");
+        let refresh: BTreeSet<IpAddr> = [IpAddr::from([10, 0, 0, 1])].into();
+        assert!(resolve(&mut known, &refresh, 1).is_ok());
+        assert_eq!(counting.0.get(), 2, "due for refresh: resolved again");
+        assert!(
+            resolve(&mut known, &none, 99).is_err(),
+            "never resolved: the error"
+        );
+        assert_eq!(counting.0.get(), 3);
+        assert!(resolve(&mut known, &none, 99).is_err());
+        assert_eq!(
+            counting.0.get(),
+            3,
+            "a known failure is not retried outside refresh"
+        );
+        // A known next hop survives a failed refresh.
+        let hop = known.good[&IpAddr::from([10, 0, 0, 1])];
+        known.good.insert(IpAddr::from([10, 0, 0, 99]), hop);
+        let refresh: BTreeSet<IpAddr> = [IpAddr::from([10, 0, 0, 99])].into();
+        assert_eq!(resolve(&mut known, &refresh, 99), Ok(hop));
+        assert_eq!(counting.0.get(), 4);
+    }
 }
