@@ -33,6 +33,20 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+/// Flow-table entries one stats interval may scan: a larger table is scanned every
+/// `entries / FLOWS_PER_SCAN_PERIOD + 1` intervals.
+const FLOWS_PER_SCAN_PERIOD: usize = 100_000;
+
+/// What the last flow-table scan found.
+#[derive(Default)]
+struct FlowScan {
+    /// Backend id -> flows seen within the idle timeout and not closed.
+    active: HashMap<u32, u64>,
+    entries: u64,
+    /// Samples to skip before the next scan.
+    countdown: u32,
+}
+
 /// How often unresolved next hops are retried and some resolved ones refreshed.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Next hops re-resolved per tick, unresolved ones first: with 1,000 backends each is
@@ -108,6 +122,7 @@ pub struct Daemon {
     health: HealthMonitor,
     /// Where the round-robin next-hop refresh continues.
     refresh_cursor: usize,
+    flow_scan: FlowScan,
     /// Per VIP, the backends last seen healthy (for `on_all_down = "keep"`).
     last_healthy: BTreeMap<String, BTreeSet<IpAddr>>,
     stats: Stats,
@@ -185,6 +200,7 @@ impl Daemon {
             next_hops,
             unresolved: Vec::new(),
             refresh_cursor: 0,
+            flow_scan: FlowScan::default(),
             health,
             last_healthy: BTreeMap::new(),
             stats: Stats::default(),
@@ -462,18 +478,27 @@ impl Daemon {
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }
 
-    /// Backend id -> active flows (seen within the idle timeout, not closed).
-    fn active_flows(&self) -> Result<HashMap<u32, u64>> {
+    /// Reads the flow table when its scan is due: every sample up to [`FLOWS_PER_SCAN_PERIOD`]
+    /// entries, then less often (a million flows take about half a second to read, under the
+    /// daemon's lock), so the active-flow counts lag by up to ~10 s on huge tables.
+    fn scan_flows_if_due(&mut self) -> Result<()> {
+        if self.flow_scan.countdown > 0 {
+            self.flow_scan.countdown -= 1;
+            return Ok(());
+        }
         let flows = self.dataplane.flows()?;
-        Ok(stats::active_flows(
+        self.flow_scan.active = stats::active_flows(
             &flows,
             stats::monotonic_seconds(),
             self.config.daemon.flow_idle_timeout.as_secs() as u32,
-        ))
+        );
+        self.flow_scan.entries = flows.len() as u64;
+        self.flow_scan.countdown = (flows.len() / FLOWS_PER_SCAN_PERIOD) as u32;
+        Ok(())
     }
 
     fn status(&self) -> Result<StatusReport> {
-        let active = self.active_flows()?;
+        let active = &self.flow_scan.active;
         let vips = self
             .config
             .services
@@ -585,14 +610,10 @@ impl Daemon {
         Ok(FlowList { matched, flows })
     }
 
-    /// One stats sample: counters, active flows, health, weights. The flow table is read once.
+    /// One stats sample: counters, active flows (from the last flow scan), health, weights.
     fn sample(&mut self) -> Result<()> {
-        let flows = self.dataplane.flows()?;
-        let active = stats::active_flows(
-            &flows,
-            stats::monotonic_seconds(),
-            self.config.daemon.flow_idle_timeout.as_secs() as u32,
-        );
+        self.scan_flows_if_due()?;
+        let active = &self.flow_scan.active;
         let global = self.dataplane.global_counters()?;
         let mut vips = Vec::new();
         for spec in &self.config.services.vips {
@@ -623,7 +644,7 @@ impl Daemon {
                 backends,
             });
         }
-        let flow_table_entries = flows.len() as u64;
+        let flow_table_entries = self.flow_scan.entries;
         self.stats.ingest(Sample {
             at: Instant::now(),
             global,
