@@ -13,69 +13,38 @@ use lb_userspace::{
     state::{NextHop, Resolve},
 };
 use std::{
-    fs::File,
     net::IpAddr,
-    os::{fd::AsRawFd, raw::c_int},
-    process::{Command, Output},
     thread,
     time::{Duration, Instant},
 };
+use xdplb_tests::lab::{sh, Netns};
 
 const LB_ETH0_MAC: &str = "02:00:00:00:01:01";
 const BACKEND_MAC: &str = "02:00:00:00:01:11";
 const LB_ETH1_MAC: &str = "02:00:00:00:02:01";
 const ROUTER_MAC: &str = "02:00:00:00:02:fe";
 
-const CLONE_NEWNET: c_int = 0x4000_0000;
-
-extern "C" {
-    // From the C library std links; the tests crate does not depend on `libc`.
-    fn setns(fd: c_int, nstype: c_int) -> c_int;
-}
-
-fn run(args: &str) -> Output {
-    Command::new("ip")
-        .args(args.split_whitespace())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `ip {args}`: {e}"))
-}
-
 fn ip(args: &str) {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "`ip {args}` failed (tests must run as root): {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    sh(&format!("ip {args}")).unwrap_or_else(|e| panic!("{e} (tests must run as root)"));
 }
 
 /// The namespaces of one test; deleted on drop, also when the test fails.
 struct Lab {
-    lb: String,
-    namespaces: Vec<String>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            run(&format!("netns del {ns}"));
-        }
-    }
+    lb: Netns,
+    _backend: Netns,
+    _router: Netns,
 }
 
 impl Lab {
     fn new(test: &str) -> Lab {
         let name = |role: &str| format!("xdplb-net-{}-{test}-{role}", std::process::id());
-        let (lb, backend, router) = (name("lb"), name("backend"), name("router"));
-        let mut lab = Lab {
-            lb: lb.clone(),
-            namespaces: Vec::new(),
+        let ns = |role: &str| Netns::new(&name(role)).expect("namespace");
+        let lab = Lab {
+            lb: ns("lb"),
+            _backend: ns("backend"),
+            _router: ns("router"),
         };
-        for ns in [&lb, &backend, &router] {
-            ip(&format!("netns add {ns}"));
-            lab.namespaces.push(ns.clone());
-            ip(&format!("-n {ns} link set lo up"));
-        }
+        let (lb, backend, router) = (&lab.lb.name, &lab._backend.name, &lab._router.name);
         let veth = |dev: &str, mac: &str, peer_ns: &str, peer_mac: &str, mtu: u16| {
             ip(&format!(
                 "-n {lb} link add {dev} address {mac} mtu {mtu} type veth \
@@ -84,14 +53,14 @@ impl Lab {
             ip(&format!("-n {lb} link set {dev} up"));
             ip(&format!("-n {peer_ns} link set eth0 up"));
         };
-        veth("eth0", LB_ETH0_MAC, &backend, BACKEND_MAC, 1500);
-        veth("eth1", LB_ETH1_MAC, &router, ROUTER_MAC, 1400);
+        veth("eth0", LB_ETH0_MAC, backend, BACKEND_MAC, 1500);
+        veth("eth1", LB_ETH1_MAC, router, ROUTER_MAC, 1400);
         // `nodad`: usable at once, not after duplicate address detection.
         for (ns, dev, v4, v6) in [
-            (&lb, "eth0", "10.1.0.1/24", "fd00:1::1/64"),
-            (&backend, "eth0", "10.1.0.11/24", "fd00:1::11/64"),
-            (&lb, "eth1", "10.2.0.1/24", "fd00:2::1/64"),
-            (&router, "eth0", "10.2.0.254/24", "fd00:2::fe/64"),
+            (lb, "eth0", "10.1.0.1/24", "fd00:1::1/64"),
+            (backend, "eth0", "10.1.0.11/24", "fd00:1::11/64"),
+            (lb, "eth1", "10.2.0.1/24", "fd00:2::1/64"),
+            (router, "eth0", "10.2.0.254/24", "fd00:2::fe/64"),
         ] {
             ip(&format!("-n {ns} addr add {v4} dev {dev}"));
             ip(&format!("-n {ns} addr add {v6} dev {dev} nodad"));
@@ -103,29 +72,11 @@ impl Lab {
 
     /// Runs `f` on a thread inside the LB namespace (the `ip` children it starts inherit it).
     fn in_lb<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.lb);
-        thread::scope(|scope| {
-            let thread = scope.spawn(|| {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                // SAFETY: setns only changes this thread's network namespace.
-                let entered = unsafe { setns(ns.as_raw_fd(), CLONE_NEWNET) };
-                assert_eq!(
-                    entered,
-                    0,
-                    "setns {path}: {}",
-                    std::io::Error::last_os_error()
-                );
-                f()
-            });
-            thread
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        self.lb.enter(f).expect("running in the LB namespace")
     }
 
     fn ifindex(&self, dev: &str) -> u32 {
-        let out = run(&format!("-n {} -o link show {dev}", self.lb));
-        let line = String::from_utf8_lossy(&out.stdout);
+        let line = sh(&format!("ip -n {} -o link show {dev}", self.lb.name)).expect("ip link");
         let index = line.split(':').next().unwrap_or_default();
         index
             .parse()
