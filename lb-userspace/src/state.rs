@@ -31,6 +31,8 @@ pub enum StateError {
     TooManyVips { needed: usize, max: u32 },
     #[error("{needed} backends configured but max_backends is {max}: raise [daemon] max_backends (needs a restart)")]
     TooManyBackends { needed: usize, max: u32 },
+    #[error("this change needs more than max_backends = {max} backend slots at once (removed backends keep theirs until the new rings are in place): raise [daemon] max_backends (needs a restart) or apply the change in two steps")]
+    BackendSlotsExhausted { max: u32 },
     #[error("VIP {vip}: ring_size {size} exceeds max_ring_size {max}: raise [daemon] max_ring_size (needs a restart)")]
     RingTooLarge { vip: String, size: u32, max: u32 },
     #[error("VIP {vip}: {source}")]
@@ -399,8 +401,22 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
         next.vip_ids.give_back(vip.meta.vip_id);
     }
 
+    // Backends leaving a VIP that stays keep their ids until the whole plan is made: their
+    // VIP's ring may still refer to them until its flip, so no other backend may take them
+    // over in the same plan.
+    let mut freed = Vec::new();
     for (key, want) in &target.vips {
-        plan_vip(&mut next, &mut changes, key, want, target.config.hash_seed)?;
+        plan_vip(
+            &mut next,
+            &mut changes,
+            &mut freed,
+            key,
+            want,
+            target.config.hash_seed,
+        )?;
+    }
+    for id in freed {
+        next.backend_ids.give_back(id);
     }
     Ok((changes, next))
 }
@@ -412,7 +428,7 @@ fn check_capacity(sizes: &Sizes, target: &Target) -> Result<(), StateError> {
             max: sizes.max_vips,
         });
     }
-    // Removed backends are freed before new ones are taken, so the target's total is what counts.
+X
     let backends: usize = target.vips.values().map(|v| v.backends.len()).sum();
     if backends > sizes.max_backends as usize {
         return Err(StateError::TooManyBackends {
@@ -435,6 +451,7 @@ fn check_capacity(sizes: &Sizes, target: &Target) -> Result<(), StateError> {
 fn plan_vip(
     next: &mut Live,
     changes: &mut Vec<Change>,
+    freed: &mut Vec<u32>,
     key: &VipKey,
     want: &TargetVip,
     seed: u32,
@@ -478,7 +495,12 @@ fn plan_vip(
         let live = match vip.backends.get(addr) {
             Some(live) => *live,
             None => {
-                let id = next.backend_ids.take().expect("capacity checked");
+                let id = next
+                    .backend_ids
+                    .take()
+                    .ok_or(StateError::BackendSlotsExhausted {
+                        max: sizes.max_backends,
+                    })?;
                 // The slot may hold a removed backend's counters.
                 changes.push(Change::ClearBackend(id));
                 LiveBackend {
@@ -557,7 +579,7 @@ fn plan_vip(
     for addr in gone {
         let backend = vip.backends.remove(&addr).expect("listed above");
         changes.push(Change::ClearBackend(backend.id));
-        next.backend_ids.give_back(backend.id);
+        freed.push(backend.id);
     }
     next.vips.insert(*key, vip);
     Ok(())
@@ -896,6 +918,38 @@ mod tests {
         assert_eq!(t.vips.values().next().unwrap().backends.len(), 1);
         assert_eq!(t.unresolved.len(), 1);
         assert_eq!(t.unresolved[0].backend, IpAddr::from([10, 0, 0, 99]));
+    }
+
+    #[test]
+    fn a_freed_backend_id_is_not_reused_in_the_same_plan() {
+        // 8 slots: web 1-4 and api 5-8. Web gains a backend while api loses one: the totals
+        // fit, but api's leaving backend keeps its slot until the plan is done.
+        let (_, live) = start(vec![
+            vip("web", 10, &[(1, 100), (2, 100), (3, 100), (4, 100)]),
+            vip("api", 11, &[(5, 100), (6, 100), (7, 100), (8, 100)]),
+        ]);
+        let next = services(vec![
+            vip(
+                "web",
+                10,
+                &[(1, 100), (2, 100), (3, 100), (4, 100), (9, 100)],
+            ),
+            vip("api", 11, &[(5, 100), (6, 100), (7, 100)]),
+        ]);
+        let err = plan(
+            &live,
+            &target(&next, |_, _| BackendStatus::default(), &Macs).unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("two steps"), "{err}");
+        // In two steps it works, and the freed id is available afterwards.
+        let shrink = services(vec![
+            vip("web", 10, &[(1, 100), (2, 100), (3, 100), (4, 100)]),
+            vip("api", 11, &[(5, 100), (6, 100), (7, 100)]),
+        ]);
+        let (_, live) = plan_for(&live, &shrink);
+        let (changes, _) = plan_for(&live, &next);
+        assert!(changes.iter().any(|c| matches!(c, Change::SetBackend(..))));
     }
 
     #[test]
