@@ -428,7 +428,8 @@ fn check_capacity(sizes: &Sizes, target: &Target) -> Result<(), StateError> {
             max: sizes.max_vips,
         });
     }
-X
+    // The target's total must fit. (A change that needs old and new slots at once can still
+    // run out in plan_vip, which says so.)
     let backends: usize = target.vips.values().map(|v| v.backends.len()).sum();
     if backends > sizes.max_backends as usize {
         return Err(StateError::TooManyBackends {
