@@ -20,7 +20,7 @@ use crate::{
 };
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::{counters, AddrKey, FlowKey, FAMILY_IPV4, FAMILY_IPV6};
+use lb_common::{counters, AddrKey, FlowKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP};
 use lb_userspace::{
     dataplane::Role,
     model::{DataPathSettings, Forwarding, Prefix, Protocol, Services, VipAddr},
@@ -28,6 +28,7 @@ use lb_userspace::{
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use xdplb_tests::{
+    fixture::flow_key,
     harness::{vip_spec, Harness, CLIENT_MAC, LB_MAC},
     packet::{Packet, TCP_ACK, TCP_SYN},
 };
@@ -93,20 +94,6 @@ fn services() -> Services {
                 &[(TUN_BACKEND.into(), TUN_BACKEND_MAC, 100)],
             ),
         ],
-    }
-}
-
-fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> FlowKey {
-    let (src, family) = addr_bytes(src);
-    let (dst, _) = addr_bytes(dst);
-    FlowKey {
-        src,
-        dst,
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: 6,
-        family,
-        _pad: [0; 2],
     }
 }
 
@@ -270,7 +257,7 @@ pub fn run(report: &mut Report) -> Result<()> {
         LB_MAC,
         &tcp4(CLIENT4, WEB4, 40001, TCP_ACK).build(),
     );
-    let hit4_key = flow_key(CLIENT4.into(), WEB4.into(), 40001, 80);
+    let hit4_key = flow_key(CLIENT4.into(), WEB4.into(), 40001, 80, PROTO_TCP);
     let hit4_out = with_macs(&hit4, predicted_mac(&lb, WEB4.into(), &hit4_key)?, LB_MAC);
     let hit6 = framed(
         CLIENT_MAC,
@@ -281,7 +268,7 @@ pub fn run(report: &mut Report) -> Result<()> {
             .flags(TCP_ACK)
             .build(),
     );
-    let hit6_key = flow_key(CLIENT6.into(), WEB6.into(), 40002, 80);
+    let hit6_key = flow_key(CLIENT6.into(), WEB6.into(), 40002, 80, PROTO_TCP);
     let hit6_out = with_macs(&hit6, predicted_mac(&lb, WEB6.into(), &hit6_key)?, LB_MAC);
     let pass = framed(
         CLIENT_MAC,
@@ -300,7 +287,10 @@ pub fn run(report: &mut Report) -> Result<()> {
     let trivial_out = with_macs(&hit4, CLIENT_MAC, LB_MAC);
     let tun_inner = tcp4(CLIENT4, TUN4, 40004, TCP_ACK).build();
     let tun_in = framed(CLIENT_MAC, LB_MAC, &tun_inner);
-    let tun_hash = lb_common::flow_hash(&flow_key(CLIENT4.into(), TUN4.into(), 40004, 80), SEED);
+    let tun_hash = lb_common::flow_hash(
+        &flow_key(CLIENT4.into(), TUN4.into(), 40004, 80, PROTO_TCP),
+        SEED,
+    );
     let outer_src = Ipv4Addr::from(lb_common::ipip_source(
         &[172, 16, 0, 0],
         &[0, 0, 0xff, 0xff],
@@ -410,7 +400,7 @@ pub fn run(report: &mut Report) -> Result<()> {
         let mut expected = Vec::with_capacity(CALLS);
         for i in 0..CALLS as u32 {
             let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + base + i);
-            let key = flow_key(src.into(), WEB4.into(), 40005, 80);
+            let key = flow_key(src.into(), WEB4.into(), 40005, 80, PROTO_TCP);
             expected.push((src, predicted_mac(table_lb, WEB4.into(), &key)?));
         }
         let before = lb.global_counters();
