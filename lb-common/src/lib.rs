@@ -249,9 +249,15 @@ pub struct LbConfig {
     pub ipip_src_v6_host_mask: [u8; 16],
     /// Seed of the flow hash; must be equal on LB instances that share traffic.
     pub hash_seed: u32,
-    pub _pad: [u8; 4],
+    /// `CONFIG_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 48);
+
+/// `LbConfig::flags`: some VIP serves all ports of its address. Without it the program skips
+/// the port-0 lookup, so a packet for no VIP costs one hash lookup instead of two.
+pub const CONFIG_HAS_PORT0_VIPS: u8 = 1;
 
 /// Per-VIP and per-backend traffic counters (per CPU; userspace sums them).
 #[repr(C)]

@@ -7,12 +7,14 @@ use crate::{
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT,
-    FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP,
+    CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND,
+    PROTO_UDP,
 };
 
-/// Exact (address, port, protocol) first, then the address's all-ports entry.
+/// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
+/// has one (`CONFIG_HAS_PORT0_VIPS`).
 #[inline(always)]
-pub fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
+pub fn find_vip(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
     let mut key = VipKey {
         addr: flow.dst,
         port: flow.dport,
@@ -23,6 +25,9 @@ pub fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
     // running program is done (RCU), so the reference stays valid and consistent.
     if let Some(meta) = unsafe { VIPS.get(&key) } {
         return Some(meta);
+    }
+    if config_flags & CONFIG_HAS_PORT0_VIPS == 0 {
+        return None;
     }
     key.port = 0;
     unsafe { VIPS.get(&key) }

@@ -44,10 +44,12 @@ fn balance(ctx: &XdpContext) -> u32 {
         Ok(pkt) => pkt,
         Err(reason) => return pass(reason),
     };
-    let Some(vip) = lookup::find_vip(&pkt.key) else {
+    let (seed, flags) = maps::CONFIG
+        .get(0)
+        .map_or((0, 0), |c| (c.hash_seed, c.flags));
+    let Some(vip) = lookup::find_vip(&pkt.key, flags) else {
         return pass(idx::PASS_NOT_VIP);
     };
-    let seed = maps::CONFIG.get(0).map_or(0, |c| c.hash_seed);
     let hash = lb_common::flow_hash(&pkt.key, seed);
     let choice = match lookup::choose_backend(&pkt, hash, vip) {
         Ok(choice) => choice,

@@ -15,8 +15,8 @@ use crate::{
     model::{BackendSpec, Mac, Prefix, Services, VipAddr, VipSpec},
 };
 use lb_common::{
-    AddrKey, Backend, LbConfig, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT, FAMILY_IPV4,
-    FAMILY_IPV6,
+    AddrKey, Backend, LbConfig, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT,
+    CONFIG_HAS_PORT0_VIPS, FAMILY_IPV4, FAMILY_IPV6,
 };
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -159,7 +159,12 @@ pub fn target(
         ipip_src_v6,
         ipip_src_v6_host_mask,
         hash_seed: settings.hash_seed,
-        _pad: [0; 4],
+        flags: if services.vips.iter().any(|v| v.vip.port == 0) {
+            CONFIG_HAS_PORT0_VIPS
+        } else {
+            0
+        },
+        _pad: [0; 3],
     };
     let mut vips = BTreeMap::new();
     let mut unresolved = Vec::new();
@@ -906,6 +911,23 @@ mod tests {
         assert_eq!(kinds(&changes), ["set-vip"]);
         assert_eq!(set_vip(&changes).ring_size, 0);
         assert!(next.vips.values().next().unwrap().table().is_empty());
+    }
+
+    #[test]
+    fn the_port0_flag_follows_the_config() {
+        let flags = |vips| {
+            target(&services(vips), |_, _| BackendStatus::default(), &Macs)
+                .unwrap()
+                .config
+                .flags
+        };
+        assert_eq!(flags(vec![vip("web", 10, &[(1, 100)])]), 0);
+        let mut any_port = vip("all", 11, &[(1, 100)]);
+        any_port.vip.port = 0;
+        assert_eq!(
+            flags(vec![vip("web", 10, &[(1, 100)]), any_port]),
+            CONFIG_HAS_PORT0_VIPS
+        );
     }
 
     #[test]
