@@ -591,6 +591,17 @@ fn plan_vip(
     Ok(())
 }
 
+/// How many ring slots `changes` write.
+pub fn ring_slot_writes(changes: &[Change]) -> usize {
+    changes
+        .iter()
+        .map(|c| match c {
+            Change::WriteRing(writes) => writes.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Performs `changes` in order. On error the maps are partly updated: the caller must treat
 /// its live state as unknown and re-plan from [`Live::empty`] (a full rewrite).
 pub fn apply(dataplane: &mut Dataplane, changes: &[Change]) -> Result<(), DataplaneError> {
@@ -707,16 +718,6 @@ mod tests {
             .expect("a SetVip change")
     }
 
-    fn ring_writes(changes: &[Change]) -> usize {
-        changes
-            .iter()
-            .map(|c| match c {
-                Change::WriteRing(w) => w.len(),
-                _ => 0,
-            })
-            .sum()
-    }
-
     fn start(vips: Vec<VipSpec>) -> (Services, Live) {
         let services = services(vips);
         let (_, live) = plan_for(&Live::empty(SIZES), &services);
@@ -742,7 +743,11 @@ mod tests {
                 "set-vip"
             ]
         );
-        assert_eq!(ring_writes(&changes), 13, "a fresh table is written whole");
+        assert_eq!(
+            ring_slot_writes(&changes),
+            13,
+            "a fresh table is written whole"
+        );
         let meta = set_vip(&changes);
         assert_eq!((meta.ring_base, meta.ring_size), (0, 13));
         let table = live.vips.values().next().unwrap().table();

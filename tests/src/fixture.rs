@@ -3,12 +3,12 @@
 //! the kernel uses).
 
 use crate::{
-    harness::{CLIENT_MAC, LB_MAC},
+    harness::{vip_spec, CLIENT_MAC, LB_MAC},
     packet::Packet,
 };
 use lb_common::FlowKey;
 use lb_userspace::{
-    model::{DataPathSettings, Prefix, Protocol, VipAddr},
+    model::{DataPathSettings, Forwarding, Prefix, Protocol, Services, VipAddr},
     state::addr_bytes,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -36,6 +36,20 @@ pub fn vip(addr: IpAddr, port: u16, protocol: Protocol) -> VipAddr {
         addr,
         port,
         protocol,
+    }
+}
+
+/// One `dsr` VIP, web on 192.0.2.10:80/tcp (ring 13), with one backend.
+pub fn one_web_backend(backend: IpAddr, backend_mac: [u8; 6]) -> Services {
+    Services {
+        vips: vec![vip_spec(
+            "web",
+            vip(v4(192, 0, 2, 10), 80, Protocol::Tcp),
+            Forwarding::Dsr,
+            13,
+            &[(backend, backend_mac, 100)],
+        )],
+        ..Services::default()
     }
 }
 

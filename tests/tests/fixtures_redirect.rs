@@ -4,13 +4,14 @@
 use lb_common::counters::*;
 use lb_userspace::{
     dataplane::Role,
-    model::{BackendSpec, Forwarding, Mac, Protocol, Services, VipAddr},
+    model::{BackendSpec, Mac},
     net::interface_index,
     state::{NextHop, Resolve},
 };
 use std::net::Ipv4Addr;
+use xdplb_tests::fixture::one_web_backend;
 use xdplb_tests::{
-    harness::{vip_spec, Action, Fixture, Harness, CLIENT_MAC, LB_MAC, MTU},
+    harness::{Action, Fixture, Harness, CLIENT_MAC, LB_MAC, MTU},
     lab::Netns,
     packet::{Packet, TCP_SYN},
 };
@@ -47,20 +48,7 @@ fn backend_on_another_interface_is_reached_by_redirect() {
         let mut lb = Harness::new(Role::Balancer);
         lb.dataplane.add_tx_port(egress).unwrap();
         lb.apply_with(
-            &Services {
-                vips: vec![vip_spec(
-                    "web",
-                    VipAddr {
-                        addr: vip.into(),
-                        port: 80,
-                        protocol: Protocol::Tcp,
-                    },
-                    Forwarding::Dsr,
-                    13,
-                    &[("10.9.0.11".parse().unwrap(), BACKEND_MAC, 100)],
-                )],
-                ..Services::default()
-            },
+            &one_web_backend("10.9.0.11".parse().unwrap(), BACKEND_MAC),
             &OtherArm { egress },
         );
         let l3 = Packet::new()

@@ -1,13 +1,11 @@
 //! Reading the flow table back: every flow the program inserted, exactly once (the batch
 //! reader walks buckets with a cursor; a bug there loses or repeats entries).
 
-use lb_userspace::{
-    dataplane::Role,
-    model::{Forwarding, Protocol, Services, VipAddr},
-};
+use lb_userspace::dataplane::Role;
 use std::{collections::BTreeSet, net::Ipv4Addr};
+use xdplb_tests::fixture::one_web_backend;
 use xdplb_tests::{
-    harness::{vip_spec, Action, Harness, CLIENT_MAC, LB_MAC},
+    harness::{Action, Harness, CLIENT_MAC, LB_MAC},
     packet::{Packet, TCP_SYN},
 };
 
@@ -15,20 +13,11 @@ use xdplb_tests::{
 fn flows_lists_every_inserted_flow_once() {
     let vip = Ipv4Addr::new(192, 0, 2, 10);
     let mut lb = Harness::new(Role::Balancer);
-    lb.apply(&Services {
-        vips: vec![vip_spec(
-            "web",
-            VipAddr {
-                addr: vip.into(),
-                port: 80,
-                protocol: Protocol::Tcp,
-            },
-            Forwarding::Dsr,
-            13,
-            &[("10.1.0.11".parse().unwrap(), [2, 0, 0, 0, 0, 0x11], 100)],
-        )],
-        ..Services::default()
-    });
+    lb.apply(&one_web_backend(
+        "10.1.0.11".parse().unwrap(),
+        [2, 0, 0, 0, 0, 0x11],
+    ));
+
     // More flows than one batch holds (1024), fewer than the table holds (4096).
     let mut sent = BTreeSet::new();
     for client in 1..=3u8 {

@@ -131,13 +131,7 @@ fn apply_many(report: &mut Report) -> Result<()> {
     let planned = start.elapsed();
     state::apply(&mut dataplane, &changes)?;
     let total = start.elapsed();
-    let ring_writes: usize = changes
-        .iter()
-        .map(|c| match c {
-            Change::WriteRing(w) => w.len(),
-            _ => 0,
-        })
-        .sum();
+    let ring_writes: usize = state::ring_slot_writes(&changes);
     let map_writes = changes.len()
         - changes
             .iter()
@@ -211,13 +205,7 @@ fn apply_many(report: &mut Report) -> Result<()> {
     let target = state::target(&big_services, |_, _| Default::default(), &ConfiguredMacs)?;
     let (big_changes, _) = state::plan(&Live::empty(big), &target)?;
     let big_plan = start.elapsed().as_secs_f64();
-    let big_slots: usize = big_changes
-        .iter()
-        .map(|c| match c {
-            Change::WriteRing(w) => w.len(),
-            _ => 0,
-        })
-        .sum();
+    let big_slots: usize = state::ring_slot_writes(&big_changes);
     drop(big_changes);
     println!("  target + plan of the same config with ring_size {MAGLEV_M}: {big_plan:.2} s ({big_slots} slots)");
     let section = report.section("Control plane");
