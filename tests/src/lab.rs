@@ -96,7 +96,14 @@ impl Netns {
             name: name.to_string(),
         };
         sh(&format!("ip netns add {name}"))?;
-        ns.exec("ip link set lo up")?;
+        // No duplicate address detection on interfaces created here: while a link-local address
+        // is tentative the kernel sends no neighbour solicitation for traffic whose source is
+        // not an address of the interface, so a dsr backend answering from an IPv6 VIP (held
+        // by a route on lo) could not reach the client for the first second or two.
+        ns.exec(
+            "ip link set lo up && \
+             sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
+        )?;
         Ok(ns)
     }
 
