@@ -2,7 +2,12 @@
 //! TCP servers and clients. No established connection may break: every transfer must deliver
 //! its exact byte count.
 
-use std::{net::SocketAddr, sync::mpsc, thread, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
 use xdplb_tests::lab::{addr, backend4, stream, who, xdplb_binary, Daemon, Lab, Process};
 
 const VIP: &str = "192.0.2.10";
@@ -108,7 +113,7 @@ fn drain_moves_new_connections_while_a_long_transfer_continues() {
             "a new connection reached drained {name}: {names:?}"
         );
         let status = daemon.cli(&["status"]).unwrap();
-        assert!(status.contains("drained"), "{status}");
+        assert!(status.contains("draining"), "{status}");
     });
     // The transfer finished and the client closed: nothing active remains.
     let waited = daemon
@@ -129,6 +134,63 @@ fn drain_moves_new_connections_while_a_long_transfer_continues() {
     assert!(drained_after_restart, "{status}");
     daemon.cli(&["undrain", "web", &drained]).unwrap();
     wait_available(&daemon, 3);
+}
+
+/// `drain --wait` issued right after a download started on the backend, before any flow-table
+/// scan could see it, must wait for the download to end. It used to trust the last scan, older
+/// than the flow, and return at once with "no active flow".
+#[test]
+fn drain_wait_waits_for_a_stream_started_just_before_the_drain() {
+    let lab = Lab::new(2).expect("lab");
+    let _servers: Vec<Process> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.serve(&format!("b{i}"), "0.0.0.0:80", "tcp").unwrap())
+        .collect();
+    // Scans every 5 s: the one before the drain almost surely predates the stream.
+    let daemon = Daemon::start(&lab, "stats_interval = \"5s\"\n", &web(2)).expect("daemon");
+    wait_available(&daemon, 2);
+    let (tx, rx) = mpsc::channel();
+    let client = &lab.client.ns;
+    thread::scope(|scope| {
+        let transfer = scope.spawn(|| {
+            client
+                .enter(|| {
+                    stream(vip(), TRANSFER, RATE, |name| {
+                        tx.send((name.to_string(), Instant::now())).unwrap()
+                    })
+                })
+                .unwrap()
+        });
+        let (serving, started) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("transfer started");
+        let backend = backend4(serving[1..].parse().unwrap()).to_string();
+        let waited = daemon
+            .cli(&["drain", "web", &backend, "--wait", "--timeout", "30s"])
+            .unwrap();
+        let waited_for = started.elapsed();
+        assert!(
+            transfer.is_finished(),
+            "drain --wait returned after {waited_for:?} while the transfer still ran:\n{waited}"
+        );
+        // The server paces the transfer: it cannot end sooner.
+        let transfer_time = Duration::from_secs_f64(TRANSFER as f64 / RATE as f64);
+        assert!(waited_for >= transfer_time, "{waited_for:?}\n{waited}");
+        assert!(waited.contains("has no active flow"), "{waited}");
+        let (name, bytes) = transfer.join().unwrap().expect("transfer broke");
+        assert_eq!((name.as_str(), bytes), (serving.as_str(), TRANSFER));
+    });
+    let status = daemon.cli(&["status", "--json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let complete = status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["drain_complete"] == true)
+        .count();
+    assert_eq!(complete, 1, "{status}");
 }
 
 #[test]
