@@ -24,8 +24,10 @@ use std::{
     about = "XDP L4 load balancer: daemon and CLI"
 )]
 pub struct Cli {
-    /// Admin socket of the daemon.
-    #[arg(long, global = true, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    /// Admin socket of the daemon, given before the command: `xdplb --socket PATH status`.
+    // Not global, so that the help of `run`, `check`, `decap` and `completions`, which do not
+    // use it, does not offer it.
+    #[arg(long, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -94,6 +96,7 @@ pub enum Command {
     },
     /// On a backend: strip `ipip` tunnels for local VIPs (runs until SIGTERM).
     Decap {
+        /// Interface the tunnelled packets arrive on (e.g. eth0).
         interface: String,
         /// VIP addresses served on this host.
         #[arg(long = "vip", required = true)]
@@ -102,6 +105,7 @@ pub enum Command {
         /// default: the interface's global addresses.
         #[arg(long = "local")]
         locals: Vec<IpAddr>,
+        /// auto (native, else generic), native or generic XDP.
         #[arg(long, default_value = "auto", value_parser = parse_mode)]
         xdp_mode: AttachMode,
     },
@@ -597,5 +601,27 @@ CLIENT              VIP  PROTO  BACKEND    AGE  IDLE  STATE
         ));
         let err = Cli::try_parse_from(["xdplb", "drain", "web", "not-an-ip"]).unwrap_err();
         assert!(err.to_string().contains("not-an-ip"), "{err}");
+        let cli = Cli::try_parse_from(["xdplb", "--socket", "/tmp/a.sock", "status"]).unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/a.sock"));
+    }
+
+    #[test]
+    fn decap_help_describes_its_arguments_and_offers_no_socket() {
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("decap")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!help.contains("--socket"), "{help}");
+        let interface = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("<INTERFACE>"))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            interface.contains("Interface the tunnelled packets"),
+            "{help}"
+        );
     }
 }
