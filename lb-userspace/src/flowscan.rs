@@ -186,26 +186,16 @@ mod tests {
         let mut scan = FlowScan::default();
         let big = vec![flow(1, 0); 2 * FLOWS_PER_SCAN_PERIOD + 1];
         scan.scan_if_due(|| Ok(big), IDLE).unwrap();
-        let mut reads = 0;
-        scan.scan_if_due(
-            || {
-                reads += 1;
-                Ok(vec![])
-            },
-            IDLE,
-        )
-        .unwrap();
-        assert_eq!(reads, 0, "a 200k-entry table is paced");
+        let reads = std::cell::Cell::new(0);
+        let empty_table = || {
+            reads.set(reads.get() + 1);
+            Ok(vec![])
+        };
+        scan.scan_if_due(empty_table, IDLE).unwrap();
+        assert_eq!(reads.get(), 0, "a 200k-entry table is paced");
         scan.drained(WEB, backend());
-        scan.scan_if_due(
-            || {
-                reads += 1;
-                Ok(vec![])
-            },
-            IDLE,
-        )
-        .unwrap();
-        assert_eq!(reads, 1, "the sample after a drain scans");
+        scan.scan_if_due(empty_table, IDLE).unwrap();
+        assert_eq!(reads.get(), 1, "the sample after a drain scans");
     }
 
     #[test]

@@ -3,9 +3,14 @@
 
 use anyhow::{Context as _, Result};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    ServerConfig,
+};
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 /// A CA whose certificate is in `cert` (PEM).
@@ -18,6 +23,24 @@ pub struct Ca {
 pub struct ServerCert {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl ServerCert {
+    /// A rustls server configuration (ring provider) serving the certificate at `cert` with the
+    /// key at `key`, as PEM files.
+    pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
+        let certs = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("reading {}", cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("reading {}", key.display()))?;
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)?;
+        Ok(Arc::new(config))
+    }
 }
 
 impl Ca {

@@ -19,16 +19,14 @@
 //! Usage: `lab-server NAME LISTEN_ADDR tcp|udp|silent [STATUS_FILE]` or
 //! `lab-server NAME LISTEN_ADDR tls CERT_PEM KEY_PEM [STATUS_FILE]`
 
-use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    ServerConfig, ServerConnection, StreamOwned,
-};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::Arc,
     time::{Duration, Instant},
 };
+use xdplb_tests::pki::ServerCert;
 
 /// How long a `silent` server holds a connection.
 const SILENT_FOR: Duration = Duration::from_secs(30);
@@ -99,17 +97,6 @@ fn serve(stream: impl Read + Write, name: &str, status_file: Option<&str>) -> st
     reader.get_mut().flush()
 }
 
-fn tls_config(cert: &str, key: &str) -> Result<Arc<ServerConfig>, Box<dyn std::error::Error>> {
-    let certs = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(key)?;
-    let config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-    Ok(Arc::new(config))
-}
-
 /// One accepted connection, as the mode says.
 fn handle(
     stream: TcpStream,
@@ -152,13 +139,15 @@ fn main() -> std::io::Result<()> {
         _ => usage(),
     };
     let (tls, status_file) = match (proto, rest) {
-        ("tls", [cert, key, rest @ ..]) => match tls_config(cert, key) {
-            Ok(config) => (Some(config), rest.first().cloned()),
-            Err(e) => {
-                eprintln!("lab-server: TLS certificate {cert} / key {key}: {e}");
-                std::process::exit(2);
+        ("tls", [cert, key, rest @ ..]) => {
+            match ServerCert::server_config(cert.as_ref(), key.as_ref()) {
+                Ok(config) => (Some(config), rest.first().cloned()),
+                Err(e) => {
+                    eprintln!("lab-server: TLS certificate {cert} / key {key}: {e:#}");
+                    std::process::exit(2);
+                }
             }
-        },
+        }
         ("tcp" | "udp" | "silent", []) => (None, None),
         ("tcp" | "udp" | "silent", [file]) => (None, Some(file.clone())),
         _ => usage(),
