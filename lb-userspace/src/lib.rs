@@ -7,7 +7,8 @@
 //! * [`net`]: next hops toward backends (routes, neighbours, interfaces).
 //! * [`health`]: health checks and their state machines.
 //! * [`overrides`]: drains and CLI weights, persisted.
-//! * [`stats`], [`metrics`]: counters, rates, Prometheus export.
+//! * [`stats`], [`metrics`]: counters, rates, Prometheus export; [`flowscan`]: active flows
+//!   per backend, and when a drain is complete.
 //! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
 //!   [`cli`], [`watch`]: the command line.
 
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod flowscan;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
