@@ -292,6 +292,9 @@ pub fn render_status(report: &StatusReport) -> String {
         report.interfaces.join(","),
         report.maps
     );
+    for problem in &report.detached {
+        out.push_str(&format!("NOT BALANCING: {problem}\n"));
+    }
     for vip in &report.vips {
         out.push_str(&format!(
             "\n{}  {}  {}  ring {}  {}/{} backends available\n",
@@ -448,12 +451,29 @@ async fn decap(
     let mut dataplane = Dataplane::load(Role::Decap, Sizes::UNUSED, None)?;
     dataplane.set_decap_local(&locals.iter().map(key).collect::<Vec<_>>())?;
     dataplane.set_decap_vips(&vips.iter().map(key).collect::<Vec<_>>())?;
+    // Subscribed before attaching, so no change after the attachment is missed.
+    let mut link_events = crate::links::watch(vec![interface.to_string()])?;
     dataplane.attach(interface, mode)?;
+    let program_id = dataplane.program_id()?;
     tracing::info!(%interface, ?locals, ?vips, "decap program attached; stop with SIGTERM or Ctrl-C");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            Some(event) = link_events.recv() => match event {
+                crate::links::LinkEvent::Removed { .. } => {
+                    tracing::error!(%interface, "interface deleted: tunnels are not decapsulated until it comes back");
+                }
+                crate::links::LinkEvent::Present { xdp_program, .. } if xdp_program != Some(program_id) => {
+                    match dataplane.attach(interface, mode) {
+                        Ok(_) => tracing::info!(%interface, "interface came back: decap program attached again"),
+                        Err(e) => tracing::error!(%interface, "re-attaching the decap program failed: {e}"),
+                    }
+                }
+                crate::links::LinkEvent::Present { .. } => {}
+            },
+        }
     }
     Ok(())
 }
@@ -479,6 +499,7 @@ mod tests {
         StatusReport {
             config_file: "/etc/xdplb/xdplb.toml".into(),
             interfaces: vec!["eth0".into()],
+            detached: Vec::new(),
             maps: "fresh".into(),
             vips: vec![VipStatus {
                 name: "web".into(),
