@@ -79,8 +79,9 @@ impl Attachments {
         Ok(())
     }
 
-    /// Follows a link event of a configured interface. Returns the index the interface had
-    /// when it comes back under another one: next hops through the old index are stale.
+    /// Follows the current state of a configured interface (from [`crate::links::current`]).
+    /// Returns the index the interface had when it came back under another one: next hops
+    /// through the old index are stale.
     pub fn on_event(&mut self, dataplane: &mut Dataplane, event: &LinkEvent) -> Option<u32> {
         let name = event.name();
         let known = self.interfaces.get(name)?.clone();
@@ -112,8 +113,17 @@ impl Attachments {
                     }
                     return None;
                 }
-                match self.attach(dataplane, name, *ifindex) {
-                    Ok(()) => (*ifindex != old_ifindex).then_some(old_ifindex),
+                // Whatever the pinned link is attached to, it is not this interface.
+                let attached = dataplane
+                    .reattach(name, self.mode)
+                    .and_then(|()| dataplane.add_tx_port(*ifindex));
+                match attached {
+                    Ok(()) => {
+                        info!(iface = %name, ifindex, "interface back: XDP program attached again");
+                        self.interfaces
+                            .insert(name.to_string(), Attachment::Attached { ifindex: *ifindex });
+                        (*ifindex != old_ifindex).then_some(old_ifindex)
+                    }
                     Err(e) => {
                         error!(iface = %name, "re-attaching XDP failed: {e}");
                         self.interfaces.insert(

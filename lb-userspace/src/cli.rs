@@ -461,21 +461,45 @@ async fn decap(
         tokio::select! {
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            Some(event) = link_events.recv() => match event {
-                crate::links::LinkEvent::Removed { .. } => {
-                    tracing::error!(%interface, "interface deleted: tunnels are not decapsulated until it comes back");
-                }
-                crate::links::LinkEvent::Present { xdp_program, .. } if xdp_program != Some(program_id) => {
-                    match dataplane.attach(interface, mode) {
-                        Ok(_) => tracing::info!(%interface, "interface came back: decap program attached again"),
-                        Err(e) => tracing::error!(%interface, "re-attaching the decap program failed: {e}"),
+            Some(event) = link_events.recv() => {
+                match crate::links::current(&[event.name().to_string()]).await {
+                    Ok(now) => {
+                        for state in now {
+                            follow_decap_interface(&mut dataplane, &state, program_id, mode);
+                        }
                     }
+                    Err(e) => tracing::error!(%interface, "reading the interface's state: {e}"),
                 }
-                crate::links::LinkEvent::Present { .. } => {}
-            },
+            }
         }
     }
     Ok(())
+}
+
+/// Attaches the decap program again when its interface came back without it.
+fn follow_decap_interface(
+    dataplane: &mut Dataplane,
+    state: &crate::links::LinkEvent,
+    program_id: u32,
+    mode: AttachMode,
+) {
+    use crate::links::LinkEvent;
+    match state {
+        LinkEvent::Removed { name, .. } => {
+            tracing::error!(interface = %name, "interface deleted: tunnels are not decapsulated until it comes back");
+        }
+        LinkEvent::Present {
+            name, xdp_program, ..
+        } if *xdp_program != Some(program_id) => match dataplane.attach(name, mode) {
+            Ok(_) => {
+                tracing::info!(interface = %name, "interface back: decap program attached again")
+            }
+            Err(e) => {
+                tracing::error!(interface = %name, "re-attaching the decap program failed: {e}")
+            }
+        },
+        LinkEvent::Present { .. } => {}
+    }
 }
 
 #[cfg(test)]

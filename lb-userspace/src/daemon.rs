@@ -135,9 +135,10 @@ impl Daemon {
         let mut health = HealthMonitor::new(health_events, observer);
         presume_down_as_adopted(&mut health, &live, &config.services.vips);
         let mut next_hops = NextHops::adopted(&live);
+        let refresh = next_hops_to_current_interfaces(&mut next_hops, &daemon_config.interfaces)?;
         let due = next_hops.due(
             config.services.vips.iter().flat_map(|v| &v.backends),
-            &BTreeSet::new(),
+            &refresh,
         );
         next_hops.record(nexthops::resolve(&resolver, &due));
         let attachments = Attachments::new(&mut dataplane, daemon_config.xdp_mode)?;
@@ -280,12 +281,23 @@ impl Daemon {
         self.next_hops.refresh_slice(&all, unresolved)
     }
 
-    /// Follows a link event of a configured interface; returns whether next hops were
-    /// forgotten (the interface came back under another index) and must be looked up.
-    fn on_link_event(&mut self, event: &links::LinkEvent) -> bool {
-        let stale = self.attachments.on_event(&mut self.dataplane, event);
+    /// Follows the current state of a configured interface. When it came back under another
+    /// index, its next hops move to it and the maps are updated at once; returns the backends
+    /// to look up again (their neighbour entries went with the old interface).
+    fn on_link_event(&mut self, event: &links::LinkEvent) -> Result<BTreeSet<IpAddr>> {
+        let old = self.attachments.on_event(&mut self.dataplane, event);
         self.publish_health();
-        stale.is_some_and(|ifindex| !self.next_hops.forget_interface(ifindex).is_empty())
+        let (Some(old), links::LinkEvent::Present { name, ifindex, .. }) = (old, event) else {
+            return Ok(BTreeSet::new());
+        };
+        let moved = self.next_hops.move_interface(
+            old,
+            *ifindex,
+            crate::net::interface_mac(name)?,
+            crate::net::interface_mtu(name)?,
+        );
+        self.apply()?;
+        Ok(moved)
     }
 
     fn remember_healthy_sets(&mut self) {
@@ -819,6 +831,45 @@ fn presume_down_as_adopted(health: &mut HealthMonitor, live: &Live, vips: &[VipS
     }
 }
 
+/// Adopted next hops through an interface that is gone (deleted and created again while no
+/// daemon ran) would send packets nowhere until their turn in the refresh: with one
+/// configured interface they move to it at once (the backends' MACs are still right), with
+/// several they are looked up again. Returns the backends to look up.
+fn next_hops_to_current_interfaces(
+    next_hops: &mut NextHops,
+    interfaces: &[String],
+) -> Result<BTreeSet<IpAddr>> {
+    let current = interfaces
+        .iter()
+        .map(|name| Ok(crate::net::interface_index(name)?))
+        .collect::<Result<Vec<u32>>>()?;
+    let gone: Vec<u32> = next_hops
+        .interfaces()
+        .into_iter()
+        .filter(|i| !current.contains(i))
+        .collect();
+    if gone.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    warn!(
+        ?gone,
+        "adopted next hops go through interfaces that no longer exist"
+    );
+    match (interfaces, current.as_slice()) {
+        ([name], [ifindex]) => {
+            let (mac, mtu) = (
+                crate::net::interface_mac(name)?,
+                crate::net::interface_mtu(name)?,
+            );
+            Ok(gone
+                .into_iter()
+                .flat_map(|old| next_hops.move_interface(old, *ifindex, mac, mtu))
+                .collect())
+        }
+        _ => Ok(next_hops.forget_interfaces_except(&current)),
+    }
+}
+
 /// What the daemon's tasks share. The mutex is never held across an await; a poisoned lock
 /// only means a handler panicked, and the daemon's state is still the maps' truth.
 struct Shared {
@@ -878,6 +929,33 @@ async fn reload(shared: &Shared) -> Result<String> {
     let due = NextHops::default().due(everything, &BTreeSet::new());
     let answers = look_up(resolver, due).await?;
     shared.lock().reload_with(new, answers)
+}
+
+/// Makes sure `interfaces` (configured ones) have the program as they are now, after a link
+/// event or at start; looks up next hops again through an interface that came back.
+async fn follow_interfaces(shared: &Shared, interfaces: &[String]) {
+    let now = match links::current(interfaces).await {
+        Ok(now) => now,
+        Err(e) => {
+            error!("reading the state of {interfaces:?}: {e}");
+            return;
+        }
+    };
+    let mut moved = BTreeSet::new();
+    {
+        let mut daemon = shared.lock();
+        for state in &now {
+            match daemon.on_link_event(state) {
+                Ok(backends) => moved.extend(backends),
+                Err(e) => error!("moving next hops to {} again: {e:#}", state.name()),
+            }
+        }
+    }
+    if !moved.is_empty() {
+        if let Err(e) = resolve_then_apply(shared, move |_| moved).await {
+            error!("next hops after {interfaces:?} came back: {e:#}");
+        }
+    }
 }
 
 /// Answers one admin request; only a reload does its slow part without the lock.
@@ -961,7 +1039,8 @@ pub async fn run(options: Options) -> Result<()> {
     raise_open_files_limit();
     let config = config::load(&options.config_path)?;
     // Subscribed before attaching, so no change after the attachment is missed.
-    let mut link_events = links::watch(config.daemon.interfaces.clone())?;
+    let interfaces = config.daemon.interfaces.clone();
+    let mut link_events = links::watch(interfaces.clone())?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let healthz = Arc::new(AtomicBool::new(false));
     let daemon = Daemon::start(&options, config, health_tx, healthz.clone())?;
@@ -1000,6 +1079,9 @@ pub async fn run(options: Options) -> Result<()> {
     // rates are computed over the real time between samples either way.
     resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A link pinned by the previous run may follow a netdev that left this namespace (the
+    // swap then succeeded on the wrong device): what the interfaces report now is the truth.
+    follow_interfaces(&shared, &interfaces).await;
     notify_systemd(sd_notify::NotifyState::Ready);
     info!("xdplb running");
     loop {
@@ -1011,11 +1093,7 @@ pub async fn run(options: Options) -> Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             Some(event) = link_events.recv() => {
-                if shared.lock().on_link_event(&event) {
-                    if let Err(e) = resolve_then_apply(&shared, |_| BTreeSet::new()).await {
-                        error!("next hops after {} came back: {e:#}", event.name());
-                    }
-                }
+                follow_interfaces(&shared, &[event.name().to_string()]).await;
             }
             Some(event) = health_rx.recv() => {
                 let mut daemon = shared.lock();

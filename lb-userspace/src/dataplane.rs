@@ -332,6 +332,26 @@ impl Dataplane {
         Ok(severed)
     }
 
+    /// Attaches to `iface` with a new link, dropping the pinned one whatever it is attached to:
+    /// for an interface that reports another program (or none) although a link is pinned for
+    /// it (the link is severed, or follows a netdev that left this namespace).
+    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        if let Some(pin_dir) = &self.pin_dir {
+            let path = pin_dir.join(link_pin_name(iface));
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DataplaneError::Link {
+                        iface: iface.to_string(),
+                        path,
+                        reason: e.to_string(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        self.attach(iface, mode).map(drop)
+    }
+
     /// The kernel's id of the loaded program, as netlink reports it on attached interfaces.
     pub fn program_id(&mut self) -> Result<u32> {
         let name = self.role.program_name();

@@ -9,7 +9,7 @@
 //! This module is where netlink lives in the daemon; route and neighbour lookups can move here
 //! from `net.rs` (which runs `ip`) later.
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use rtnetlink::{
     constants::RTMGRP_LINK,
     packet_core::NetlinkPayload,
@@ -22,8 +22,12 @@ use rtnetlink::{
 use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
-#[error("subscribing to link events over netlink failed: {0}")]
-pub struct LinksError(#[from] std::io::Error);
+pub enum LinksError {
+    #[error("opening a netlink socket failed: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("listing interfaces over netlink failed: {0}")]
+    Dump(#[from] rtnetlink::Error),
+}
 
 /// A change of one of the watched interfaces.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +49,34 @@ impl LinkEvent {
             LinkEvent::Present { name, .. } | LinkEvent::Removed { name, .. } => name,
         }
     }
+}
+
+/// The state of the interfaces in `names` now: `Present` with the program attached, or
+/// `Removed` (index 0) for a name no interface has. Events can be stale by the time they are
+/// read (an interface that flapped twice); this is the truth to act on.
+pub async fn current(names: &[String]) -> Result<Vec<LinkEvent>, LinksError> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let connection = tokio::spawn(connection);
+    let links: Result<Vec<LinkMessage>, _> = handle.link().get().execute().try_collect().await;
+    connection.abort();
+    let present: Vec<LinkEvent> = links?
+        .iter()
+        .filter_map(|link| link_event(link, true))
+        .filter(|e| names.iter().any(|n| n == e.name()))
+        .collect();
+    Ok(names
+        .iter()
+        .map(|name| {
+            present
+                .iter()
+                .find(|e| e.name() == name)
+                .cloned()
+                .unwrap_or_else(|| LinkEvent::Removed {
+                    name: name.clone(),
+                    ifindex: 0,
+                })
+        })
+        .collect())
 }
 
 /// Subscribes to link changes and sends those of the interfaces in `names`. The subscription

@@ -125,17 +125,47 @@ impl NextHops {
         }
     }
 
-    /// Forgets the next hops through `ifindex` (the interface is gone: a re-created one has
-    /// another index and MAC); returns the backends that used them, to look up again.
-    pub fn forget_interface(&mut self, ifindex: u32) -> BTreeSet<IpAddr> {
+    /// Moves the next hops through interface `old` to its re-created self `new` (another
+    /// index, perhaps another MAC and MTU): the backends' MACs have not changed, so they keep
+    /// forwarding at once instead of waiting for ARP/ND on the new interface. Returns the
+    /// backends moved, to look up again soon.
+    pub fn move_interface(
+        &mut self,
+        old: u32,
+        ifindex: u32,
+        src_mac: Mac,
+        mtu: u16,
+    ) -> BTreeSet<IpAddr> {
+        let mut moved = BTreeSet::new();
+        for (addr, hop) in self.good.iter_mut().filter(|(_, hop)| hop.ifindex == old) {
+            *hop = NextHop {
+                ifindex,
+                src_mac,
+                mtu,
+                ..*hop
+            };
+            moved.insert(*addr);
+        }
+        moved
+    }
+
+    /// Forgets the next hops through interfaces whose index is not in `current` (an interface
+    /// re-created while no daemon ran, when it cannot be told which one it became); returns
+    /// the backends concerned, to look up.
+    pub fn forget_interfaces_except(&mut self, current: &[u32]) -> BTreeSet<IpAddr> {
         let gone: BTreeSet<IpAddr> = self
             .good
             .iter()
-            .filter(|(_, hop)| hop.ifindex == ifindex)
+            .filter(|(_, hop)| !current.contains(&hop.ifindex))
             .map(|(addr, _)| *addr)
             .collect();
         self.good.retain(|addr, _| !gone.contains(addr));
         gone
+    }
+
+    /// The interface indexes next hops go through.
+    pub fn interfaces(&self) -> BTreeSet<u32> {
+        self.good.values().map(|hop| hop.ifindex).collect()
     }
 
     /// Drops what is known about addresses not in `keep` (backends that left the config).
@@ -240,18 +270,30 @@ mod tests {
     }
 
     #[test]
-    fn a_gone_interface_and_removed_backends_are_forgotten() {
+    fn a_recreated_interface_keeps_the_backend_macs_and_removed_backends_are_forgotten() {
         let mut hops = NextHops::default();
         hops.record(vec![
             (addr(1), Ok(hop(2))),
             (addr(2), Ok(hop(3))),
             (addr(3), Err("no route".into())),
         ]);
-        assert_eq!(hops.forget_interface(2), [addr(1)].into());
-        assert_eq!(hops.next_hop(&backend(1)), Err(NOT_YET.into()));
+        let mac = Mac([2, 0, 0, 0, 0, 9]);
+        assert_eq!(hops.move_interface(2, 7, mac, 9000), [addr(1)].into());
+        assert_eq!(
+            hops.next_hop(&backend(1)),
+            Ok(NextHop {
+                dst_mac: hop(2).dst_mac,
+                src_mac: mac,
+                ifindex: 7,
+                mtu: 9000,
+            })
+        );
         assert_eq!(hops.next_hop(&backend(2)), Ok(hop(3)));
-        hops.retain(&[addr(1)].into());
+        assert_eq!(hops.interfaces(), [3, 7].into());
+        assert_eq!(hops.forget_interfaces_except(&[7]), [addr(2)].into());
         assert_eq!(hops.next_hop(&backend(2)), Err(NOT_YET.into()));
+        hops.retain(&[addr(1)].into());
+        assert_eq!(hops.next_hop(&backend(1)).map(|h| h.ifindex), Ok(7));
         assert_eq!(hops.next_hop(&backend(3)), Err(NOT_YET.into()));
     }
 
