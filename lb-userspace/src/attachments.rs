@@ -89,6 +89,8 @@ impl Attachments {
             Attachment::Attached { ifindex } | Attachment::Missing { ifindex, .. } => ifindex,
         };
         match event {
+            // Said once, however many events the deletion caused.
+            LinkEvent::Removed { .. } if matches!(known, Attachment::Missing { .. }) => None,
             LinkEvent::Removed { .. } => {
                 error!(iface = %name, "interface deleted: no XDP program, VIP traffic is not balanced until it comes back");
                 self.interfaces.insert(

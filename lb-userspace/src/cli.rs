@@ -455,6 +455,7 @@ async fn decap(
     let mut link_events = crate::links::watch(vec![interface.to_string()])?;
     dataplane.attach(interface, mode)?;
     let program_id = dataplane.program_id()?;
+    let mut present = true;
     tracing::info!(%interface, ?locals, ?vips, "decap program attached; stop with SIGTERM or Ctrl-C");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -465,7 +466,7 @@ async fn decap(
                 match crate::links::current(&[event.name().to_string()]).await {
                     Ok(now) => {
                         for state in now {
-                            follow_decap_interface(&mut dataplane, &state, program_id, mode);
+                            present = follow_decap_interface(&mut dataplane, &state, present, program_id, mode);
                         }
                     }
                     Err(e) => tracing::error!(%interface, "reading the interface's state: {e}"),
@@ -476,29 +477,38 @@ async fn decap(
     Ok(())
 }
 
-/// Attaches the decap program again when its interface came back without it.
+/// Attaches the decap program again when its interface came back without it. `present`:
+/// whether the interface existed at the last event; returns whether it does now.
 fn follow_decap_interface(
     dataplane: &mut Dataplane,
     state: &crate::links::LinkEvent,
+    present: bool,
     program_id: u32,
     mode: AttachMode,
-) {
+) -> bool {
     use crate::links::LinkEvent;
     match state {
         LinkEvent::Removed { name, .. } => {
-            tracing::error!(interface = %name, "interface deleted: tunnels are not decapsulated until it comes back");
+            if present {
+                tracing::error!(interface = %name, "interface deleted: tunnels are not decapsulated until it comes back");
+            }
+            false
         }
         LinkEvent::Present {
             name, xdp_program, ..
-        } if *xdp_program != Some(program_id) => match dataplane.attach(name, mode) {
-            Ok(_) => {
-                tracing::info!(interface = %name, "interface back: decap program attached again")
+        } => {
+            if *xdp_program != Some(program_id) {
+                match dataplane.attach(name, mode) {
+                    Ok(_) => {
+                        tracing::info!(interface = %name, "interface back: decap program attached again")
+                    }
+                    Err(e) => {
+                        tracing::error!(interface = %name, "re-attaching the decap program failed: {e}")
+                    }
+                }
             }
-            Err(e) => {
-                tracing::error!(interface = %name, "re-attaching the decap program failed: {e}")
-            }
-        },
-        LinkEvent::Present { .. } => {}
+            true
+        }
     }
 }
 

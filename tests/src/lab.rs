@@ -234,23 +234,41 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Deletes the LB's interface (as a driver reload or a network manager re-creating a
-    /// VLAN does; its bridge port goes with it), then, when `come_back`, creates it again
-    /// with the same MAC and addresses: a new netdev without any XDP program.
-    pub fn recreate_lb_interface(&self, come_back: bool) -> Result<()> {
-        let mac = self.lb.ns.exec("cat /sys/class/net/eth0/address")?;
-        self.lb.ns.exec("ip link del eth0")?;
-        if come_back {
-            self.restore_lb_interface(mac.trim())?;
+    /// Deletes `host`'s interface (as a driver reload or a network manager re-creating a
+    /// VLAN does; its bridge port goes with it). Returns its MAC for
+    /// [`restore_interface`](Self::restore_interface).
+    pub fn delete_interface(&self, host: &Host) -> Result<String> {
+        let mac = host.ns.exec("cat /sys/class/net/eth0/address")?;
+        host.ns.exec("ip link del eth0")?;
+        Ok(mac.trim().to_string())
+    }
+
+    /// Creates `host`'s interface again with the same MAC and addresses: a new netdev without
+    /// any XDP program (an LB's bridge port gets its pass program back).
+    pub fn restore_interface(&self, host: &Host, mac: &str) -> Result<()> {
+        let name = host
+            .ns
+            .name
+            .strip_prefix(&format!("{}-", self.id))
+            .context("a host of this lab")?;
+        plug(host, &self.switch, name, &format!("address {mac}"))?;
+        if name.starts_with("lb") {
+            attach_pass(&self.switch, &self._peer_xdp, &format!("p-{name}"))?;
         }
         Ok(())
     }
 
-    /// Creates the LB's interface again after [`recreate_lb_interface`](Self::recreate_lb_interface)
-    /// with `come_back = false`.
-    pub fn restore_lb_interface(&self, mac: &str) -> Result<()> {
-        plug(&self.lb, &self.switch, "lb", &format!("address {mac}"))?;
-        attach_pass(&self.switch, &self._peer_xdp, "p-lb")
+    /// `count` new TCP connections from the client to `vip`: the names of the backends that
+    /// answered, or the errors.
+    pub fn connect(&self, vip: SocketAddr, count: usize) -> Vec<Result<String, String>> {
+        self.client
+            .ns
+            .enter(|| {
+                (0..count)
+                    .map(|_| who(vip).map_err(|e| e.to_string()))
+                    .collect()
+            })
+            .expect("entering the client's namespace")
     }
 
     /// Builds the topology with `backends` backends serving nothing yet.

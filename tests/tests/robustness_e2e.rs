@@ -9,7 +9,7 @@ use std::{
     os::unix::net::UnixDatagram,
     time::{Duration, Instant},
 };
-use xdplb_tests::lab::{addr, backend4, sh, who, Daemon, Lab, Process};
+use xdplb_tests::lab::{addr, backend4, Daemon, Lab, Process};
 
 const VIP: &str = "192.0.2.10";
 /// `/healthz` on the LB's loopback: the test deletes the interface that holds the LB's
@@ -52,14 +52,14 @@ fn wait_available(daemon: &Daemon, n: usize) {
 
 /// `count` new connections from the client: the backends' names, or the errors.
 fn connect(lab: &Lab, count: usize) -> Vec<Result<String, String>> {
-    lab.client
-        .ns
-        .enter(|| {
-            (0..count)
-                .map(|_| who(vip()).map_err(|e| e.to_string()))
-                .collect()
-        })
-        .unwrap()
+    lab.connect(vip(), count)
+}
+
+/// `count` new connections, every one served; the backends' names.
+fn all_served(lab: &Lab, count: usize) -> Vec<String> {
+    let results = connect(lab, count);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    results.into_iter().map(Result::unwrap).collect()
 }
 
 /// The status code of `/healthz`, asked inside the LB's namespace.
@@ -107,12 +107,11 @@ fn a_recreated_interface_gets_the_program_back_at_run_time_and_at_start() {
     )
     .unwrap();
     wait_available(&daemon, 2);
-    assert!(connect(&lab, 10).iter().all(Result::is_ok));
+    all_served(&lab, 10);
     assert_eq!(healthz(&lab), 200);
 
     // Deleted: status and /healthz say the LB is not balancing.
-    let mac = lab.lb.ns.exec("cat /sys/class/net/eth0/address").unwrap();
-    lab.recreate_lb_interface(false).unwrap();
+    let mac = lab.delete_interface(&lab.lb).unwrap();
     daemon
         .wait_status("eth0 reported without its program", |s| {
             s["detached"][0]
@@ -125,18 +124,17 @@ fn a_recreated_interface_gets_the_program_back_at_run_time_and_at_start() {
     assert_eq!(healthz(&lab), 503);
 
     // Back (same MAC and addresses, as after a driver reload): attached again by itself.
-    lab.restore_lb_interface(mac.trim()).unwrap();
+    lab.restore_interface(&lab.lb, &mac).unwrap();
     let took = until_traffic_flows(&lab);
     println!("traffic through the VIP again {took:?} after the interface came back");
     // The bound; it takes about a millisecond (the next hops move to the new
     // interface at once), so only lost SYNs on a loaded machine come near it.
     assert!(took < Duration::from_secs(2), "{took:?}");
-    let results = connect(&lab, 20);
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let names = all_served(&lab, 20);
     for b in ["b0", "b1"] {
         assert!(
-            results.iter().any(|r| r.as_deref() == Ok(b)),
-            "{b} got none of 20 connections: {results:?}"
+            names.iter().any(|n| n == b),
+            "{b} got none of 20 connections: {names:?}"
         );
     }
     let status = daemon.cli(&["status", "--json"]).unwrap();
@@ -146,7 +144,8 @@ fn a_recreated_interface_gets_the_program_back_at_run_time_and_at_start() {
     // Re-created while the daemon is down: the pinned link is severed, and start replaces it
     // (it used to abort with "Link has been severed").
     daemon.kill();
-    lab.recreate_lb_interface(true).unwrap();
+    let mac = lab.delete_interface(&lab.lb).unwrap();
+    lab.restore_interface(&lab.lb, &mac).unwrap();
     daemon.restart().unwrap();
     wait_available(&daemon, 2);
     assert!(
@@ -156,8 +155,7 @@ fn a_recreated_interface_gets_the_program_back_at_run_time_and_at_start() {
     );
     let took = until_traffic_flows(&lab);
     println!("traffic through the VIP {took:?} after the restart");
-    let results = connect(&lab, 10);
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    all_served(&lab, 10);
 }
 
 #[test]
@@ -167,16 +165,8 @@ fn a_sighup_during_start_up_reloads_once_started() {
     let mut daemon = Daemon::start(&lab, "", &web(1, "")).unwrap();
     wait_available(&daemon, 1);
     daemon.kill();
-    // The reload the SIGHUP asks for has a visible effect: a second backend.
-    std::fs::write(
-        &daemon.config,
-        std::fs::read_to_string(&daemon.config).unwrap()
-            + &format!("[[vip.backend]]\naddress = \"{}\"\n", backend4(1)),
-    )
-    .unwrap();
     let notify_path = daemon.dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(PATIENCE)).unwrap();
     daemon.spawn(&[("NOTIFY_SOCKET", &notify_path)]).unwrap();
     let pid = daemon.process.as_ref().unwrap().id();
     // `ip netns exec` becomes xdplb (exec): signal xdplb, not ip.
@@ -186,33 +176,53 @@ fn a_sighup_during_start_up_reloads_once_started() {
         std::thread::sleep(Duration::from_millis(1));
     }
     std::thread::sleep(Duration::from_millis(50));
-    sh(&format!("kill -HUP {pid}")).unwrap();
-
     let mut buf = [0; 256];
+    notify.set_nonblocking(true).unwrap();
+    assert!(
+        notify
+            .recv(&mut buf)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "READY came within 50 ms: the SIGHUP would not fall into start-up"
+    );
+    // SAFETY: kill has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+
+    notify.set_nonblocking(false).unwrap();
+    notify.set_read_timeout(Some(PATIENCE)).unwrap();
     let len = notify.recv(&mut buf).expect("READY from the daemon");
     let message = String::from_utf8_lossy(&buf[..len]).into_owned();
     assert_eq!(message.trim(), "READY=1");
     // Ready means ready: the admin socket answers at once.
     daemon.cli(&["status"]).unwrap();
-    assert!(
-        daemon
-            .process
-            .as_mut()
-            .unwrap()
-            .try_wait()
-            .unwrap()
-            .is_none(),
-        "the daemon died: {}",
-        daemon.log()
-    );
-    wait_available(&daemon, 2);
-    assert!(
-        daemon.log().contains("SIGHUP: reloaded"),
-        "{}",
-        daemon.log()
-    );
-    let results = connect(&lab, 20);
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    // The reload asked for during start-up runs once it is done.
+    let deadline = Instant::now() + PATIENCE;
+    while !daemon.log().contains("SIGHUP: reloaded") {
+        assert!(
+            daemon
+                .process
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .unwrap()
+                .is_none(),
+            "the daemon died: {}",
+            daemon.log()
+        );
+        assert!(Instant::now() < deadline, "no reload: {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = daemon.log();
+    let running = log.find("xdplb running").expect("started");
+    assert!(log.find("SIGHUP: reloaded").unwrap() > running, "{log}");
+    assert!(daemon
+        .process
+        .as_mut()
+        .unwrap()
+        .try_wait()
+        .unwrap()
+        .is_none());
+    wait_available(&daemon, 1);
+    all_served(&lab, 20);
 }
 
 #[test]
@@ -285,11 +295,39 @@ fn an_empty_overrides_file_is_set_aside_and_the_daemon_starts() {
     assert_eq!(aside.len(), 1, "{aside:?}");
     // Started without the drain (it was lost with the file), serving both backends.
     wait_available(&daemon, 2);
-    let results = connect(&lab, 20);
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    all_served(&lab, 20);
     // And saving works again.
     daemon.cli(&["drain", "web", &drained]).unwrap();
     wait_available(&daemon, 1);
     let saved = std::fs::read_to_string(state.join("overrides.json")).unwrap();
     assert!(saved.contains(&drained), "{saved}");
+}
+
+#[test]
+fn decap_follows_its_interface_when_it_is_created_again() {
+    let lab = Lab::new(1).expect("lab");
+    let backend = &lab.backends[0];
+    let mut decap = backend
+        .decap(&[backend.ip4.into()], &[VIP.parse().unwrap()])
+        .unwrap();
+    let mac = lab.delete_interface(backend).unwrap();
+    lab.restore_interface(backend, &mac).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while !backend
+        .ns
+        .exec("ip link show dev eth0")
+        .unwrap()
+        .contains("prog/xdp")
+    {
+        assert!(
+            decap.0.try_wait().unwrap().is_none(),
+            "xdplb decap exited when its interface went away"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the decap program was not attached again within {PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(decap.0.try_wait().unwrap().is_none());
 }
