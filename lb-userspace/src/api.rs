@@ -61,6 +61,10 @@ pub enum Response {
 pub struct StatusReport {
     pub config_file: PathBuf,
     pub interfaces: Vec<String>,
+    /// Configured interfaces without the XDP program (deleted, or re-attaching failed), with
+    /// why: VIP traffic arriving there is not balanced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detached: Vec<String>,
     /// How the maps were obtained at start: fresh, adopted from a previous run, or replaced.
     pub maps: String,
     /// Seconds since the flow-table scan behind every `active_flows` started (`None`: no scan

@@ -296,6 +296,9 @@ pub fn render_status(report: &StatusReport) -> String {
         report.interfaces.join(","),
         report.maps
     );
+    for problem in &report.detached {
+        out.push_str(&format!("NOT BALANCING: {problem}\n"));
+    }
     let age = stats::scan_age(report.active_flows_age_s);
     if !age.is_empty() {
         out.push_str(&format!("active flows{age}\n"));
@@ -476,14 +479,65 @@ async fn decap(
     let mut dataplane = Dataplane::load(Role::Decap, Sizes::UNUSED, None)?;
     dataplane.set_decap_local(&locals.iter().map(key).collect::<Vec<_>>())?;
     dataplane.set_decap_vips(&vips.iter().map(key).collect::<Vec<_>>())?;
+    // Subscribed before attaching, so no change after the attachment is missed.
+    let mut link_events = crate::links::watch(vec![interface.to_string()])?;
     dataplane.attach(interface, mode)?;
+    let program_id = dataplane.program_id()?;
+    let mut present = true;
     tracing::info!(%interface, ?locals, ?vips, "decap program attached; stop with SIGTERM or Ctrl-C");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            Some(event) = link_events.recv() => {
+                match crate::links::current(&[event.name().to_string()]).await {
+                    Ok(now) => {
+                        for state in now {
+                            present = follow_decap_interface(&mut dataplane, &state, present, program_id, mode);
+                        }
+                    }
+                    Err(e) => tracing::error!(%interface, "reading the interface's state: {e}"),
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// Attaches the decap program again when its interface came back without it. `present`:
+/// whether the interface existed at the last event; returns whether it does now.
+fn follow_decap_interface(
+    dataplane: &mut Dataplane,
+    state: &crate::links::LinkEvent,
+    present: bool,
+    program_id: u32,
+    mode: AttachMode,
+) -> bool {
+    use crate::links::LinkEvent;
+    match state {
+        LinkEvent::Removed { name, .. } => {
+            if present {
+                tracing::error!(interface = %name, "interface deleted: tunnels are not decapsulated until it comes back");
+            }
+            false
+        }
+        LinkEvent::Present {
+            name, xdp_program, ..
+        } => {
+            if *xdp_program != Some(program_id) {
+                match dataplane.attach(name, mode) {
+                    Ok(_) => {
+                        tracing::info!(interface = %name, "interface back: decap program attached again")
+                    }
+                    Err(e) => {
+                        tracing::error!(interface = %name, "re-attaching the decap program failed: {e}")
+                    }
+                }
+            }
+            true
+        }
+    }
 }
 
 #[cfg(test)]
@@ -508,6 +562,7 @@ mod tests {
         StatusReport {
             config_file: "/etc/xdplb/xdplb.toml".into(),
             interfaces: vec!["eth0".into()],
+            detached: Vec::new(),
             maps: "fresh".into(),
             active_flows_age_s: Some(8.25),
             vips: vec![VipStatus {

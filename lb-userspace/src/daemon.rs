@@ -1,100 +1,58 @@
 //! `xdplb run`: owns the data path for its lifetime. Every change (config reload, CLI command,
-//! health transition, next-hop change) goes through [`Daemon::apply`]: model + overrides +
-//! health -> target -> plan -> map writes.
+//! health transition, next-hop change, interface re-created) goes through [`Daemon::apply`]:
+//! model + overrides + health + cached next hops -> target -> plan -> map writes.
+//!
+//! Every task shares the daemon behind one mutex, held only to plan and apply: slow work
+//! (reading the config, resolving next hops with `ip`) runs without it, so the admin API and
+//! `/metrics` answer during a reload; `/healthz` reads an atomic and never waits.
 
 use crate::{
     api::{
         self, BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport,
         VipStatus,
     },
+    attachments::Attachments,
     config::{self, Config},
     dataplane::{Adoption, Dataplane, Role},
     flowscan::FlowScan,
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
-    metrics,
-    model::{BackendSpec, Mac, OnAllDown, VipSpec},
+    links, metrics,
+    model::{BackendSpec, OnAllDown, VipSpec},
     net::HostResolver,
+    nexthops::{self, NextHops},
     overrides::Overrides,
-    state::{self, BackendStatus, Live, NextHop, Resolve, Unresolved},
+    state::{self, BackendStatus, Live, Unresolved},
     stats::{self, BackendSample, Sample, Snapshot, Stats, VipSample},
 };
 use anyhow::{bail, Context as _, Result};
-use lb_common::{FlowKey, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, PROTO_TCP};
+use lb_common::{FlowKey, BACKEND_DOWN, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, PROTO_TCP};
 use std::{
-    cell::RefCell,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::{Duration, Instant},
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::mpsc,
+    sync::{mpsc, Semaphore},
 };
 use tracing::{error, info, warn};
 
 /// How often unresolved next hops are retried and some resolved ones refreshed.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
-/// Next hops re-resolved per tick, unresolved ones first: with 1,000 backends each is
-/// refreshed about every 30 s, and the cost stays bounded (an `ip` process is about 1.7 ms of
-/// CPU, so at most ~5 % of a core).
-const REFRESH_PER_TICK: usize = 32;
+/// Admin connections served at once; more wait in the kernel's backlog. The CLI opens one per
+/// command, so this only bounds a runaway script.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 pub struct Options {
     pub config_path: PathBuf,
     /// On exit, detach the programs and remove the pinned maps (instead of leaving the data
     /// path running for the next daemon to adopt).
     pub detach_on_exit: bool,
-}
-
-/// Next hops toward backends, resolved as rarely as possible: resolving costs a route and a
-/// neighbour lookup (an `ip` process each), so a known answer, good or bad, is reused unless
-/// the backend is in `refresh` (the periodic tick retries failures every second). The last
-/// good answer also outlives a neighbour entry that briefly disappears, so a flapping ARP
-/// entry never pulls a backend out of its ring.
-struct Remembering<'a, R> {
-    resolver: &'a R,
-    known: RefCell<&'a mut NextHops>,
-    refresh: &'a BTreeSet<IpAddr>,
-}
-
-/// What resolution last said per backend address.
-#[derive(Default)]
-struct NextHops {
-    good: HashMap<IpAddr, NextHop>,
-    /// Addresses that never resolved, with why.
-    failed: HashMap<IpAddr, String>,
-}
-
-impl<R: Resolve> Resolve for Remembering<'_, R> {
-    fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
-        let addr = backend.addr;
-        if !self.refresh.contains(&addr) {
-            let known = self.known.borrow();
-            if let Some(hop) = known.good.get(&addr) {
-                return Ok(*hop);
-            }
-            if let Some(reason) = known.failed.get(&addr) {
-                return Err(reason.clone());
-            }
-        }
-        let mut known = self.known.borrow_mut();
-        match self.resolver.next_hop(backend) {
-            Ok(hop) => {
-                known.failed.remove(&addr);
-                known.good.insert(addr, hop);
-                Ok(hop)
-            }
-            Err(reason) => match known.good.get(&addr) {
-                Some(hop) => Ok(*hop),
-                None => {
-                    known.failed.insert(addr, reason.clone());
-                    Err(reason)
-                }
-            },
-        }
-    }
 }
 
 pub struct Daemon {
@@ -107,8 +65,9 @@ pub struct Daemon {
     next_hops: NextHops,
     unresolved: Vec<Unresolved>,
     health: HealthMonitor,
-    /// Where the round-robin next-hop refresh continues.
-    refresh_cursor: usize,
+    attachments: Attachments,
+    /// What `/healthz` answers, updated after every change (see [`Daemon::healthy`]).
+    healthz: Arc<AtomicBool>,
     flow_scan: FlowScan,
     /// Per VIP, the backends last seen healthy (for `on_all_down = "keep"`).
     last_healthy: BTreeMap<String, BTreeSet<IpAddr>>,
@@ -120,9 +79,13 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Loads the config, loads or adopts the data path, fills the maps, then attaches.
-    fn start(options: &Options, health_events: mpsc::UnboundedSender<HealthEvent>) -> Result<Self> {
-        let config = config::load(&options.config_path)?;
+    /// Loads or adopts the data path, fills the maps, then attaches.
+    fn start(
+        options: &Options,
+        config: Config,
+        health_events: mpsc::UnboundedSender<HealthEvent>,
+        healthz: Arc<AtomicBool>,
+    ) -> Result<Self> {
         let daemon_config = &config.daemon;
         let instance_lock = lock_instance(&daemon_config.state_dir)?;
         ensure_bpffs(&daemon_config.pin_dir)?;
@@ -143,7 +106,10 @@ impl Daemon {
             Adoption::Fresh => Live::empty(daemon_config.sizes),
         };
         let resolver = HostResolver::new(&daemon_config.interfaces)?;
-        let overrides = Overrides::load(&daemon_config.state_dir)?;
+        let (overrides, set_aside) = Overrides::load_or_set_aside(&daemon_config.state_dir)?;
+        if let Some(warning) = set_aside {
+            error!("{warning}");
+        }
         let health_metrics = metrics::HealthMetrics::default();
         let observer: CheckObserver = {
             let metrics = health_metrics.clone();
@@ -153,30 +119,16 @@ impl Daemon {
                 }
             })
         };
-        let health = HealthMonitor::new(health_events, observer);
-        for iface in &daemon_config.interfaces {
-            dataplane.add_tx_port(crate::net::interface_index(iface)?)?;
-        }
-        // A restart must not lose a backend whose neighbour entry happens to be missing right
-        // now: the adopted entries hold the next hops the data path is using.
-        let next_hops = NextHops {
-            good: live
-                .vips
-                .values()
-                .flat_map(|vip| vip.backends.iter())
-                .map(|(addr, backend)| {
-                    let e = &backend.entry;
-                    let hop = NextHop {
-                        dst_mac: Mac(e.dst_mac),
-                        src_mac: Mac(e.src_mac),
-                        ifindex: e.tx_ifindex,
-                        mtu: e.mtu,
-                    };
-                    (*addr, hop)
-                })
-                .collect(),
-            failed: HashMap::new(),
-        };
+        let mut health = HealthMonitor::new(health_events, observer);
+        presume_down_as_adopted(&mut health, &live, &config.services.vips);
+        let mut next_hops = NextHops::adopted(&live);
+        let refresh = next_hops_to_current_interfaces(&mut next_hops, &daemon_config.interfaces)?;
+        let due = next_hops.due(
+            config.services.vips.iter().flat_map(|v| &v.backends),
+            &refresh,
+        );
+        next_hops.record(nexthops::resolve(&resolver, &due));
+        let attachments = Attachments::new(&mut dataplane, daemon_config.xdp_mode)?;
         let mut daemon = Self {
             config_path: options.config_path.clone(),
             config,
@@ -186,9 +138,10 @@ impl Daemon {
             resolver,
             next_hops,
             unresolved: Vec::new(),
-            refresh_cursor: 0,
             flow_scan: FlowScan::default(),
             health,
+            attachments,
+            healthz,
             last_healthy: BTreeMap::new(),
             stats: Stats::default(),
             health_metrics,
@@ -197,11 +150,10 @@ impl Daemon {
         daemon.sync_health();
         // Maps first, then attach: a fresh program never sees a packet with empty maps.
         daemon.apply()?;
-        let mode = daemon.config.daemon.xdp_mode;
-        for iface in daemon.config.daemon.interfaces.clone() {
-            daemon.dataplane.attach(&iface, mode)?;
-            info!(%iface, "XDP program attached");
-        }
+        daemon
+            .attachments
+            .attach_all(&mut daemon.dataplane, &daemon.config.daemon.interfaces)?;
+        daemon.publish_health();
         daemon.dataplane.remove_older_layouts()?;
         for iface in daemon
             .dataplane
@@ -258,45 +210,9 @@ impl Daemon {
                 .is_some_and(|set| set.contains(&backend))
     }
 
-    /// Makes the maps match config + overrides + health + next hops, reusing known next hops.
+    /// Makes the maps match config + overrides + health + the next hops known now (it never
+    /// resolves: see [`resolve_then_apply`]).
     pub fn apply(&mut self) -> Result<()> {
-        self.apply_refreshing(&BTreeSet::new())
-    }
-
-    /// Every backend address of the config, sorted and once.
-    fn backend_addresses(&self) -> BTreeSet<IpAddr> {
-        self.config
-            .services
-            .vips
-            .iter()
-            .flat_map(|v| v.backends.iter().map(|b| b.addr))
-            .collect()
-    }
-
-    /// The periodic next-hop refresh of at most [`REFRESH_PER_TICK`] backends: unresolved
-    /// ones first, then the next slice of the resolved ones, round robin.
-    fn refresh_next_hops(&mut self) -> Result<()> {
-        let all: Vec<IpAddr> = self.backend_addresses().into_iter().collect();
-        let mut refresh: BTreeSet<IpAddr> = self
-            .unresolved
-            .iter()
-            .map(|u| u.backend)
-            .take(REFRESH_PER_TICK)
-            .collect();
-        let room = REFRESH_PER_TICK
-            .saturating_sub(refresh.len())
-            .min(all.len());
-        for i in 0..room {
-            refresh.insert(all[(self.refresh_cursor + i) % all.len()]);
-        }
-        if !all.is_empty() {
-            self.refresh_cursor = (self.refresh_cursor + room) % all.len();
-        }
-        self.apply_refreshing(&refresh)
-    }
-
-    /// Like [`apply`](Self::apply), resolving the backends in `refresh` again.
-    fn apply_refreshing(&mut self, refresh: &BTreeSet<IpAddr>) -> Result<()> {
         self.remember_healthy_sets();
         let mut statuses: HashMap<(String, IpAddr), BackendStatus> = HashMap::new();
         for vip in &self.config.services.vips {
@@ -304,15 +220,10 @@ impl Daemon {
                 statuses.insert((vip.name.clone(), b.addr), self.backend_status(vip, b));
             }
         }
-        let resolver = Remembering {
-            resolver: &self.resolver,
-            known: RefCell::new(&mut self.next_hops),
-            refresh,
-        };
         let target = state::target(
             &self.config.services,
             |vip, b| statuses[&(vip.name.clone(), b.addr)],
-            &resolver,
+            &self.next_hops,
         )?;
         let (changes, next) = state::plan(&self.live, &target)?;
         if let Err(e) = state::apply(&mut self.dataplane, &changes) {
@@ -330,7 +241,50 @@ impl Daemon {
         }
         self.live = next;
         self.unresolved = target.unresolved;
+        self.publish_health();
         Ok(())
+    }
+
+    /// Every backend address of the config, sorted and once.
+    fn backend_addresses(&self) -> BTreeSet<IpAddr> {
+        self.config
+            .services
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.addr))
+            .collect()
+    }
+
+    /// The backends to look up now: those never looked up, and those in `refresh`.
+    fn due_lookups(&self, refresh: &BTreeSet<IpAddr>) -> Vec<BackendSpec> {
+        let backends = self.config.services.vips.iter().flat_map(|v| &v.backends);
+        self.next_hops.due(backends, refresh)
+    }
+
+    /// The periodic refresh's next slice: unresolved backends first, then round robin.
+    fn refresh_slice(&mut self) -> BTreeSet<IpAddr> {
+        let all: Vec<IpAddr> = self.backend_addresses().into_iter().collect();
+        let unresolved: Vec<IpAddr> = self.unresolved.iter().map(|u| u.backend).collect();
+        self.next_hops.refresh_slice(&all, unresolved)
+    }
+
+    /// Follows the current state of a configured interface. When it came back under another
+    /// index, its next hops move to it and the maps are updated at once; returns the backends
+    /// to look up again (their neighbour entries went with the old interface).
+    fn on_link_event(&mut self, event: &links::LinkEvent) -> Result<BTreeSet<IpAddr>> {
+        let old = self.attachments.on_event(&mut self.dataplane, event);
+        self.publish_health();
+        let (Some(old), links::LinkEvent::Present { name, ifindex, .. }) = (old, event) else {
+            return Ok(BTreeSet::new());
+        };
+        let moved = self.next_hops.move_interface(
+            old,
+            *ifindex,
+            crate::net::interface_mac(name)?,
+            crate::net::interface_mtu(name)?,
+        );
+        self.apply()?;
+        Ok(moved)
     }
 
     fn remember_healthy_sets(&mut self) {
@@ -349,10 +303,9 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the config file. A file that fails validation, or that changes settings only
-    /// a restart can apply, is rejected and the running config keeps serving.
-    pub fn reload(&mut self) -> Result<String> {
-        let new = config::load(&self.config_path)?;
+    /// Switches to `new` (read and checked by [`reload`]) with the next hops looked up for
+    /// it. A config that cannot be applied is rejected and the running one keeps serving.
+    fn reload_with(&mut self, new: Config, answers: nexthops::Answers) -> Result<String> {
         let restart_only = restart_only_changes(&self.config, &new);
         if !restart_only.is_empty() {
             bail!(
@@ -361,9 +314,9 @@ impl Daemon {
                 restart_only.join(", ")
             );
         }
+        self.next_hops.record(answers);
         let old = std::mem::replace(&mut self.config, new);
-        // A reload may change a backend's `mac` or bring new backends: resolve them all.
-        if let Err(e) = self.apply_refreshing(&self.backend_addresses()) {
+        if let Err(e) = self.apply() {
             self.config = old;
             self.apply()
                 .context("restoring the previous config after a failed reload")?;
@@ -451,7 +404,8 @@ impl Daemon {
     fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => self.status().map(Response::Status),
-            Request::Reload => self.reload().map(Response::Done),
+            // Routed to `reload` by `handle`: its slow part must not hold the lock.
+            Request::Reload => Err(anyhow::anyhow!("a reload is not handled under the lock")),
             Request::Drain { vip, backend } => {
                 self.set_drained(&vip, backend, true).map(Response::Done)
             }
@@ -493,7 +447,7 @@ impl Daemon {
                         let status = self.backend_status(vip, b);
                         let health: BackendHealth = self.health.status(vip, b);
                         let live_backend = live.and_then(|l| l.backends.get(&b.addr));
-                        let next_hop = match self.next_hops.good.get(&b.addr) {
+                        let next_hop = match self.next_hops.get(b.addr) {
                             Some(hop) if live_backend.is_some() => {
                                 format!("{} ifindex {}", hop.dst_mac, hop.ifindex)
                             }
@@ -537,6 +491,7 @@ impl Daemon {
         Ok(StatusReport {
             config_file: self.config_path.clone(),
             interfaces: self.config.daemon.interfaces.clone(),
+            detached: self.attachments.problems(),
             maps: match self.dataplane.adoption() {
                 Adoption::Fresh => "fresh".into(),
                 Adoption::Adopted => "adopted from the previous run".into(),
@@ -657,8 +612,19 @@ impl Daemon {
         metrics::render(&self.snapshot(), &self.health_metrics)
     }
 
-    /// Drops metric series of VIPs and backends the new config no longer has.
-    fn forget_removed(&self, old: &Config) {
+    /// Drops metric series and cached per-backend state of VIPs and backends the new config
+    /// no longer has.
+    fn forget_removed(&mut self, old: &Config) {
+        let addresses = self.backend_addresses();
+        self.next_hops.retain(&addresses);
+        let vips = &self.config.services.vips;
+        self.last_healthy.retain(|name, healthy| {
+            let Some(vip) = vips.iter().find(|v| &v.name == name) else {
+                return false;
+            };
+            healthy.retain(|addr| vip.backends.iter().any(|b| b.addr == *addr));
+            true
+        });
         for vip in &old.services.vips {
             match self
                 .config
@@ -682,9 +648,14 @@ impl Daemon {
         }
     }
 
-    /// For `/healthz`: the programs are attached and the maps were written.
+    /// For `/healthz`: the program is on every configured interface and the maps were written.
     fn healthy(&self) -> bool {
-        !self.live.vips.is_empty() || self.config.services.vips.is_empty()
+        self.attachments.all_attached()
+            && (!self.live.vips.is_empty() || self.config.services.vips.is_empty())
+    }
+
+    fn publish_health(&self) {
+        self.healthz.store(self.healthy(), Ordering::Relaxed);
     }
 
     fn shutdown(&self, detach: bool) {
@@ -839,12 +810,219 @@ fn private_mount_namespace() -> bool {
     ns("self") != ns("1")
 }
 
-/// Every task shares the daemon behind one mutex, never held across an await. A poisoned
-/// lock only means a handler panicked; the daemon's state is still the maps' truth.
-fn lock(daemon: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
-    daemon
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Backends the adopted maps mark down start down, not unknown (which counts as up): a dead
+/// backend must not get new flows after a restart until `fall` checks have failed.
+fn presume_down_as_adopted(health: &mut HealthMonitor, live: &Live, vips: &[VipSpec]) {
+    for vip in vips {
+        let Some(adopted) = live.vips.get(&state::vip_key(&vip.vip)) else {
+            continue;
+        };
+        for backend in &vip.backends {
+            let down = adopted
+                .backends
+                .get(&backend.addr)
+                .is_some_and(|b| b.entry.flags & BACKEND_DOWN != 0);
+            if down {
+                info!(vip = %vip.name, backend = %backend.addr, "down before the restart: stays out until its checks pass");
+                health.presume_down(vip, backend);
+            }
+        }
+    }
+}
+
+/// Adopted next hops through an interface that is gone (deleted and created again while no
+/// daemon ran) would send packets nowhere until their turn in the refresh: with one
+/// configured interface they move to it at once (the backends' MACs are still right), with
+/// several they are looked up again. Returns the backends to look up.
+fn next_hops_to_current_interfaces(
+    next_hops: &mut NextHops,
+    interfaces: &[String],
+) -> Result<BTreeSet<IpAddr>> {
+    let current = interfaces
+        .iter()
+        .map(|name| Ok(crate::net::interface_index(name)?))
+        .collect::<Result<Vec<u32>>>()?;
+    let gone: Vec<u32> = next_hops
+        .interfaces()
+        .into_iter()
+        .filter(|i| !current.contains(i))
+        .collect();
+    if gone.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    warn!(
+        ?gone,
+        "adopted next hops go through interfaces that no longer exist"
+    );
+    match (interfaces, current.as_slice()) {
+        ([name], [ifindex]) => {
+            let (mac, mtu) = (
+                crate::net::interface_mac(name)?,
+                crate::net::interface_mtu(name)?,
+            );
+            Ok(gone
+                .into_iter()
+                .flat_map(|old| next_hops.move_interface(old, *ifindex, mac, mtu))
+                .collect())
+        }
+        _ => Ok(next_hops.forget_interfaces_except(&current)),
+    }
+}
+
+/// What the daemon's tasks share. The mutex is never held across an await; a poisoned lock
+/// only means a handler panicked, and the daemon's state is still the maps' truth.
+struct Shared {
+    daemon: Mutex<Daemon>,
+    /// One reload at a time (SIGHUP and `xdplb reload` may race); held across the lookups.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Daemon> {
+        self.daemon
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Looks up next hops without blocking the async threads.
+async fn look_up(resolver: HostResolver, due: Vec<BackendSpec>) -> Result<nexthops::Answers> {
+    if due.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(tokio::task::spawn_blocking(move || nexthops::resolve(&resolver, &due)).await?)
+}
+
+/// Looks up the next hops that are unknown or in `refresh` without the lock, then applies
+/// with it.
+async fn resolve_then_apply(
+    shared: &Shared,
+    refresh: impl FnOnce(&mut Daemon) -> BTreeSet<IpAddr>,
+) -> Result<()> {
+    let (resolver, due) = {
+        let mut daemon = shared.lock();
+        let refresh = refresh(&mut daemon);
+        (daemon.resolver.clone(), daemon.due_lookups(&refresh))
+    };
+    let answers = look_up(resolver, due).await?;
+    let mut daemon = shared.lock();
+    daemon.next_hops.record(answers);
+    // A reload in between may have removed some of them.
+    let addresses = daemon.backend_addresses();
+    daemon.next_hops.retain(&addresses);
+    daemon.apply()
+}
+
+/// Re-reads the config file and applies it. A file that fails validation, or that changes
+/// settings only a restart can apply, is rejected and the running config keeps serving. The
+/// file is read and every backend looked up again (a reload may change a backend's `mac` or
+/// bring new ones) without the daemon's lock.
+async fn reload(shared: &Shared) -> Result<String> {
+    let _one_at_a_time = shared.reloading.lock().await;
+    let (path, resolver) = {
+        let daemon = shared.lock();
+        (daemon.config_path.clone(), daemon.resolver.clone())
+    };
+    let new = config::load(&path)?;
+    let everything = new.services.vips.iter().flat_map(|v| &v.backends);
+    let due = NextHops::default().due(everything, &BTreeSet::new());
+    let answers = look_up(resolver, due).await?;
+    shared.lock().reload_with(new, answers)
+}
+
+/// Makes sure `interfaces` (configured ones) have the program as they are now, after a link
+/// event or at start; looks up next hops again through an interface that came back.
+async fn follow_interfaces(shared: &Shared, interfaces: &[String]) {
+    let now = match links::current(interfaces).await {
+        Ok(now) => now,
+        Err(e) => {
+            error!("reading the state of {interfaces:?}: {e}");
+            return;
+        }
+    };
+    let mut moved = BTreeSet::new();
+    {
+        let mut daemon = shared.lock();
+        for state in &now {
+            match daemon.on_link_event(state) {
+                Ok(backends) => moved.extend(backends),
+                Err(e) => error!("moving next hops to {} again: {e:#}", state.name()),
+            }
+        }
+    }
+    if !moved.is_empty() {
+        if let Err(e) = resolve_then_apply(shared, move |_| moved).await {
+            error!("next hops after {interfaces:?} came back: {e:#}");
+        }
+    }
+}
+
+/// Answers one admin request; only a reload does its slow part without the lock.
+async fn handle(shared: &Shared, request: Request) -> Response {
+    let result = match request {
+        Request::Reload => reload(shared).await.map(Response::Done),
+        request => return shared.lock().handle(request),
+    };
+    result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+}
+
+/// Serves the admin socket, at most [`MAX_ADMIN_CONNECTIONS`] connections at once.
+async fn serve_admin(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait instead of spinning.
+                warn!("admin socket: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = api::serve_connection(stream, |r| handle(&shared, r)).await {
+                warn!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: health checks, admin and metrics
+/// connections and BPF objects all hold descriptors, and the default soft limit (1,024) is
+/// low for a thousand checked backends.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let before = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            warn!(
+                before,
+                "raising the open-files limit failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Tells systemd (`Type=notify`) where the daemon stands; a no-op outside systemd.
+fn notify_systemd(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        warn!("sd_notify: {e}");
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -852,73 +1030,72 @@ pub async fn run(options: Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("xdplb run needs root (it loads XDP programs and pins BPF maps)");
     }
+    // First of all: SIGHUP's default action kills the process, and start-up can take seconds.
+    // A reload requested meanwhile is remembered and runs once start-up is done.
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    raise_open_files_limit();
+    let config = config::load(&options.config_path)?;
+    // Subscribed before attaching, so no change after the attachment is missed.
+    let interfaces = config.daemon.interfaces.clone();
+    let mut link_events = links::watch(interfaces.clone())?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
-    let daemon = Daemon::start(&options, health_tx)?;
+    let healthz = Arc::new(AtomicBool::new(false));
+    let daemon = Daemon::start(&options, config, health_tx, healthz.clone())?;
     let socket = daemon.config.daemon.admin_socket.clone();
     let metrics_listen = daemon.config.daemon.metrics_listen;
     let stats_interval = daemon.config.daemon.stats_interval;
-    let daemon = Arc::new(Mutex::new(daemon));
+    let shared = Arc::new(Shared {
+        daemon: Mutex::new(daemon),
+        reloading: tokio::sync::Mutex::new(()),
+    });
 
     let listener = api::bind(&socket)
         .with_context(|| format!("binding the admin socket {}", socket.display()))?;
     info!(socket = %socket.display(), "admin API listening");
-    let api_task = {
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let daemon = daemon.clone();
-                tokio::spawn(async move {
-                    let handle = |request| {
-                        let response = lock(&daemon).handle(request);
-                        async move { response }
-                    };
-                    if let Err(e) = api::serve_connection(stream, handle).await {
-                        warn!("admin connection: {e}");
-                    }
-                });
-            }
-        })
-    };
+    let api_task = tokio::spawn(serve_admin(listener, shared.clone()));
     let metrics_task = match metrics_listen {
         Some(listen) => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding daemon.metrics_listen {listen}"))?;
             info!(%listen, "metrics on http://{listen}/metrics");
-            let (text, healthy) = (daemon.clone(), daemon.clone());
+            let text = shared.clone();
             Some(tokio::spawn(metrics::serve(
                 listener,
-                move || lock(&text).metrics_text(),
-                move || lock(&healthy).healthy(),
+                move || text.lock().metrics_text(),
+                move || healthz.load(Ordering::Relaxed),
                 std::future::pending(),
             )))
         }
         None => None,
     };
 
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     let mut resolve_tick = tokio::time::interval(RESOLVE_INTERVAL);
     let mut stats_tick = tokio::time::interval(stats_interval);
     // After a slow tick, wait a full period instead of firing the missed ones back to back:
     // rates are computed over the real time between samples either way.
     resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A link pinned by the previous run may follow a netdev that left this namespace (the
+    // swap then succeeded on the wrong device): what the interfaces report now is the truth.
+    follow_interfaces(&shared, &interfaces).await;
+    notify_systemd(sd_notify::NotifyState::Ready);
     info!("xdplb running");
     loop {
         tokio::select! {
-            _ = hangup.recv() => match lock(&daemon).reload() {
+            _ = hangup.recv() => match reload(&shared).await {
                 Ok(msg) => info!("SIGHUP: {msg}"),
                 Err(e) => error!("SIGHUP: reload rejected: {e:#}"),
             },
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            Some(event) = link_events.recv() => {
+                follow_interfaces(&shared, &[event.name().to_string()]).await;
+            }
             Some(event) = health_rx.recv() => {
-                let mut daemon = lock(&daemon);
+                let mut daemon = shared.lock();
                 daemon.record_transition(&event);
                 // A burst of transitions (a switch failing) becomes one update.
                 while let Ok(event) = health_rx.try_recv() {
@@ -929,94 +1106,23 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             }
             _ = resolve_tick.tick() => {
-                if let Err(e) = lock(&daemon).refresh_next_hops() {
+                if let Err(e) = resolve_then_apply(&shared, Daemon::refresh_slice).await {
                     error!("refreshing next hops: {e:#}");
                 }
             }
             _ = stats_tick.tick() => {
-                if let Err(e) = lock(&daemon).sample() {
+                if let Err(e) = shared.lock().sample() {
                     warn!("sampling counters: {e:#}");
                 }
             }
         }
     }
+    notify_systemd(sd_notify::NotifyState::Stopping);
     api_task.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }
     let _ = std::fs::remove_file(&socket);
-    lock(&daemon).shutdown(options.detach_on_exit);
+    shared.lock().shutdown(options.detach_on_exit);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::Cell;
-
-    /// Counts resolutions; fails for 10.0.0.99.
-    struct Counting(Cell<usize>);
-
-    impl Resolve for Counting {
-        fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
-            self.0.set(self.0.get() + 1);
-            if backend.addr == IpAddr::from([10, 0, 0, 99]) {
-                return Err("no neighbour".into());
-            }
-            Ok(NextHop {
-                dst_mac: Mac([2, 0, 0, 0, 0, 1]),
-                src_mac: Mac([2, 0, 0, 0, 0, 2]),
-                ifindex: 2,
-                mtu: 1500,
-            })
-        }
-    }
-
-    fn backend(last: u8) -> BackendSpec {
-        BackendSpec {
-            addr: IpAddr::from([10, 0, 0, last]),
-            weight: 100,
-            mac: None,
-            health_port: None,
-        }
-    }
-
-    #[test]
-    fn known_next_hops_are_reused_unless_refreshed() {
-        let counting = Counting(Cell::new(0));
-        let mut known = NextHops::default();
-        let none = BTreeSet::new();
-        let resolve = |known: &mut NextHops, refresh: &BTreeSet<IpAddr>, b| {
-            Remembering {
-                resolver: &counting,
-                known: RefCell::new(known),
-                refresh,
-            }
-            .next_hop(&backend(b))
-        };
-        assert!(resolve(&mut known, &none, 1).is_ok());
-        assert_eq!(counting.0.get(), 1, "unknown: resolved");
-        assert!(resolve(&mut known, &none, 1).is_ok());
-        assert_eq!(counting.0.get(), 1, "known: reused, no lookup");
-        let refresh: BTreeSet<IpAddr> = [IpAddr::from([10, 0, 0, 1])].into();
-        assert!(resolve(&mut known, &refresh, 1).is_ok());
-        assert_eq!(counting.0.get(), 2, "due for refresh: resolved again");
-        assert!(
-            resolve(&mut known, &none, 99).is_err(),
-            "never resolved: the error"
-        );
-        assert_eq!(counting.0.get(), 3);
-        assert!(resolve(&mut known, &none, 99).is_err());
-        assert_eq!(
-            counting.0.get(),
-            3,
-            "a known failure is not retried outside refresh"
-        );
-        // A known next hop survives a failed refresh.
-        let hop = known.good[&IpAddr::from([10, 0, 0, 1])];
-        known.good.insert(IpAddr::from([10, 0, 0, 99]), hop);
-        let refresh: BTreeSet<IpAddr> = [IpAddr::from([10, 0, 0, 99])].into();
-        assert_eq!(resolve(&mut known, &refresh, 99), Ok(hop));
-        assert_eq!(counting.0.get(), 4);
-    }
 }

@@ -271,11 +271,15 @@ impl Dataplane {
     /// When pinning, the attachment is a bpf_link pinned next to the maps: it outlives this
     /// process (forwarding continues while the daemon restarts), and a later run swaps its
     /// program into the existing link atomically instead of detaching. Links pinned by an older
-    /// layout are taken over the same way. Without pinning it lasts while `self` lives.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+    /// layout are taken over the same way. A pinned link the kernel has severed (its interface
+    /// was deleted, perhaps created again since) is replaced by a new one. Without pinning it
+    /// lasts while `self` lives.
+    ///
+    /// Returns whether a severed link was replaced.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<bool> {
         let Some(pin_dir) = self.pin_dir.clone() else {
             // The program keeps the link: attached for as long as `self` lives.
-            return self.attach_link(iface, mode).map(drop);
+            return self.attach_link(iface, mode).map(|_| false);
         };
         let link_path = pin_dir.join(link_pin_name(iface));
         let existing = std::iter::once(link_path.clone())
@@ -286,30 +290,36 @@ impl Dataplane {
             path: path.to_path_buf(),
             reason,
         };
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
+        let mut severed = false;
         if let Some(path) = existing {
             let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(&path, e.to_string()))?;
-            if path != link_path {
-                // Re-pin under this layout before the old directory goes away.
-                std::fs::rename(&path, &link_path).map_err(|e| link_err(&path, e.to_string()))?;
-            }
             let link = XdpLink::try_from(FdLink::from(pinned))
-                .map_err(|e| link_err(&link_path, e.to_string()))?;
-            self.program()
-                .attach_to_link(link)
-                .map_err(|source| DataplaneError::Attach {
-                    iface: iface.to_string(),
-                    source,
-                })?;
-            return Ok(());
+                .map_err(|e| link_err(&path, e.to_string()))?;
+            match self.program().attach_to_link(link) {
+                Ok(id) => {
+                    if path != link_path {
+                        // Re-pin under this layout before the old directory goes away.
+                        std::fs::rename(&path, &link_path)
+                            .map_err(|e| link_err(&path, e.to_string()))?;
+                    }
+                    // The pin keeps the link; this process needs no descriptor of its own
+                    // (re-attaching after every re-creation would pile them up).
+                    drop(self.program().take_link(id).map_err(attach_err)?);
+                    return Ok(false);
+                }
+                Err(e) if is_severed(&e) => {
+                    std::fs::remove_file(&path).map_err(|e| link_err(&path, e.to_string()))?;
+                    severed = true;
+                }
+                Err(source) => return Err(attach_err(source)),
+            }
         }
         let id = self.attach_link(iface, mode)?;
-        let link = self
-            .program()
-            .take_link(id)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_string(),
-                source,
-            })?;
+        let link = self.program().take_link(id).map_err(attach_err)?;
         let fd_link = FdLink::try_from(link).map_err(|e| {
             link_err(
                 &link_path,
@@ -319,7 +329,36 @@ impl Dataplane {
         fd_link
             .pin(&link_path)
             .map_err(|e| link_err(&link_path, e.to_string()))?;
-        Ok(())
+        Ok(severed)
+    }
+
+    /// Attaches to `iface` with a new link, dropping the pinned one whatever it is attached to:
+    /// for an interface that reports another program (or none) although a link is pinned for
+    /// it (the link is severed, or follows a netdev that left this namespace).
+    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        if let Some(pin_dir) = &self.pin_dir {
+            let path = pin_dir.join(link_pin_name(iface));
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DataplaneError::Link {
+                        iface: iface.to_string(),
+                        path,
+                        reason: e.to_string(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        self.attach(iface, mode).map(drop)
+    }
+
+    /// The kernel's id of the loaded program, as netlink reports it on attached interfaces.
+    pub fn program_id(&mut self) -> Result<u32> {
+        let name = self.role.program_name();
+        self.program()
+            .info()
+            .map(|info| info.id())
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     /// Removes every pin (maps and links) of every layout under the pin root: the programs
@@ -671,6 +710,12 @@ impl Drop for RingArea {
         // SAFETY: unmapping exactly what map() mapped.
         unsafe { libc::munmap(self.slots.cast(), self.bytes) };
     }
+}
+
+/// Whether updating a pinned link failed because the kernel severed it (ENOLINK: its
+/// interface is gone, or someone detached it).
+fn is_severed(error: &ProgramError) -> bool {
+    matches!(error, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOLINK))
 }
 
 fn link_pin_name(iface: &str) -> String {

@@ -4,7 +4,10 @@
 //! * [`maglev`]: consistent-hashing tables (pure).
 //! * [`state`]: desired state -> diff -> ordered map writes (the only place state changes).
 //! * [`dataplane`]: the kernel object, its maps and programs (the only map writer).
-//! * [`net`]: next hops toward backends (routes, neighbours, interfaces).
+//! * [`net`]: next hops toward backends (routes, neighbours, interfaces); [`nexthops`]: their
+//!   cache, looked up outside the daemon's lock.
+//! * [`links`]: interface events over rtnetlink; [`attachments`]: the program kept on the
+//!   configured interfaces.
 //! * [`health`]: health checks and their state machines.
 //! * [`overrides`]: drains and CLI weights, persisted.
 //! * [`stats`], [`metrics`]: counters, rates, Prometheus export; [`flowscan`]: active flows
@@ -13,16 +16,19 @@
 //!   [`cli`], [`watch`]: the command line.
 
 pub mod api;
+pub mod attachments;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod flowscan;
 pub mod health;
+pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod nexthops;
 pub mod overrides;
 pub mod state;
 pub mod stats;

@@ -28,7 +28,15 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+
+/// Connections `/metrics` and `/healthz` serve at once: a scraper or a load balancer's probe
+/// needs one or two; more wait in the kernel's backlog instead of costing descriptors.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// The `Content-Type` of what [`render`] produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -363,8 +371,19 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
 /// returns true, else 503) on `listener` until `shutdown` completes. Taking a bound listener
 /// lets the caller report a bind error (port in use) at start-up rather than from a spawned
 /// task, and learn the port when binding port 0.
+/// At most [`MAX_CONNECTIONS`] connections are open at once.
 pub async fn serve(
     listener: TcpListener,
+    metrics: impl Fn() -> String + Send + Sync + 'static,
+    healthy: impl Fn() -> bool + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_bounded(listener, MAX_CONNECTIONS, metrics, healthy, shutdown).await
+}
+
+async fn serve_bounded(
+    listener: TcpListener,
+    max_connections: usize,
     metrics: impl Fn() -> String + Send + Sync + 'static,
     healthy: impl Fn() -> bool + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -386,9 +405,86 @@ pub async fn serve(
                 }
             }),
         );
+    let listener = Bounded {
+        listener,
+        slots: Arc::new(Semaphore::new(max_connections)),
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// A listener that accepts only while fewer than its limit of connections are open. Accept
+/// errors (out of descriptors) are handled by axum's listener: logged, then a pause.
+struct Bounded {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Slotted;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.listener).await;
+        (
+            Slotted {
+                stream,
+                _slot: slot,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection holding its slot until it closes.
+struct Slotted {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Slotted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Slotted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -685,6 +781,34 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_bounded(
+            listener,
+            2,
+            String::new,
+            || true,
+            std::future::pending(),
+        ));
+        // Two idle connections take both slots.
+        let idle = [
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        let waiting = tokio::spawn(get(addr, "/healthz"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "served beyond the limit");
+        drop(idle);
+        let response = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("served once a slot was free")
+            .unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        server.abort();
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! Control plane: Maglev build time, applying 1,000 VIPs into real maps, map memory at 1M
-//! flows, the health checker's CPU for 1,000 backends (tcp and https checks), and the cost of
-//! next-hop resolution.
+//! flows, the health checker's CPU for 1,000 backends (tcp and https checks), the cost of
+//! next-hop resolution, and how long `/healthz` waits while a reload of 1,000 backends runs.
 
 use crate::report::{Figure, Report};
 use anyhow::{bail, ensure, Context as _, Result};
@@ -467,6 +467,8 @@ struct DaemonSetup<'a> {
     /// Thresholds; huge ones keep every backend "unknown", so no transition (and no apply it
     /// triggers) happens during the measurement.
     rise: u32,
+    /// `daemon.metrics_listen`, when the measurement asks `/healthz`.
+    metrics_listen: Option<&'a str>,
 }
 
 impl HealthDaemon {
@@ -476,6 +478,7 @@ impl HealthDaemon {
             port,
             backends,
             rise,
+            metrics_listen,
         } = *setup;
         std::fs::create_dir_all(dir)?;
         let bpffs = dir.join("bpffs");
@@ -490,6 +493,9 @@ impl HealthDaemon {
             dir.join("state").display(),
             bpffs.join("xdplb").display()
         );
+        if let Some(listen) = metrics_listen {
+            config += &format!("metrics_listen = \"{listen}\"\n");
+        }
         for v in 0..backends / 10 {
             config += &format!(
                 "[[vip]]\nname = \"v{v}\"\naddress = \"192.0.2.{}\"\nport = 80\nprotocol = \"tcp\"\n\
@@ -543,6 +549,21 @@ impl HealthDaemon {
         }
         let _ = &mut daemon;
         Ok(daemon)
+    }
+
+    /// `xdplb <args>` against this daemon.
+    fn cli(&self, args: &[&str]) -> Result<()> {
+        let out = Command::new(xdplb_binary())
+            .arg("--socket")
+            .arg(self.dir.join("admin.sock"))
+            .args(args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "xdplb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     /// User + system CPU seconds of the daemon so far.
@@ -672,6 +693,7 @@ fn daemon_cpu(
         port,
         backends: HEALTH_BACKENDS,
         rise: 1_000_000,
+        metrics_listen: None,
     };
     let daemon = HealthDaemon::start(ns, &dir, &setup)?;
     std::thread::sleep(warmup);
@@ -826,6 +848,7 @@ fn startup(ns: &Netns, accepted: &AtomicU64) -> Result<(f64, f64, f64)> {
         port: HEALTH_PORT,
         backends: STARTUP_BACKENDS,
         rise: 2,
+        metrics_listen: None,
     };
     let started = Instant::now();
     let daemon = HealthDaemon::start(ns, &dir, &setup)?;
@@ -886,6 +909,92 @@ fn resolver(report: &mut Report) -> Result<()> {
     Ok(())
 }
 
+const RELOAD_BACKENDS: usize = 1_000;
+const RELOADS: usize = 3;
+const RELOAD_METRICS: &str = "127.0.0.1:9466";
+
+/// One `GET /healthz` in the current namespace: how long the answer took.
+fn healthz_latency() -> Result<Duration> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let mut stream = std::net::TcpStream::connect(RELOAD_METRICS)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    ensure!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    Ok(start.elapsed())
+}
+
+/// `/healthz` asked every 10 ms while `xdplb reload` re-reads a config of 1,000 backends
+/// (each reload looks every backend's next hop up again: an `ip` process each). A daemon that
+/// resolves under its lock keeps `/healthz` waiting for the whole reload.
+pub fn reload_latency(report: &mut Report) -> Result<()> {
+    let ns = Netns::new(&format!("xl{}", std::process::id() % 100_000))?;
+    ns.exec(
+        "ip link add eth0 type veth peer name eth1 && ip link set eth0 up && ip link set eth1 up && \
+         ip addr add 10.9.0.2/24 dev eth0",
+    )?;
+    let dir = std::env::temp_dir().join(format!("{}-reload", ns.name));
+    let setup = DaemonSetup {
+        kind: "none",
+        port: HEALTH_PORT,
+        backends: RELOAD_BACKENDS,
+        rise: 2,
+        metrics_listen: Some(RELOAD_METRICS),
+    };
+    let daemon = HealthDaemon::start(&ns, &dir, &setup)?;
+    let stop = AtomicBool::new(false);
+    let (reloads, latencies) = std::thread::scope(|scope| -> Result<_> {
+        let poller = scope.spawn(|| {
+            ns.enter(|| -> Result<Vec<Duration>> {
+                let mut latencies = Vec::new();
+                // Bounded: the reloads end the loop, and so does a 10,000-request cap.
+                while !stop.load(Ordering::Relaxed) && latencies.len() < 10_000 {
+                    latencies.push(healthz_latency()?);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(latencies)
+            })
+        });
+        let reloads = (0..RELOADS)
+            .map(|_| {
+                let start = Instant::now();
+                daemon.cli(&["reload"])?;
+                Ok(start.elapsed().as_secs_f64())
+            })
+            .collect::<Result<Vec<f64>>>();
+        stop.store(true, Ordering::Relaxed);
+        let latencies = poller.join().expect("poller panicked")??;
+        Ok((reloads?, latencies))
+    })?;
+    let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let max = ms.last().copied().unwrap_or(0.0);
+    let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
+    let reload = median(reloads);
+    println!(
+        "  /healthz during {RELOADS} reloads of {RELOAD_BACKENDS} backends ({reload:.2} s each): \
+         max {max:.1} ms, p99 {p99:.1} ms over {} requests",
+        ms.len()
+    );
+    let section = report.section("Control plane");
+    section.push(Figure::new(
+        "control.healthz_during_reload",
+        "/healthz latency during a reload, 1,000 backends (max)",
+        max,
+        "ms",
+        &format!(
+            "GET /healthz every 10 ms while `xdplb reload` runs {RELOADS} times ({reload:.2} s each, median; every backend looked up again); p99 {p99:.1} ms over {} requests",
+            ms.len()
+        ),
+    ));
+    Ok(())
+}
+
 pub fn run(report: &mut Report) -> Result<()> {
     println!("control plane:");
     maglev(report)?;
@@ -893,5 +1002,6 @@ pub fn run(report: &mut Report) -> Result<()> {
     memory(report)?;
     resolver(report)?;
     health(report)?;
+    reload_latency(report)?;
     Ok(())
 }

@@ -9,7 +9,8 @@
 //! * `tcp`: TCP connections per second and request latency through the real daemon (`dsr`)
 //!   and through HAProxy (`mode tcp`) in the same lab.
 //! * `control`: Maglev build time, applying 1,000 VIPs, map memory at 1M flows, health-check
-//!   CPU, next-hop resolution cost.
+//!   CPU, next-hop resolution cost, `/healthz` latency during a reload.
+//! * `reload`: only the last of those (a part of `control`, to run on its own).
 //!
 //! Every address lives in namespaces the bench creates and removes; every loop is bounded.
 
@@ -24,7 +25,7 @@ use anyhow::{bail, Result};
 use report::Report;
 use std::{path::Path, time::Instant};
 
-const SECTIONS: &[&str] = &["micro", "pps", "tcp", "control"];
+const SECTIONS: &[&str] = &["micro", "pps", "tcp", "control", "reload"];
 
 const SHARED_CPU_NOTE: &str = "This is a shared 2-core VM: in the lab measurements the client \
     (generator), the LB and the backends run on the same 2 cores and compete for CPU, so rates \
@@ -83,6 +84,8 @@ fn run() -> Result<()> {
     }
     if wants("control") {
         control::run(&mut report)?;
+    } else if wants("reload") {
+        control::reload_latency(&mut report)?;
     }
     report.note(SHARED_CPU_NOTE);
     let elapsed = started.elapsed().as_secs_f64();
