@@ -1,0 +1,400 @@
+//! Round robin and least connections: the exact backend sequence new flows get, the counts
+//! least-conn keeps on the packet path, and established flows keeping their backend.
+//!
+//! Both schedulers keep per-CPU state (round robin's turn, least-conn's tie-break start), and
+//! `BPF_PROG_TEST_RUN` runs on the calling CPU: every test pins its thread to one CPU first.
+
+use lb_common::{counters::*, FLOW_COUNTED, PROTO_TCP};
+use lb_userspace::{
+    dataplane::Role,
+    model::{Forwarding, Protocol, Services},
+    scheduler::Scheduler,
+    state::{vip_key, BackendStatus},
+};
+use std::net::{IpAddr, Ipv4Addr};
+use xdplb_tests::fixture::*;
+use xdplb_tests::{
+    harness::{vip_spec, Action, Fixture, Harness, LB_MAC},
+    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+const RR_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 70);
+const LC_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
+
+/// Round robin over weights 1:1:2 and least-conn over three equal backends.
+fn services() -> Services {
+    let mut rr = vip_spec(
+        "rr",
+        vip(IpAddr::V4(RR_VIP), 80, Protocol::Tcp),
+        Forwarding::Dsr,
+        13,
+        &[
+            (v4(10, 7, 0, 11), mac(0x11), 100),
+            (v4(10, 7, 0, 12), mac(0x12), 100),
+            (v4(10, 7, 0, 13), mac(0x13), 200),
+        ],
+    );
+    rr.scheduler = Scheduler::RoundRobin;
+    let mut lc = vip_spec(
+        "lc",
+        vip(IpAddr::V4(LC_VIP), 80, Protocol::Tcp),
+        Forwarding::Dsr,
+        13,
+        &[
+            (v4(10, 8, 0, 21), mac(0x21), 100),
+            (v4(10, 8, 0, 22), mac(0x22), 100),
+            (v4(10, 8, 0, 23), mac(0x23), 100),
+        ],
+    );
+    lc.scheduler = Scheduler::LeastConn;
+    Services {
+        settings: settings(SEED),
+        vips: vec![rr, lc],
+    }
+}
+
+/// Keeps this thread (and so every test run) on CPU 0.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the test thread: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn lb() -> Harness {
+    pin_to_one_cpu();
+    let mut harness = Harness::new(Role::Balancer);
+    harness.apply(&services());
+    harness
+}
+
+/// A client segment of flow `sport` to `vip`, and the fixture saying it goes to `backend`.
+fn to_backend(
+    description: &'static str,
+    vip: Ipv4Addr,
+    sport: u16,
+    flags: u8,
+    backend: u8,
+    counters: &'static [(u32, u64)],
+) -> Fixture {
+    let segment = tcp4(vip, sport, 80, flags);
+    Fixture {
+        description,
+        input: from_client(&segment),
+        action: Action::Tx,
+        output: Some(framed(LB_MAC, mac(backend), &segment.build())),
+        counters,
+    }
+}
+
+const NEW: &[(u32, u64)] = &[(FLOW_MISS, 1)];
+const HIT: &[(u32, u64)] = &[(FLOW_HIT, 1)];
+
+#[test]
+fn round_robin_takes_backends_in_weighted_turn() {
+    let mut lb = lb();
+    // Smooth weighted round robin over 1:1:2 (by address: .11, .12, .13): .13 .11 .12 .13.
+    let turn = [0x13, 0x11, 0x12, 0x13];
+    let fixtures: Vec<Fixture> = turn
+        .iter()
+        .chain(&turn)
+        .enumerate()
+        .map(|(i, backend)| {
+            to_backend(
+                "round robin: a new flow takes the next backend of the weighted turn",
+                RR_VIP,
+                41000 + i as u16,
+                TCP_SYN,
+                *backend,
+                NEW,
+            )
+        })
+        .collect();
+    lb.check_all(&fixtures);
+    lb.check_all(&[
+        to_backend(
+            "round robin: an established flow keeps its backend, and takes no turn",
+            RR_VIP,
+            41001,
+            TCP_ACK,
+            0x11,
+            HIT,
+        ),
+        to_backend(
+            "round robin: the next new flow continues the turn",
+            RR_VIP,
+            41100,
+            TCP_SYN,
+            0x13,
+            NEW,
+        ),
+    ]);
+}
+
+#[test]
+fn round_robin_leaves_drained_backends_out_of_the_turn() {
+    let mut lb = lb();
+    lb.check(&to_backend(
+        "round robin: first flow",
+        RR_VIP,
+        42000,
+        TCP_SYN,
+        0x13,
+        NEW,
+    ))
+    .unwrap();
+    lb.status.insert(
+        ("rr".into(), v4(10, 7, 0, 13)),
+        BackendStatus {
+            drained: true,
+            ..BackendStatus::default()
+        },
+    );
+    lb.apply(&services());
+    // The turn is now .11 .12, and this CPU's cursor (at 1) carries on in it.
+    lb.check_all(&[
+        to_backend(
+            "round robin: drained backend keeps its established flow",
+            RR_VIP,
+            42000,
+            TCP_ACK,
+            0x13,
+            HIT,
+        ),
+        to_backend(
+            "round robin, drained .13: .12",
+            RR_VIP,
+            42001,
+            TCP_SYN,
+            0x12,
+            NEW,
+        ),
+        to_backend(
+            "round robin, drained .13: .11",
+            RR_VIP,
+            42002,
+            TCP_SYN,
+            0x11,
+            NEW,
+        ),
+        to_backend(
+            "round robin, drained .13: .12",
+            RR_VIP,
+            42003,
+            TCP_SYN,
+            0x12,
+            NEW,
+        ),
+    ]);
+}
+
+/// Active connections least-conn counts for each backend of "lc", in address order.
+fn counts(lb: &Harness) -> Vec<i64> {
+    let vip = &lb.live().vips[&vip_key(&vip(IpAddr::V4(LC_VIP), 80, Protocol::Tcp))];
+    vip.backends
+        .values()
+        .map(|b| lb.dataplane.active_conns(b.id).unwrap())
+        .collect()
+}
+
+#[test]
+fn least_conn_picks_the_least_loaded_and_counts_on_the_packet_path() {
+    let mut lb = lb();
+    // All idle: ties go to the first backend from a rotating start, so equal backends take
+    // turns; then the least loaded wins.
+    lb.check_all(&[
+        to_backend(
+            "least-conn, all at 0: .21",
+            LC_VIP,
+            43001,
+            TCP_SYN,
+            0x21,
+            NEW,
+        ),
+        to_backend(
+            "least-conn, .21 has 1: .22",
+            LC_VIP,
+            43002,
+            TCP_SYN,
+            0x22,
+            NEW,
+        ),
+        to_backend(
+            "least-conn, .23 is the only one at 0",
+            LC_VIP,
+            43003,
+            TCP_SYN,
+            0x23,
+            NEW,
+        ),
+        to_backend(
+            "least-conn, all at 1: .21",
+            LC_VIP,
+            43004,
+            TCP_SYN,
+            0x21,
+            NEW,
+        ),
+    ]);
+    assert_eq!(counts(&lb), [2, 1, 1], "one count per new flow");
+    lb.check_all(&[
+        to_backend(
+            "least-conn: established flow, no count",
+            LC_VIP,
+            43001,
+            TCP_ACK,
+            0x21,
+            HIT,
+        ),
+        to_backend(
+            "least-conn: the client's FIN gives the count back",
+            LC_VIP,
+            43001,
+            TCP_FIN | TCP_ACK,
+            0x21,
+            HIT,
+        ),
+        to_backend(
+            "least-conn: a retransmitted FIN gives nothing more",
+            LC_VIP,
+            43001,
+            TCP_FIN | TCP_ACK,
+            0x21,
+            HIT,
+        ),
+        to_backend(
+            "least-conn: the client's RST gives the count back",
+            LC_VIP,
+            43002,
+            TCP_RST,
+            0x22,
+            HIT,
+        ),
+    ]);
+    assert_eq!(
+        counts(&lb),
+        [1, 0, 1],
+        "FIN and RST each gave one count back, once"
+    );
+    lb.check_all(&[
+        to_backend(
+            "least-conn: .22 is the least loaded",
+            LC_VIP,
+            43005,
+            TCP_SYN,
+            0x22,
+            NEW,
+        ),
+        to_backend(
+            "least-conn: all at 1 again, rotating start: .23",
+            LC_VIP,
+            43006,
+            TCP_SYN,
+            0x23,
+            NEW,
+        ),
+        to_backend(
+            "least-conn: .21 and .22 hold 1, .23 holds 2: .21",
+            LC_VIP,
+            43007,
+            TCP_SYN,
+            0x21,
+            NEW,
+        ),
+    ]);
+    assert_eq!(counts(&lb), [2, 1, 2]);
+    let closed = lb
+        .dataplane
+        .flow(&flow_key(
+            IpAddr::V4(CLIENT4),
+            IpAddr::V4(LC_VIP),
+            43001,
+            80,
+            PROTO_TCP,
+        ))
+        .unwrap()
+        .expect("the closed flow's entry stays");
+    assert_eq!(
+        closed.state & FLOW_COUNTED,
+        0,
+        "a closed flow holds no count"
+    );
+}
+
+#[test]
+fn least_conn_counts_a_flow_again_when_it_comes_back_from_idle() {
+    let mut lb = lb();
+    lb.check(&to_backend(
+        "least-conn: first flow",
+        LC_VIP,
+        44001,
+        TCP_SYN,
+        0x21,
+        NEW,
+    ))
+    .unwrap();
+    // What the daemon's reconciliation does to a flow idle past the timeout.
+    let key = flow_key(
+        IpAddr::V4(CLIENT4),
+        IpAddr::V4(LC_VIP),
+        44001,
+        80,
+        PROTO_TCP,
+    );
+    let mut flow = lb.dataplane.flow(&key).unwrap().unwrap();
+    assert_ne!(flow.state & FLOW_COUNTED, 0);
+    flow.state &= !FLOW_COUNTED;
+    assert!(lb.dataplane.update_flow(&key, &flow).unwrap());
+    let id = flow.backend_id;
+    lb.dataplane.add_active_conns(id, -1).unwrap();
+    assert_eq!(counts(&lb), [0, 0, 0]);
+    lb.check(&to_backend(
+        "least-conn: an uncounted open flow's next packet counts it again",
+        LC_VIP,
+        44001,
+        TCP_ACK,
+        0x21,
+        HIT,
+    ))
+    .unwrap();
+    assert_eq!(counts(&lb), [1, 0, 0]);
+}
+
+#[test]
+fn least_conn_skips_drained_backends_and_weighs_counts() {
+    let mut lb = lb();
+    lb.status.insert(
+        ("lc".into(), v4(10, 8, 0, 21)),
+        BackendStatus {
+            drained: true,
+            ..BackendStatus::default()
+        },
+    );
+    let mut services = services();
+    // .23 weighs 3 times .22: it takes 3 flows for each of .22's.
+    services.vips[1].backends[2].weight = 300;
+    lb.apply(&services);
+    let fixtures: Vec<Fixture> = [0x22, 0x23, 0x23, 0x23, 0x22, 0x23, 0x23, 0x23]
+        .iter()
+        .enumerate()
+        .map(|(i, backend)| {
+            to_backend(
+                "least-conn 1:3, .21 drained: fewest connections per weight",
+                LC_VIP,
+                45000 + i as u16,
+                TCP_SYN,
+                *backend,
+                NEW,
+            )
+        })
+        .collect();
+    lb.check_all(&fixtures);
+    assert_eq!(counts(&lb), [0, 2, 6]);
+}
