@@ -71,6 +71,8 @@ pub struct VipStatus {
     pub name: String,
     pub address: String,
     pub forwarding: String,
+    /// "maglev", "round-robin" or "least-conn".
+    pub scheduler: String,
     pub ring_size: u32,
     /// Backends that new flows can go to now.
     pub available: usize,
@@ -92,6 +94,8 @@ pub struct BackendStatus {
     pub health_since_s: Option<u64>,
     pub last_failure: Option<String>,
     pub active_flows: u64,
+    /// Least-conn VIPs: the active connections the data path compares for new flows.
+    pub scheduler_connections: Option<i64>,
     /// "02:00:00:00:00:11 via eth0", or why it is unresolved.
     pub next_hop: String,
 }

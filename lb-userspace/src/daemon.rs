@@ -14,6 +14,7 @@ use crate::{
     model::{BackendSpec, Mac, OnAllDown, VipSpec},
     net::HostResolver,
     overrides::Overrides,
+    scheduler,
     state::{self, BackendStatus, Live, NextHop, Resolve, Unresolved},
     stats::{self, BackendSample, Sample, Stats, VipSample},
 };
@@ -487,11 +488,12 @@ impl Daemon {
             return Ok(());
         }
         let flows = self.dataplane.flows()?;
-        self.flow_scan.active = stats::active_flows(
-            &flows,
+        let (now, idle_timeout) = (
             stats::monotonic_seconds(),
             self.config.daemon.flow_idle_timeout.as_secs() as u32,
         );
+        self.flow_scan.active = stats::active_flows(&flows, now, idle_timeout);
+        scheduler::settle_counts(&mut self.dataplane, &self.live, &flows, now, idle_timeout)?;
         self.flow_scan.entries = flows.len() as u64;
         self.flow_scan.countdown = (flows.len() / FLOWS_PER_SCAN_PERIOD) as u32;
         Ok(())
@@ -538,6 +540,12 @@ impl Daemon {
                                 .and_then(|l| active.get(&l.id))
                                 .copied()
                                 .unwrap_or(0),
+                            // A live backend's id is always inside the mapped counts.
+                            scheduler_connections: live.zip(live_backend).and_then(|(vip, b)| {
+                                scheduler::connections(&self.dataplane, vip, b.id)
+                                    .ok()
+                                    .flatten()
+                            }),
                             next_hop,
                         }
                     })
@@ -546,6 +554,7 @@ impl Daemon {
                     name: vip.name.clone(),
                     address: vip.vip.to_string(),
                     forwarding: vip.forwarding.to_string(),
+                    scheduler: vip.scheduler.to_string(),
                     ring_size: vip.ring_size,
                     available: backends.iter().filter(|b| b.effective_weight > 0).count(),
                     backends,
@@ -635,11 +644,13 @@ impl Daemon {
                     drained: self.overrides.get(&spec.name, b.addr).drained,
                     health: health.to_string(),
                     up: health != State::Down,
+                    scheduler_connections: scheduler::connections(&self.dataplane, live, lb.id)?,
                 });
             }
             vips.push(VipSample {
                 name: spec.name.clone(),
                 address: spec.vip.to_string(),
+                scheduler: spec.scheduler.to_string(),
                 counters: self.dataplane.vip_counters(live.meta.vip_id)?,
                 backends,
             });

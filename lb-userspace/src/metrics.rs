@@ -219,6 +219,8 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
     let mut backend_up = Gauges::new();
     let mut backend_weight = Gauges::new();
     let mut backend_drained = Gauges::new();
+    let mut backend_scheduler_connections = Gauges::new();
+    let mut vip_scheduler = Gauges::new();
     let mut vip_packets = Counters::new();
     let mut vip_bytes = Counters::new();
     let mut vip_new_flows = Counters::new();
@@ -229,6 +231,13 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         vip_bytes.push(labels(), ConstCounter::new(vip.totals.bytes));
         vip_new_flows.push(labels(), ConstCounter::new(vip.totals.new_flows));
         vip_dropped.push(labels(), ConstCounter::new(vip.totals.not_forwarded));
+        vip_scheduler.push(
+            vec![
+                ("vip", vip.name.clone()),
+                ("scheduler", vip.scheduler.clone()),
+            ],
+            gauge(1),
+        );
         for b in &vip.backends {
             let labels = || vec![("vip", vip.name.clone()), ("backend", b.address.clone())];
             backend_packets.push(labels(), ConstCounter::new(b.totals.packets));
@@ -238,6 +247,9 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
             backend_up.push(labels(), gauge(u8::from(b.up)));
             backend_weight.push(labels(), gauge(b.weight));
             backend_drained.push(labels(), gauge(u8::from(b.drained)));
+            if let Some(connections) = b.scheduler_connections {
+                backend_scheduler_connections.push(labels(), gauge(connections));
+            }
         }
     }
 
@@ -275,6 +287,16 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         "xdplb_backend_drained",
         "1 when the backend is drained: no new flows, established ones continue",
         backend_drained,
+    );
+    registry.register(
+        "xdplb_backend_scheduler_connections",
+        "Least-conn VIPs: the backend's active connections as the data path counts them for new-flow choices",
+        backend_scheduler_connections,
+    );
+    registry.register(
+        "xdplb_vip_scheduler",
+        "1, labelled with how the VIP's new flows pick a backend (maglev, round-robin, least-conn)",
+        vip_scheduler,
     );
     registry.register(
         "xdplb_vip_packets",
@@ -404,6 +426,8 @@ mod tests {
             health: if up { "up" } else { "down" }.into(),
             up,
             active_flows,
+            // The VIP is least-conn: the data path's count next to the flow scan's.
+            scheduler_connections: Some(active_flows as i64 + 1),
             totals: t,
             rates: Rates::default(),
         };
@@ -422,6 +446,7 @@ mod tests {
             vips: vec![VipStats {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
+                scheduler: "least-conn".into(),
                 active_flows: 40,
                 totals: totals(1000, 64_000, 50, 3),
                 rates: Rates::default(),
@@ -446,7 +471,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 20] = [
+    const FAMILIES: [(&str, &str); 22] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -454,6 +479,8 @@ mod tests {
         ("xdplb_backend_up", "gauge"),
         ("xdplb_backend_weight", "gauge"),
         ("xdplb_backend_drained", "gauge"),
+        ("xdplb_backend_scheduler_connections", "gauge"),
+        ("xdplb_vip_scheduler", "gauge"),
         ("xdplb_vip_packets", "counter"),
         ("xdplb_vip_bytes", "counter"),
         ("xdplb_vip_new_flows", "counter"),
@@ -497,6 +524,8 @@ mod tests {
             r#"xdplb_backend_up{vip="web",backend="10.0.0.1"} 1"#,
             r#"xdplb_backend_weight{vip="web",backend="10.0.0.1"} 100"#,
             r#"xdplb_backend_drained{vip="web",backend="10.0.0.2"} 1"#,
+            r#"xdplb_backend_scheduler_connections{vip="web",backend="10.0.0.1"} 31"#,
+            r#"xdplb_vip_scheduler{vip="web",scheduler="least-conn"} 1"#,
             r#"xdplb_vip_packets_total{vip="web"} 1000"#,
             r#"xdplb_vip_bytes_total{vip="web"} 64000"#,
             r#"xdplb_vip_new_flows_total{vip="web"} 50"#,

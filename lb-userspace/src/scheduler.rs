@@ -18,12 +18,19 @@
 //! number of counted entries found. A count is therefore off by at most the flows that opened
 //! or closed on that backend while the scan read the table, until the next scan.
 
-use crate::maglev::{self, MaglevBackend, MaglevError};
+use crate::{
+    dataplane::{Dataplane, DataplaneError},
+    maglev::{self, MaglevBackend, MaglevError},
+    state::{Live, LiveVip},
+};
 use lb_common::{
     FlowKey, FlowValue, FLOW_COUNTED, MAX_LEAST_CONN_BACKENDS, SCHED_LEAST_CONN, SCHED_MAGLEV,
     SCHED_ROUND_ROBIN,
 };
-use std::{collections::HashMap, fmt};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Scheduler {
@@ -185,6 +192,60 @@ pub struct Reconciliation {
     pub idle: Vec<(FlowKey, FlowValue)>,
     /// Backend id -> counted flows that stay counted: what each count should be.
     pub held: HashMap<u32, i64>,
+}
+
+fn is_least_conn(vip: &LiveVip) -> bool {
+    vip.meta.scheduler == SCHED_LEAST_CONN
+}
+
+/// Least-conn: the count the data path compares for backend `id` of `vip` (`None` for other
+/// schedulers).
+pub fn connections(
+    dataplane: &Dataplane,
+    vip: &LiveVip,
+    id: u32,
+) -> Result<Option<i64>, DataplaneError> {
+    if !is_least_conn(vip) {
+        return Ok(None);
+    }
+    dataplane.active_conns(id).map(Some)
+}
+
+/// After a flow-table scan: idle counted flows give their count back (the entry loses
+/// [`FLOW_COUNTED`]), then each least-conn backend's count is set to the counted flows the
+/// scan found, which also drops the counts of entries the LRU evicted. Counts are corrected
+/// with atomic adds, so increments and give-backs from the data path are never lost; only
+/// flows opened or closed between the scan and the correction are off, until the next scan.
+pub fn settle_counts(
+    dataplane: &mut Dataplane,
+    live: &Live,
+    flows: &[(FlowKey, FlowValue)],
+    now_s: u32,
+    idle_timeout_s: u32,
+) -> Result<(), DataplaneError> {
+    let ids: HashSet<u32> = live
+        .vips
+        .values()
+        .filter(|vip| is_least_conn(vip))
+        .flat_map(|vip| vip.backends.values().map(|b| b.id))
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let verdict = reconcile(flows, |id| ids.contains(&id), now_s, idle_timeout_s);
+    for (key, mut flow) in verdict.idle {
+        flow.state &= !FLOW_COUNTED;
+        // Gone meanwhile (evicted, or re-used by a new flow): nothing to rewrite.
+        dataplane.update_flow(&key, &flow)?;
+    }
+    for id in ids {
+        let want = verdict.held.get(&id).copied().unwrap_or(0);
+        let have = dataplane.active_conns(id)?;
+        if have != want {
+            dataplane.add_active_conns(id, want - have)?;
+        }
+    }
+    Ok(())
 }
 
 /// Sorts the counted flows of the least-conn backends (`counted`) into idle and held.

@@ -877,6 +877,44 @@ mod tests {
     }
 
     #[test]
+    fn schedulers_fill_the_ring_halves_and_flip_like_maglev() {
+        let mut lc = vip("web", 10, &[(1, 100), (2, 0), (3, 300)]);
+        lc.scheduler = Scheduler::LeastConn;
+        let (changes, live) = plan_for(&Live::empty(SIZES), &services(vec![lc.clone()]));
+        let meta = set_vip(&changes);
+        assert_eq!(meta.scheduler, lb_common::SCHED_LEAST_CONN);
+        let web = live.vips.values().next().unwrap();
+        let id = |last: u8| web.backends[&IpAddr::from([10, 0, 0, last])].id;
+        assert_eq!(meta.ring_size, 4, "two slots per weighted backend");
+        assert_eq!(web.table(), [id(1), 100, id(3), 300]);
+
+        let mut rr = lc;
+        rr.scheduler = Scheduler::RoundRobin;
+        let (changes, next) = plan_for(&live, &services(vec![rr]));
+        assert_eq!(kinds(&changes), ["ring", "set-vip"]);
+        let meta = set_vip(&changes);
+        assert_eq!(meta.scheduler, lb_common::SCHED_ROUND_ROBIN);
+        assert_eq!(meta.ring_base, SIZES.ring_base(0, 1), "the inactive half");
+        assert_eq!(
+            next.vips.values().next().unwrap().table(),
+            [id(3), id(1), id(3), id(3)]
+        );
+    }
+
+    #[test]
+    fn a_least_conn_list_larger_than_a_ring_half_is_refused() {
+        let backends: Vec<(u8, u32)> = (1..=7).map(|b| (b, 100)).collect();
+        let mut lc = vip("web", 10, &backends);
+        lc.scheduler = Scheduler::LeastConn;
+        let err = plan(
+            &Live::empty(SIZES),
+            &target(&services(vec![lc]), |_, _| BackendStatus::default(), &Macs).unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_ring_size 13"), "{err}");
+    }
+
+    #[test]
     fn a_mode_change_rewrites_only_the_vip() {
         let (_, live) = start(vec![vip("web", 10, &[(1, 100)])]);
         let mut ipip = vip("web", 10, &[(1, 100)]);

@@ -33,6 +33,8 @@ pub struct VipSample {
     pub name: String,
     /// e.g. `192.0.2.10:80/tcp` ([`crate::model::VipAddr`]'s display form).
     pub address: String,
+    /// "maglev", "round-robin" or "least-conn".
+    pub scheduler: String,
     pub counters: TrafficCounters,
     pub backends: Vec<BackendSample>,
 }
@@ -53,6 +55,8 @@ pub struct BackendSample {
     pub health: String,
     /// Whether the backend counts as up: health checks have not marked it down.
     pub up: bool,
+    /// Least-conn VIPs: the active connections the data path compares for this backend.
+    pub scheduler_connections: Option<i64>,
 }
 
 /// Monotonic totals since the counters were created (or since the daemon started, for
@@ -98,6 +102,7 @@ pub struct GlobalStat {
 pub struct VipStats {
     pub name: String,
     pub address: String,
+    pub scheduler: String,
     /// Sum over the backends.
     pub active_flows: u64,
     pub totals: Totals,
@@ -114,6 +119,8 @@ pub struct BackendStats {
     pub health: String,
     pub up: bool,
     pub active_flows: u64,
+    /// Least-conn VIPs: the active connections the data path compares for this backend.
+    pub scheduler_connections: Option<i64>,
     pub totals: Totals,
     pub rates: Rates,
 }
@@ -291,6 +298,7 @@ impl Stats {
                             health: b.health,
                             up: b.up,
                             active_flows: b.active_flows,
+                            scheduler_connections: b.scheduler_connections,
                             totals,
                             rates,
                         }
@@ -299,6 +307,7 @@ impl Stats {
                 VipStats {
                     name: vip.name,
                     address: vip.address,
+                    scheduler: vip.scheduler,
                     active_flows: backend_stats.iter().map(|b| b.active_flows).sum(),
                     totals,
                     rates,
@@ -496,6 +505,7 @@ mod tests {
             drained: false,
             health: "up".into(),
             up: true,
+            scheduler_connections: None,
         }
     }
 
@@ -506,6 +516,7 @@ mod tests {
             vips: vec![VipSample {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
+                scheduler: "maglev".into(),
                 counters: vip,
                 backends: vec![backend("10.0.0.1", backend_counters)],
             }],
@@ -695,6 +706,7 @@ mod tests {
                 VipStats {
                     name: "web".into(),
                     address: "192.0.2.10:80/tcp".into(),
+                    scheduler: "maglev".into(),
                     active_flows: 1500,
                     totals: totals(123_456_789, 98_765_432_100, 54_321, 12),
                     rates: rates(12_345.0, 9_876_543.0, 120.5),
@@ -707,6 +719,7 @@ mod tests {
                             health: "up".into(),
                             up: true,
                             active_flows: 1480,
+                            scheduler_connections: None,
                             totals: totals(100_000_000, 80_000_000_000, 50_000, 0),
                             rates: rates(12_000.0, 9_600_000.0, 120.5),
                         },
@@ -718,6 +731,7 @@ mod tests {
                             health: "up".into(),
                             up: true,
                             active_flows: 20,
+                            scheduler_connections: None,
                             totals: totals(23_456_789, 18_765_432_100, 4_321, 0),
                             rates: rates(345.0, 276_543.0, 0.0),
                         },
@@ -729,6 +743,7 @@ mod tests {
                             health: "down".into(),
                             up: false,
                             active_flows: 0,
+                            scheduler_connections: None,
                             totals: totals(0, 0, 0, 0),
                             rates: Rates::default(),
                         },
@@ -737,6 +752,7 @@ mod tests {
                 VipStats {
                     name: "dns".into(),
                     address: "[2001:db8::53]:53/udp".into(),
+                    scheduler: "maglev".into(),
                     active_flows: 7,
                     totals: totals(999, 64_000, 7, 0),
                     rates: rates(0.5, 32.0, 0.5),
@@ -748,6 +764,7 @@ mod tests {
                         health: "unknown".into(),
                         up: true,
                         active_flows: 7,
+                        scheduler_connections: None,
                         totals: totals(999, 64_000, 7, 0),
                         rates: rates(0.5, 32.0, 0.5),
                     }],
