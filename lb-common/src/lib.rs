@@ -19,7 +19,7 @@
 //! | [`map_names::TX_PORTS`] | `DEVMAP_HASH` | [`MAX_TX_PORTS`] | egress interfaces for two-armed set-ups (`XDP_REDIRECT`) |
 //! | [`map_names::DECAP_LOCAL`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: outer destinations that are this host |
 //! | [`map_names::DECAP_VIPS`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: inner destinations served here |
-//! | [`map_names::SCHED_CURSORS`] | `PERCPU_ARRAY` | `max_vips` | round-robin position (and least-conn tie-break start) per VIP: per CPU, so no lock or shared cache line on the packet path |
+//! | [`map_names::SCHED_CURSORS`] | `PERCPU_ARRAY` | `max_vips` | round-robin position (least-conn: where the next scan starts, after the last backend chosen) per VIP: per CPU, so no lock or shared cache line on the packet path |
 //! | [`map_names::ACTIVE_CONNS`] | `ARRAY`, mmapable | `max_backends` | least-conn active connections per backend id (`u64`: BPF has no 32-bit atomic add in Rust's core), shared by all CPUs (atomic adds); mapped by the daemon, which reconciles it with the flow table using atomic adds too |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);

@@ -7,8 +7,8 @@
 //!   CPUs each one keeps its own turn, so the spread is exact per CPU and within one turn per
 //!   CPU overall.
 //! * Least connections: a bounded scan of the VIP's `(backend, weight)` list for the fewest
-//!   `ACTIVE_CONNS` per weight (IPVS's `wlc`), starting at a per-CPU rotating position so
-//!   equal backends share ties evenly. Counts are shared by all CPUs and changed with atomic
+//!   `ACTIVE_CONNS` per weight (IPVS's `wlc`), starting (per CPU) after the backend chosen
+//!   last, so equal backends take turns. Counts are shared by all CPUs and changed with atomic
 //!   adds: +1 when a flow is counted, -1 when its client sends FIN or RST.
 
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use lb_common::{
     Backend, FlowValue, VipMeta, FLOW_COUNTED, FLOW_FIN_SEEN, FLOW_RST_SEEN,
-    MAX_LEAST_CONN_BACKENDS, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN,
+    MAX_LEAST_CONN_BACKENDS, NO_BACKEND, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN,
 };
 
 /// The backend for a new flow of `vip`, or `None` when the VIP has none available.
@@ -31,7 +31,7 @@ pub fn pick(vip: &VipMeta, hash: u32) -> Option<(u32, &'static Backend)> {
     }
 }
 
-/// Takes this CPU's position for `vip` in `0..len` and advances it.
+/// Takes this CPU's round-robin position for `vip` in `0..len` and advances it.
 #[inline(always)]
 fn next_turn(vip: &VipMeta, len: u32) -> Option<u32> {
     let cursor = SCHED_CURSORS.get_ptr_mut(vip.vip_id)?;
@@ -53,13 +53,14 @@ fn round_robin(vip: &VipMeta) -> Option<(u32, &'static Backend)> {
     Some((backend_id, backend_of_vip(backend_id, vip)?))
 }
 
-/// Active connections of a backend. The count is signed on purpose: a give-back that raced
-/// with the daemon's reconciliation may take it below zero for a moment, which counts as 0.
+/// Active connections of a backend, in `0..=u32::MAX`. The count is signed on purpose: a
+/// give-back that raced with the daemon's reconciliation may take it below zero for a
+/// moment, which counts as 0.
 #[inline(always)]
 fn active(backend_id: u32) -> u64 {
     ACTIVE_CONNS
         .get(backend_id)
-        .map_or(0, |count| (*count as i64).max(0) as u64)
+        .map_or(0, |count| (*count as i64).clamp(0, u32::MAX as i64) as u64)
 }
 
 #[inline(always)]
@@ -68,35 +69,42 @@ fn least_conn(vip: &VipMeta) -> Option<(u32, &'static Backend)> {
     if len == 0 {
         return None;
     }
-    let start = next_turn(vip, len)?;
-    // Best so far: (backend id, active connections, weight).
-    let mut best: Option<(u32, u64, u64)> = None;
+    let cursor = SCHED_CURSORS.get_ptr_mut(vip.vip_id)?;
+    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
+    let cursor = unsafe { &mut *cursor };
+    let start = if *cursor < len { *cursor } else { 0 };
+    // Best so far; none yet weighs as more connections than any backend can have (counts are
+    // at most u32::MAX, weights at most u16::MAX: no product overflows).
+    let (mut best_entry, mut best_id) = (0, NO_BACKEND);
+    let (mut best_conns, mut best_weight) = (1u64 << 40, 1u64);
     for i in 0..MAX_LEAST_CONN_BACKENDS {
         if i >= len {
             break;
         }
-        let mut entry = start + i;
-        if entry >= len {
-            entry -= len;
-        }
+        let entry = (start + i) % len;
         let slot = vip.ring_base + 2 * entry;
         let (Some(id), Some(weight)) = (RINGS.get(slot), RINGS.get(slot + 1)) else {
             break;
         };
         let (id, weight) = (*id, *weight as u64);
         let conns = active(id);
-        // conns / weight < best_conns / best_weight, without division. Strictly less: the
-        // first of equal backends from this CPU's rotating start wins.
-        let better = match best {
-            None => true,
-            Some((_, best_conns, best_weight)) => conns * best_weight < best_conns * weight,
-        };
-        if better {
-            best = Some((id, conns, weight));
+        // conns / weight < best_conns / best_weight, without division. Strictly less: of
+        // equal backends, the first after the last one chosen wins.
+        if conns * best_weight < best_conns * weight {
+            (best_entry, best_id, best_conns, best_weight) = (entry, id, conns, weight);
         }
     }
-    let (backend_id, _, _) = best?;
-    Some((backend_id, backend_of_vip(backend_id, vip)?))
+    if best_id == NO_BACKEND {
+        return None;
+    }
+    // The next scan starts after the chosen backend, so equal backends take turns exactly
+    // (starting one further each time would favour a tied backend that follows a busier one).
+    *cursor = if best_entry + 1 < len {
+        best_entry + 1
+    } else {
+        0
+    };
+    Some((best_id, backend_of_vip(best_id, vip)?))
 }
 
 #[inline(always)]

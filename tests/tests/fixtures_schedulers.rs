@@ -207,7 +207,7 @@ fn counts(lb: &Harness) -> Vec<i64> {
 #[test]
 fn least_conn_picks_the_least_loaded_and_counts_on_the_packet_path() {
     let mut lb = lb();
-    // All idle: ties go to the first backend from a rotating start, so equal backends take
+    // All idle: ties go to the first backend after the one chosen last, so equal backends take
     // turns; then the least loaded wins.
     lb.check_all(&[
         to_backend(
@@ -293,7 +293,7 @@ fn least_conn_picks_the_least_loaded_and_counts_on_the_packet_path() {
             NEW,
         ),
         to_backend(
-            "least-conn: all at 1 again, rotating start: .23",
+            "least-conn: all at 1 again, .23 is next after .22",
             LC_VIP,
             43006,
             TCP_SYN,
@@ -397,4 +397,61 @@ fn least_conn_skips_drained_backends_and_weighs_counts() {
         .collect();
     lb.check_all(&fixtures);
     assert_eq!(counts(&lb), [0, 2, 6]);
+}
+
+#[test]
+fn least_conn_shares_ties_exactly_around_a_loaded_backend() {
+    let mut lb = lb();
+    let drained = |lb: &mut Harness, drained: bool| {
+        for last in [22, 23] {
+            lb.status.insert(
+                ("lc".into(), v4(10, 8, 0, last)),
+                BackendStatus {
+                    drained,
+                    ..BackendStatus::default()
+                },
+            );
+        }
+        lb.apply(&services());
+    };
+    drained(&mut lb, true);
+    let long: Vec<Fixture> = (0..3)
+        .map(|i| {
+            to_backend(
+                "least-conn, .22 and .23 drained: .21",
+                LC_VIP,
+                46000 + i,
+                TCP_SYN,
+                0x21,
+                NEW,
+            )
+        })
+        .collect();
+    lb.check_all(&long);
+    drained(&mut lb, false);
+    assert_eq!(counts(&lb), [3, 0, 0]);
+    // Short connections (SYN, then the client's FIN): .22 and .23 tie at 0 each time and take
+    // turns, whichever backend the scan starts at.
+    let mut fixtures = Vec::new();
+    for (i, backend) in [0x22, 0x23, 0x22, 0x23, 0x22, 0x23].into_iter().enumerate() {
+        let sport = 46100 + i as u16;
+        fixtures.push(to_backend(
+            "least-conn, .21 loaded: .22 and .23 alternate",
+            LC_VIP,
+            sport,
+            TCP_SYN,
+            backend,
+            NEW,
+        ));
+        fixtures.push(to_backend(
+            "least-conn: the short connection closes",
+            LC_VIP,
+            sport,
+            TCP_FIN | TCP_ACK,
+            backend,
+            HIT,
+        ));
+    }
+    lb.check_all(&fixtures);
+    assert_eq!(counts(&lb), [3, 0, 0]);
 }
