@@ -14,7 +14,7 @@ use lb_userspace::{
 use std::net::{IpAddr, Ipv4Addr};
 use xdplb_tests::fixture::*;
 use xdplb_tests::{
-    harness::{vip_spec, Action, Fixture, Harness, LB_MAC},
+    harness::{pin_to_one_cpu, vip_spec, Action, Fixture, Harness, LB_MAC},
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -50,21 +50,6 @@ fn services() -> Services {
     Services {
         settings: settings(SEED),
         vips: vec![rr, lc],
-    }
-}
-
-/// Keeps this thread (and so every test run) on CPU 0.
-fn pin_to_one_cpu() {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "pinning the test thread: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }
 
