@@ -853,6 +853,8 @@ fn read_vip(
         );
     }
 
+    // Client affinity (issue 14, `affinity = "client"`) relies on Maglev's hash: once both
+    // are merged, a non-maglev scheduler with it must be rejected here.
     if let (Ok(scheduler), Ok(size)) = (scheduler, ring_size) {
         let weights: Vec<u32> = backends.iter().flatten().map(|b| b.weight).collect();
         if let Err(err) = scheduler::check(scheduler, &weights, size) {

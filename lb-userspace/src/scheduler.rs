@@ -275,21 +275,16 @@ mod tests {
     use super::*;
     use lb_common::{FLOW_ACK_SEEN, FLOW_FIN_SEEN};
 
-    fn backends(weights: &[u32]) -> Vec<(String, u32, u32)> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (format!("10.0.0.{}", i + 1), i as u32 + 1, *w))
-            .collect()
-    }
-
+    /// Backends 10.0.0.1, 10.0.0.2... with ids 1, 2... and the given weights.
     fn build(scheduler: Scheduler, weights: &[u32], size: u32) -> Result<Vec<u32>, SchedulerError> {
-        let owned = backends(weights);
-        let list: Vec<MaglevBackend> = owned
+        let keys: Vec<String> = (1..=weights.len()).map(|i| format!("10.0.0.{i}")).collect();
+        let list: Vec<MaglevBackend> = keys
             .iter()
-            .map(|(key, id, weight)| MaglevBackend {
+            .zip(weights)
+            .zip(1..)
+            .map(|((key, weight), id)| MaglevBackend {
                 key: key.as_bytes(),
-                id: *id,
+                id,
                 weight: *weight,
             })
             .collect();

@@ -23,33 +23,41 @@ const LC_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 
 /// Round robin over weights 1:1:2 and least-conn over three equal backends.
 fn services() -> Services {
-    let mut rr = vip_spec(
-        "rr",
-        vip(IpAddr::V4(RR_VIP), 80, Protocol::Tcp),
-        Forwarding::Dsr,
-        13,
-        &[
-            (v4(10, 7, 0, 11), mac(0x11), 100),
-            (v4(10, 7, 0, 12), mac(0x12), 100),
-            (v4(10, 7, 0, 13), mac(0x13), 200),
-        ],
-    );
-    rr.scheduler = Scheduler::RoundRobin;
-    let mut lc = vip_spec(
-        "lc",
-        vip(IpAddr::V4(LC_VIP), 80, Protocol::Tcp),
-        Forwarding::Dsr,
-        13,
-        &[
-            (v4(10, 8, 0, 21), mac(0x21), 100),
-            (v4(10, 8, 0, 22), mac(0x22), 100),
-            (v4(10, 8, 0, 23), mac(0x23), 100),
-        ],
-    );
-    lc.scheduler = Scheduler::LeastConn;
+    // (name, VIP, scheduler, backend subnet, (address's last byte, MAC's last byte, weight)
+    // of each backend): 10.7.0.11 has MAC ..:11.
+    let vips = [
+        (
+            "rr",
+            RR_VIP,
+            Scheduler::RoundRobin,
+            7,
+            [(11, 0x11, 100), (12, 0x12, 100), (13, 0x13, 200)],
+        ),
+        (
+            "lc",
+            LC_VIP,
+            Scheduler::LeastConn,
+            8,
+            [(21, 0x21, 100), (22, 0x22, 100), (23, 0x23, 100)],
+        ),
+    ];
     Services {
         settings: settings(SEED),
-        vips: vec![rr, lc],
+        vips: vips
+            .into_iter()
+            .map(|(name, address, scheduler, subnet, backends)| {
+                let backends: Vec<(IpAddr, [u8; 6], u32)> = backends
+                    .iter()
+                    .map(|(last, mac_last, weight)| {
+                        (v4(10, subnet, 0, *last), mac(*mac_last), *weight)
+                    })
+                    .collect();
+                let vip_address = vip(IpAddr::V4(address), 80, Protocol::Tcp);
+                let mut spec = vip_spec(name, vip_address, Forwarding::Dsr, 13, &backends);
+                spec.scheduler = scheduler;
+                spec
+            })
+            .collect(),
     }
 }
 

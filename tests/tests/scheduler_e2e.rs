@@ -9,7 +9,7 @@ use std::{
     net::{Ipv4Addr, TcpStream},
     time::Duration,
 };
-use xdplb_tests::lab::{addr, backend4, who, Daemon, Lab, Process};
+use xdplb_tests::lab::{addr, backend4, serve_tcp, who, Daemon, Lab};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
@@ -28,20 +28,6 @@ fn services(scheduler: &str, weights: [u32; 3]) -> String {
         );
     }
     text
-}
-
-/// The lab server `b<n>` on every backend.
-fn serve(lab: &Lab) -> Vec<Process> {
-    let servers = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(n, b)| b.serve(&format!("b{n}"), "[::]:80", "tcp").unwrap())
-        .collect();
-    for b in &lab.backends {
-        b.wait_sockets(1, 0).unwrap();
-    }
-    servers
 }
 
 fn wait_available(daemon: &Daemon, n: u64) {
@@ -77,7 +63,7 @@ fn count(counts: &BTreeMap<String, usize>, name: &str) -> usize {
 #[test]
 fn round_robin_1_1_2_gives_exact_shares_and_skips_drained_and_failed_backends() {
     let lab = Lab::new(3).unwrap();
-    let mut servers = serve(&lab);
+    let mut servers = serve_tcp(&lab);
     let daemon = Daemon::start(&lab, "", &services("round-robin", [1, 1, 2])).unwrap();
     wait_available(&daemon, 3);
     let status = daemon.cli(&["status"]).unwrap();
@@ -153,7 +139,7 @@ fn connections(status: &serde_json::Value, n: usize) -> Option<i64> {
 #[test]
 fn least_conn_steers_new_connections_away_from_a_loaded_backend() {
     let lab = Lab::new(3).unwrap();
-    let _servers = serve(&lab);
+    let _servers = serve_tcp(&lab);
     let daemon = Daemon::start(&lab, "", &services("least-conn", [1, 1, 1])).unwrap();
     wait_available(&daemon, 3);
 
