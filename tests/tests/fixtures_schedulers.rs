@@ -8,8 +8,9 @@ use lb_common::{counters::*, FLOW_COUNTED, PROTO_TCP};
 use lb_userspace::{
     dataplane::Role,
     model::{Forwarding, Protocol, Services},
-    scheduler::Scheduler,
+    scheduler::{self, Scheduler},
     state::{vip_key, BackendStatus},
+    stats::monotonic_seconds,
 };
 use std::net::{IpAddr, Ipv4Addr};
 use xdplb_tests::fixture::*;
@@ -447,4 +448,53 @@ fn least_conn_shares_ties_exactly_around_a_loaded_backend() {
     }
     lb.check_all(&fixtures);
     assert_eq!(counts(&lb), [3, 0, 0]);
+}
+
+#[test]
+fn the_flow_scan_settles_counts_of_evicted_and_idle_flows() {
+    let mut lb = lb();
+    // More new flows than the 4,096-entry flow table holds: the LRU evicts entries that hold
+    // counts, and nobody tells the data path.
+    const FLOWS: u16 = 6000;
+    for i in 0..FLOWS {
+        let syn = tcp4(LC_VIP, 10000 + i, 80, TCP_SYN);
+        assert_eq!(lb.run(&from_client(&syn)).action, Action::Tx as u32);
+    }
+    assert_eq!(counts(&lb).iter().sum::<i64>(), i64::from(FLOWS));
+    let live = lb.live().clone();
+    let flows = lb.dataplane.flows().unwrap();
+    let mut held = [0i64; 3];
+    let ids: Vec<u32> = live.vips[&vip_key(&vip(IpAddr::V4(LC_VIP), 80, Protocol::Tcp))]
+        .backends
+        .values()
+        .map(|b| b.id)
+        .collect();
+    for (_, flow) in &flows {
+        if let Some(n) = ids.iter().position(|id| *id == flow.backend_id) {
+            held[n] += i64::from(flow.state & FLOW_COUNTED != 0);
+        }
+    }
+    assert!(
+        held.iter().sum::<i64>() < i64::from(FLOWS),
+        "the table evicted some: {held:?}"
+    );
+    let now = monotonic_seconds();
+    scheduler::settle_counts(&mut lb.dataplane, &live, &flows, now, 300).unwrap();
+    assert_eq!(counts(&lb), held, "counts are the counted entries found");
+
+    // Ten seconds later with a 5 s idle timeout, every one of them is idle: counts go back and
+    // the entries no longer hold one.
+    scheduler::settle_counts(&mut lb.dataplane, &live, &flows, now + 10, 5).unwrap();
+    assert_eq!(counts(&lb), [0, 0, 0]);
+    let counted = lb
+        .dataplane
+        .flows()
+        .unwrap()
+        .iter()
+        .filter(|(_, flow)| flow.state & FLOW_COUNTED != 0)
+        .count();
+    assert_eq!(
+        counted, 0,
+        "idle entries were rewritten without FLOW_COUNTED"
+    );
 }

@@ -115,15 +115,15 @@ fn round_robin_1_1_2_gives_exact_shares_and_skips_drained_and_failed_backends() 
     );
 }
 
-/// A connection held open: the server streams slowly for minutes, the client reads nothing
-/// but the name. Dropping it sends the client's FIN.
-fn long_connection() -> (String, TcpStream) {
+/// A connection held open: the server streams `request` slowly, the client reads nothing but
+/// the name. Dropping it sends the client's FIN.
+fn held_connection(request: &str) -> (String, TcpStream) {
     let mut stream = TcpStream::connect_timeout(&addr(VIP4, 80), Duration::from_secs(2))
         .expect("connect to the VIP");
     stream
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
-    stream.write_all(b"STREAM 100000 100\n").unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
     let mut name = String::new();
     BufReader::new(stream.try_clone().unwrap())
         .read_line(&mut name)
@@ -131,9 +131,19 @@ fn long_connection() -> (String, TcpStream) {
     (name.trim().to_string(), stream)
 }
 
+/// A long connection the client keeps busy acknowledging (100 bytes/s for minutes).
+fn long_connection() -> (String, TcpStream) {
+    held_connection("STREAM 100000 100\n")
+}
+
 /// Least-conn CONNS of backend `n` in `xdplb status --json`.
 fn connections(status: &serde_json::Value, n: usize) -> Option<i64> {
     status["vips"][0]["backends"][n]["scheduler_connections"].as_i64()
+}
+
+/// Least-conn CONNS summed over the backends.
+fn all_connections(status: &serde_json::Value) -> i64 {
+    (0..3).filter_map(|n| connections(status, n)).sum()
 }
 
 #[test]
@@ -203,4 +213,43 @@ fn least_conn_steers_new_connections_away_from_a_loaded_backend() {
             count(&counts, name)
         );
     }
+}
+
+#[test]
+fn least_conn_gives_idle_connections_back_and_counts_them_again() {
+    let lab = Lab::new(3).unwrap();
+    let _servers = serve_tcp(&lab);
+    let daemon = Daemon::start(
+        &lab,
+        "idle_timeout = \"5s\"\nstats_interval = \"500ms\"\n",
+        &services("least-conn", [1, 1, 1]),
+    )
+    .unwrap();
+    wait_available(&daemon, 3);
+    // The server sends its name and one 1 KiB chunk, then waits ~17 minutes before the next:
+    // once the client has acknowledged the chunk, the flows are idle.
+    let mut idle: Vec<(String, TcpStream)> = lab
+        .client
+        .ns
+        .enter(|| (0..6).map(|_| held_connection("STREAM 2048 1\n")).collect())
+        .unwrap();
+    daemon
+        .wait_status("6 connections counted", |s| all_connections(s) == 6)
+        .unwrap();
+    // Past idle_timeout (5 s), the daemon's flow scan gives their counts back.
+    daemon
+        .wait_status("idle connections given back", |s| all_connections(s) == 0)
+        .unwrap();
+    // A packet from the client: the connection is active again and counted again.
+    for (_, stream) in &mut idle {
+        stream.write_all(b"x").unwrap();
+    }
+    daemon
+        .wait_status("6 connections counted again", |s| all_connections(s) == 6)
+        .unwrap();
+    // The client closes them: its FIN gives each count back, once.
+    drop(idle);
+    daemon
+        .wait_status("all given back", |s| all_connections(s) == 0)
+        .unwrap();
 }
