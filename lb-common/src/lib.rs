@@ -129,7 +129,9 @@ pub struct VipMeta {
     pub vip_id: u32,
     /// First slot of the active Maglev table in `RINGS`.
     pub ring_base: u32,
-    /// Table size (a prime); 0 = no backend available, packets are dropped and counted.
+    /// Slots of the active half in use: the Maglev table size (a prime), the round-robin
+    /// turn's length, or 2 x least-conn backends. 0 = no backend available, packets are
+    /// dropped and counted.
     pub ring_size: u32,
     pub mode: u8,
     /// `SCHED_*`: how new flows pick a backend (0 = Maglev, the layout before schedulers).

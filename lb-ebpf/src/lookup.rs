@@ -137,8 +137,8 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
         _pad: [0; 3],
     };
     if FLOWS.insert(key, &value, 0).is_err() {
-        // Still forward: the ring gives the same answer for the next packet (round robin
-        // and least-conn may not). No entry holds the count: give it back.
+        // Still forward: Maglev gives the same answer for the next packet (round robin and
+        // least-conn may not). No entry holds the count: give it back.
         crate::schedule::close(value.state, backend_id);
         crate::counters::global(counters::FLOW_INSERT_FAILED);
     }

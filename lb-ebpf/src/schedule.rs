@@ -138,7 +138,7 @@ pub fn close(state: u8, backend_id: u32) {
 
 /// A packet of an established flow, after its state bits were merged: the client's FIN or
 /// RST gives the count back (once: the bit goes with it); a least-conn flow that holds no
-/// count and is still open takes one (it was counted before the VIP became least-conn, or
+/// count and is still open takes one (it was created before the VIP became least-conn, or
 /// the daemon gave its count back when it idled, and it is active again).
 #[inline(always)]
 pub fn established(vip: &VipMeta, flow: &mut FlowValue) {
