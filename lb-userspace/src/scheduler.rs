@@ -56,11 +56,6 @@ impl Scheduler {
             Scheduler::LeastConn => SCHED_LEAST_CONN,
         }
     }
-
-    /// Whether two LBs with the same config pick the same backend for a new flow.
-    pub fn is_consistent(self) -> bool {
-        self == Scheduler::Maglev
-    }
 }
 
 impl fmt::Display for Scheduler {
@@ -361,8 +356,6 @@ mod tests {
         for (name, scheduler) in Scheduler::CHOICES {
             assert_eq!(scheduler.to_string(), name);
         }
-        assert!(Scheduler::Maglev.is_consistent());
-        assert!(!Scheduler::LeastConn.is_consistent());
     }
 
     #[test]
