@@ -78,6 +78,8 @@ pub struct VipStatus {
     pub name: String,
     pub address: String,
     pub forwarding: String,
+    /// "maglev", "round-robin" or "least-conn".
+    pub scheduler: String,
     pub ring_size: u32,
     /// Backends that new flows can go to now.
     pub available: usize,
@@ -104,6 +106,8 @@ pub struct BackendStatus {
     /// active flow: the backend can be stopped. `active_flows == 0` alone can come from a scan
     /// older than a connection opened just before the drain.
     pub drain_complete: bool,
+    /// Least-conn VIPs: the active connections the data path compares for new flows.
+    pub scheduler_connections: Option<i64>,
     /// "02:00:00:00:00:11 via eth0", or why it is unresolved.
     pub next_hop: String,
 }

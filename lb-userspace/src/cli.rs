@@ -305,26 +305,24 @@ pub fn render_status(report: &StatusReport) -> String {
     }
     for vip in &report.vips {
         out.push_str(&format!(
-            "\n{}  {}  {}  ring {}  {}/{} backends available\n",
+            "\n{}  {}  {}  {}  ring {}  {}/{} backends available\n",
             vip.name,
             vip.address,
             vip.forwarding,
+            vip.scheduler,
             vip.ring_size,
             vip.available,
             vip.backends.len()
         ));
-        let mut rows = vec![[
-            "BACKEND",
-            "WEIGHT",
-            "STATE",
-            "HEALTH",
-            "SINCE",
-            "ACTIVE",
-            "NEXT HOP",
-            "LAST FAILURE",
-        ]
-        .map(String::from)
-        .to_vec()];
+        // Least-conn VIPs: the count the data path picks by, next to the flow scan's ACTIVE.
+        let conns = vip
+            .backends
+            .iter()
+            .any(|b| b.scheduler_connections.is_some());
+        let mut header = vec!["BACKEND", "WEIGHT", "STATE", "HEALTH", "SINCE", "ACTIVE"];
+        header.extend(conns.then_some("CONNS"));
+        header.extend(["NEXT HOP", "LAST FAILURE"]);
+        let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
         for b in &vip.backends {
             let weight = match b.cli_weight {
                 Some(w) => format!(
@@ -336,7 +334,7 @@ pub fn render_status(report: &StatusReport) -> String {
                 }
                 None => b.effective_weight.to_string(),
             };
-            rows.push(vec![
+            let mut row = vec![
                 b.address.to_string(),
                 weight,
                 match (b.drained, b.drain_complete) {
@@ -348,9 +346,19 @@ pub fn render_status(report: &StatusReport) -> String {
                 b.health.clone(),
                 ago(b.health_since_s),
                 b.active_flows.to_string(),
+            ];
+            if conns {
+                row.push(
+                    b.scheduler_connections
+                        .map(|c| c.to_string())
+                        .unwrap_or_default(),
+                );
+            }
+            row.extend([
                 b.next_hop.clone(),
                 b.last_failure.clone().unwrap_or_default(),
             ]);
+            rows.push(row);
         }
         out.push_str(&table(&rows, "  "));
     }
@@ -557,6 +565,7 @@ mod tests {
             last_failure: (health == "down").then(|| "connect: connection refused".into()),
             active_flows: active,
             drain_complete: drained && active == 0,
+            scheduler_connections: None,
             next_hop: "02:00:00:00:00:11 ifindex 2".into(),
         };
         StatusReport {
@@ -569,6 +578,7 @@ mod tests {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
                 forwarding: "dsr".into(),
+                scheduler: "maglev".into(),
                 ring_size: 65537,
                 available: 1,
                 backends: vec![
@@ -587,7 +597,7 @@ mod tests {
 config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 active flows (counted 8.2 s ago)
 
-web  192.0.2.10:80/tcp  dsr  ring 65537  1/4 backends available
+web  192.0.2.10:80/tcp  dsr  maglev  ring 65537  1/4 backends available
   BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
   10.1.0.11  100                     active    up      90s    12      02:00:00:00:00:11 ifindex 2
   10.1.0.12  0 (config 100)          draining  up      90s    3       02:00:00:00:00:11 ifindex 2
@@ -595,6 +605,28 @@ web  192.0.2.10:80/tcp  dsr  ring 65537  1/4 backends available
   10.1.0.14  0 (config 100)          drained   up      90s    0       02:00:00:00:00:11 ifindex 2
 ";
         assert_eq!(render_status(&report()), expected);
+    }
+
+    #[test]
+    fn least_conn_status_shows_the_counts_new_flows_are_picked_by() {
+        let mut report = report();
+        let vip = &mut report.vips[0];
+        vip.scheduler = "least-conn".into();
+        for (b, conns) in vip.backends.iter_mut().zip([11, 3, 0, 0]) {
+            b.scheduler_connections = Some(conns);
+        }
+        let expected = "\
+config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
+active flows (counted 8.2 s ago)
+
+web  192.0.2.10:80/tcp  dsr  least-conn  ring 65537  1/4 backends available
+  BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  CONNS  NEXT HOP                     LAST FAILURE
+  10.1.0.11  100                     active    up      90s    12      11     02:00:00:00:00:11 ifindex 2
+  10.1.0.12  0 (config 100)          draining  up      90s    3       3      02:00:00:00:00:11 ifindex 2
+  10.1.0.13  0 (cli 50, config 100)  active    down    90s    0       0      02:00:00:00:00:11 ifindex 2  connect: connection refused
+  10.1.0.14  0 (config 100)          drained   up      90s    0       0      02:00:00:00:00:11 ifindex 2
+";
+        assert_eq!(render_status(&report), expected);
     }
 
     #[test]

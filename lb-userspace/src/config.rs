@@ -20,6 +20,7 @@ use crate::{
         BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown, Prefix,
         Protocol, Services, TlsSpec, VipAddr, VipSpec,
     },
+    scheduler::{self, Scheduler},
 };
 use std::{
     collections::HashMap,
@@ -407,6 +408,7 @@ const VIP_KEYS: &[&str] = &[
     "port",
     "protocol",
     "forwarding",
+    "scheduler",
     "ring_size",
     "health",
     "backend",
@@ -818,6 +820,9 @@ fn read_vip(
     let forwarding = t
         .choice(p, "forwarding", &FORWARDINGS)
         .map(|forwarding| forwarding.unwrap_or(Forwarding::Dsr));
+    let scheduler = t
+        .choice(p, "scheduler", &Scheduler::CHOICES)
+        .map(Option::unwrap_or_default);
     let ring_size = t
         .int(p, "ring_size", 0..=u32::MAX)
         .map(|size| size.unwrap_or(maglev::DEFAULT_RING_SIZE));
@@ -853,6 +858,15 @@ fn read_vip(
         );
     }
 
+    // Client affinity (issue 14, `affinity = "client"`) relies on Maglev's hash: once both
+    // are merged, a non-maglev scheduler with it must be rejected here.
+    if let (Ok(scheduler), Ok(size)) = (scheduler, ring_size) {
+        let weights: Vec<u32> = backends.iter().flatten().map(|b| b.weight).collect();
+        if let Err(err) = scheduler::check(scheduler, &weights, size) {
+            p.report(t.key("scheduler"), err.to_string());
+        }
+    }
+
     // A port-0 VIP has no port to probe, unless every backend names its own.
     if let (Ok(0), Ok(health)) = (port, &health) {
         let unprobed = backends.iter().flatten().any(|b| b.health_port.is_none());
@@ -874,6 +888,7 @@ fn read_vip(
             protocol: protocol?,
         },
         forwarding: forwarding?,
+        scheduler: scheduler?,
         ring_size: ring_size?,
         health: health?,
         backends: backends?,
@@ -1227,6 +1242,7 @@ impl Config {
                     vip.name.clone(),
                     vip.vip.to_string(),
                     vip.forwarding.to_string(),
+                    vip.scheduler.to_string(),
                     format!("ring {}", vip.ring_size),
                     health_summary(&vip.health),
                 ]
@@ -1420,6 +1436,7 @@ mod tests {
             port = 0
             protocol = "udp"
             forwarding = "ipip"
+            scheduler = "least-conn"
             ring_size = 13
 
             [vip.health]
@@ -1467,6 +1484,7 @@ mod tests {
                             protocol: Protocol::Tcp,
                         },
                         forwarding: Forwarding::Dsr,
+                        scheduler: Scheduler::Maglev,
                         ring_size: 1009,
                         health: HealthSpec {
                             kind: CheckKind::Http {
@@ -1497,6 +1515,7 @@ mod tests {
                             protocol: Protocol::Udp,
                         },
                         forwarding: Forwarding::Ipip,
+                        scheduler: Scheduler::LeastConn,
                         ring_size: 13,
                         health: HealthSpec {
                             kind: CheckKind::Tcp,
@@ -1629,6 +1648,7 @@ mod tests {
             address = "2001:db8::10"
             port = 443
             forwarding = "ipip"
+            scheduler = "round-robin"
             ring_size = 1009
             [vip.health]
             kind = "tcp"
@@ -1646,12 +1666,12 @@ mod tests {
         assert_eq!(
             config.summary(),
             "interfaces eth0, eth1 (xdp_mode native); 3 VIPs, 3 backends\n\
-             web    192.0.2.10:80/tcp       dsr   ring 65537  health http /healthz every 1s\n\
+             web    192.0.2.10:80/tcp       dsr   maglev       ring 65537  health http /healthz every 1s\n\
              \x20 10.1.0.11       weight 100  mac 02:00:00:00:00:11\n\
              \x20 10.1.0.12       weight 5                           health port 8081\n\
-             api    [2001:db8::10]:443/tcp  ipip  ring 1009   health tcp port 8443 every 2s\n\
+             api    [2001:db8::10]:443/tcp  ipip  round-robin  ring 1009   health tcp port 8443 every 2s\n\
              \x20 2001:db8:1::21  weight 100\n\
-             spare  192.0.2.11:53/udp       dsr   ring 65537  health none\n\
+             spare  192.0.2.11:53/udp       dsr   maglev       ring 65537  health none\n\
              \x20 (no backends: its packets are dropped)\n"
         );
     }
@@ -1715,6 +1735,58 @@ mod tests {
         assert!(message.starts_with(&format!("cannot read {}: ", missing.display())));
         assert!(message.ends_with("(check the path)"), "{message}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn schedulers_are_checked_against_their_limits() {
+        assert_rejected(
+            &with_vip("scheduler = \"random\"\n"),
+            "vip[0] (web).scheduler",
+            "\"random\" is not one of \"maglev\", \"round-robin\", \"least-conn\"",
+        );
+        // Round robin: the weighted turn (sum / gcd) must fit the ring.
+        let turn = |weights: &[u32]| {
+            let backends: String = weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    format!(
+                        "[[vip.backend]]\naddress = \"10.0.0.{}\"\nweight = {w}\n",
+                        i + 1
+                    )
+                })
+                .collect();
+            format!("{DAEMON}{WEB}scheduler = \"round-robin\"\nring_size = 13\n{backends}")
+        };
+        assert_rejected(
+            &turn(&[100, 201, 301]),
+            "vip[0] (web).scheduler",
+            "turn is 602 new flows long",
+        );
+        assert_eq!(
+            valid(&turn(&[100, 200, 300])).services.vips[0].scheduler,
+            Scheduler::RoundRobin
+        );
+        // Least-conn: a bounded scan, so a bounded number of backends.
+        let backends: String = (0..65)
+            .map(|i| {
+                format!(
+                    "[[vip.backend]]\naddress = \"10.0.{}.{}\"\n",
+                    i / 200,
+                    i % 200 + 1
+                )
+            })
+            .collect();
+        assert_rejected(
+            &format!("{DAEMON}{WEB}scheduler = \"least-conn\"\n{backends}"),
+            "vip[0] (web).scheduler",
+            "at most 64 backends per new flow, and the VIP has 65",
+        );
+        assert_eq!(
+            valid(&with_vip("")).services.vips[0].scheduler,
+            Scheduler::Maglev,
+            "maglev by default"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::{
     net::HostResolver,
     nexthops::{self, NextHops},
     overrides::Overrides,
+    scheduler,
     state::{self, BackendStatus, Live, Unresolved},
     stats::{self, BackendSample, Sample, Snapshot, Stats, VipSample},
 };
@@ -474,6 +475,12 @@ impl Daemon {
                                     b.addr,
                                     live_backend.map(|l| l.id),
                                 ),
+                            // A live backend's id is always inside the mapped counts.
+                            scheduler_connections: live.zip(live_backend).and_then(|(vip, b)| {
+                                scheduler::connections(&self.dataplane, vip, b.id)
+                                    .ok()
+                                    .flatten()
+                            }),
                             next_hop,
                         }
                     })
@@ -482,6 +489,7 @@ impl Daemon {
                     name: vip.name.clone(),
                     address: vip.vip.to_string(),
                     forwarding: vip.forwarding.to_string(),
+                    scheduler: vip.scheduler.to_string(),
                     ring_size: vip.ring_size,
                     available: backends.iter().filter(|b| b.effective_weight > 0).count(),
                     backends,
@@ -551,10 +559,20 @@ impl Daemon {
     /// One stats sample: counters, active flows (from the last flow scan), health, weights.
     fn sample(&mut self) -> Result<()> {
         let dataplane = &self.dataplane;
-        self.flow_scan.scan_if_due(
-            || Ok(dataplane.flows()?),
-            self.config.daemon.flow_idle_timeout,
-        )?;
+        let idle_timeout = self.config.daemon.flow_idle_timeout;
+        let scanned = self
+            .flow_scan
+            .scan_if_due(|| Ok(dataplane.flows()?), idle_timeout)?;
+        if let Some(flows) = scanned {
+            let idle_timeout_s = u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX);
+            scheduler::settle_counts(
+                &mut self.dataplane,
+                &self.live,
+                &flows,
+                stats::monotonic_seconds(),
+                idle_timeout_s,
+            )?;
+        }
         let global = self.dataplane.global_counters()?;
         let mut vips = Vec::new();
         for spec in &self.config.services.vips {
@@ -581,11 +599,13 @@ impl Daemon {
                     drained,
                     health: health.to_string(),
                     up: health != State::Down,
+                    scheduler_connections: scheduler::connections(&self.dataplane, live, lb.id)?,
                 });
             }
             vips.push(VipSample {
                 name: spec.name.clone(),
                 address: spec.vip.to_string(),
+                scheduler: spec.scheduler.to_string(),
                 counters: self.dataplane.vip_counters(live.meta.vip_id)?,
                 backends,
             });

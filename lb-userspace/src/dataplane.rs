@@ -158,7 +158,9 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     adoption: Adoption,
     vips: HashMap<MapData, VipKey, VipMeta>,
-    rings: RingArea,
+    rings: MappedArray,
+    /// Least-conn counts, mapped so reconciliation adds atomically like the data path.
+    active_conns: MappedArray,
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     /// The flow map's fd again, for batch reads (aya has no batch lookup).
@@ -225,11 +227,12 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })?;
         Ok(Self {
             vips: take(&mut ebpf, map_names::VIPS)?,
-            rings: RingArea::map(
-                ebpf.take_map(map_names::RINGS)
-                    .ok_or(DataplaneError::MissingMap(map_names::RINGS))?,
+            rings: MappedArray::map(
+                &mut ebpf,
+                map_names::RINGS,
                 sizes.max_vips * 2 * sizes.max_ring_size,
             )?,
+            active_conns: MappedArray::map(&mut ebpf, map_names::ACTIVE_CONNS, sizes.max_backends)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
             flows_fd: duplicate_fd(&ebpf, map_names::FLOWS)?,
             flows: take(&mut ebpf, map_names::FLOWS)?,
@@ -481,6 +484,9 @@ impl Dataplane {
     /// counters, so a later reuse of the id starts from nothing.
     pub fn clear_backend(&mut self, id: u32) -> Result<()> {
         self.set_backend(id, &Backend::default())?;
+        self.active_conns
+            .wide_slot(id)?
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.backend_counters
             .set(id, zeroed_per_cpu()?, 0)
             .map_err(map_err(map_names::BACKEND_COUNTERS))
@@ -535,6 +541,34 @@ impl Dataplane {
         }
     }
 
+    /// Least-conn active connections of backend `id`, as the data path compares them
+    /// (signed: a give-back racing with reconciliation may dip below zero for a moment).
+    pub fn active_conns(&self, id: u32) -> Result<i64> {
+        let count = self.active_conns.wide_slot(id)?;
+        Ok(count.load(std::sync::atomic::Ordering::Relaxed) as i64)
+    }
+
+    /// Adds `delta` to backend `id`'s least-conn count, atomically with the data path's adds.
+    pub fn add_active_conns(&self, id: u32, delta: i64) -> Result<()> {
+        self.active_conns
+            .wide_slot(id)?
+            .fetch_add(delta as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Rewrites an existing flow entry (never creates one: an entry evicted meanwhile stays
+    /// gone). Returns whether it still existed.
+    pub fn update_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<bool> {
+        const BPF_EXIST: u64 = 2;
+        match self.flows.insert(key, value, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(err) => Err(map_err(map_names::FLOWS)(err)),
+        }
+    }
+
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
         match self.flows.get(key, 0) {
             Ok(value) => Ok(Some(value)),
@@ -554,9 +588,11 @@ impl Dataplane {
     }
 }
 
-/// The ring array, mapped into this process (`BPF_F_MMAPABLE`). The kernel stores array
-/// values 8-byte aligned, so slot `i` lives at byte `8 * i`.
-struct RingArea {
+/// An array map of `u32` or `u64` values mapped into this process (`BPF_F_MMAPABLE`): the
+/// rings and the least-conn counts. The kernel stores array values 8-byte aligned, so slot
+/// `i` lives at byte `8 * i` either way.
+struct MappedArray {
+    name: &'static str,
     slots: *mut std::sync::atomic::AtomicU32,
     entries: u32,
     bytes: usize,
@@ -645,12 +681,12 @@ fn lookup_batch(fd: &std::os::fd::OwnedFd) -> std::io::Result<Vec<(FlowKey, Flow
 const SLOT_STRIDE: usize = 8;
 
 // SAFETY: the mapping is shared memory accessed only through atomics.
-unsafe impl Send for RingArea {}
+unsafe impl Send for MappedArray {}
 
-impl RingArea {
-    fn map(map: aya::maps::Map, entries: u32) -> Result<Self> {
-        let aya::maps::Map::Array(data) = map else {
-            return Err(DataplaneError::MissingMap(map_names::RINGS));
+impl MappedArray {
+    fn map(ebpf: &mut Ebpf, name: &'static str, entries: u32) -> Result<Self> {
+        let Some(aya::maps::Map::Array(data)) = ebpf.take_map(name) else {
+            return Err(DataplaneError::MissingMap(name));
         };
         use std::os::fd::{AsFd, AsRawFd};
         let page = 4096;
@@ -668,11 +704,12 @@ impl RingArea {
         };
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Map {
-                name: map_names::RINGS,
+                name,
                 source: MapError::IoError(std::io::Error::last_os_error()),
             });
         }
         Ok(Self {
+            name,
             slots: ptr.cast(),
             entries,
             bytes,
@@ -683,7 +720,7 @@ impl RingArea {
     fn slot(&self, index: u32) -> Result<&std::sync::atomic::AtomicU32> {
         if index >= self.entries {
             return Err(DataplaneError::Map {
-                name: map_names::RINGS,
+                name: self.name,
                 source: MapError::OutOfBounds {
                     index,
                     max_entries: self.entries,
@@ -692,6 +729,13 @@ impl RingArea {
         }
         // SAFETY: in bounds of the mapping, which lives as long as self; 8-byte aligned.
         Ok(unsafe { &*self.slots.byte_add(index as usize * SLOT_STRIDE) })
+    }
+
+    /// Slot `index` of an array of `u64` values (same 8-byte stride).
+    fn wide_slot(&self, index: u32) -> Result<&std::sync::atomic::AtomicU64> {
+        let slot = self.slot(index)?;
+        // SAFETY: the slot's 8 bytes are all inside the mapping and 8-byte aligned.
+        Ok(unsafe { &*std::ptr::from_ref(slot).cast::<std::sync::atomic::AtomicU64>() })
     }
 
     fn get(&self, index: u32) -> Result<u32> {
@@ -705,7 +749,7 @@ impl RingArea {
     }
 }
 
-impl Drop for RingArea {
+impl Drop for MappedArray {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what map() mapped.
         unsafe { libc::munmap(self.slots.cast(), self.bytes) };
@@ -767,6 +811,8 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::TX_PORTS, MAX_TX_PORTS),
         (map_names::DECAP_LOCAL, MAX_DECAP_ADDRS),
         (map_names::DECAP_VIPS, MAX_DECAP_ADDRS),
+        (map_names::SCHED_CURSORS, sizes.max_vips),
+        (map_names::ACTIVE_CONNS, sizes.max_backends),
     ]
 }
 

@@ -63,14 +63,16 @@ impl FlowScan {
     /// Scans the flow table read by `read` when a scan is due: every call up to
     /// [`FLOWS_PER_SCAN_PERIOD`] entries, then less often (a million flows take about half a
     /// second to read), so counts may be ~10 s old on huge tables ([`Self::age`] says).
+    /// Returns the entries it read when it scanned, for other per-scan work (least-conn's
+    /// count settling).
     pub fn scan_if_due(
         &mut self,
         read: impl FnOnce() -> Result<Vec<(FlowKey, FlowValue)>>,
         idle_timeout: Duration,
-    ) -> Result<()> {
+    ) -> Result<Option<Vec<(FlowKey, FlowValue)>>> {
         if self.countdown > 0 {
             self.countdown -= 1;
-            return Ok(());
+            return Ok(None);
         }
         let started = Instant::now();
         let flows = read()?;
@@ -82,7 +84,7 @@ impl FlowScan {
         self.entries = flows.len() as u64;
         self.countdown = (flows.len() / FLOWS_PER_SCAN_PERIOD) as u32;
         self.last_started = Some(started);
-        Ok(())
+        Ok(Some(flows))
     }
 
     /// Active flows of a backend id in the last scan.

@@ -1,7 +1,8 @@
 //! xdplb userspace: everything but the per-packet work.
 //!
 //! * [`config`]: TOML -> validated [`model`] (every problem named with its key).
-//! * [`maglev`]: consistent-hashing tables (pure).
+//! * [`maglev`]: consistent-hashing tables (pure); [`scheduler`]: what each scheduler puts
+//!   in a VIP's ring area, and least-conn count reconciliation (pure).
 //! * [`state`]: desired state -> diff -> ordered map writes (the only place state changes).
 //! * [`dataplane`]: the kernel object, its maps and programs (the only map writer).
 //! * [`net`]: next hops toward backends (routes, neighbours, interfaces); [`nexthops`]: their
@@ -30,6 +31,7 @@ pub mod model;
 pub mod net;
 pub mod nexthops;
 pub mod overrides;
+pub mod scheduler;
 pub mod state;
 pub mod stats;
 pub mod watch;

@@ -228,6 +228,8 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
     let mut backend_weight = Gauges::new();
     let mut backend_drained = Gauges::new();
     let mut backend_drain_complete = Gauges::new();
+    let mut backend_scheduler_connections = Gauges::new();
+    let mut vip_scheduler = Gauges::new();
     let mut vip_packets = Counters::new();
     let mut vip_bytes = Counters::new();
     let mut vip_new_flows = Counters::new();
@@ -238,6 +240,13 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         vip_bytes.push(labels(), ConstCounter::new(vip.totals.bytes));
         vip_new_flows.push(labels(), ConstCounter::new(vip.totals.new_flows));
         vip_dropped.push(labels(), ConstCounter::new(vip.totals.not_forwarded));
+        vip_scheduler.push(
+            vec![
+                ("vip", vip.name.clone()),
+                ("scheduler", vip.scheduler.clone()),
+            ],
+            gauge(1),
+        );
         for b in &vip.backends {
             let labels = || vec![("vip", vip.name.clone()), ("backend", b.address.clone())];
             backend_packets.push(labels(), ConstCounter::new(b.totals.packets));
@@ -248,6 +257,9 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
             backend_weight.push(labels(), gauge(b.weight));
             backend_drained.push(labels(), gauge(u8::from(b.drained)));
             backend_drain_complete.push(labels(), gauge(u8::from(b.drain_complete)));
+            if let Some(connections) = b.scheduler_connections {
+                backend_scheduler_connections.push(labels(), gauge(connections));
+            }
         }
     }
 
@@ -290,6 +302,16 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         "xdplb_backend_drain_complete",
         "1 when the backend is drained and a flow-table scan that started after the drain found no active flow: safe to stop",
         backend_drain_complete,
+    );
+    registry.register(
+        "xdplb_backend_scheduler_connections",
+        "Least-conn VIPs: the backend's active connections as the data path counts them for new-flow choices",
+        backend_scheduler_connections,
+    );
+    registry.register(
+        "xdplb_vip_scheduler",
+        "1, labelled with how the VIP's new flows pick a backend (maglev, round-robin, least-conn)",
+        vip_scheduler,
     );
     registry.register(
         "xdplb_vip_packets",
@@ -515,6 +537,8 @@ mod tests {
             up,
             active_flows,
             drain_complete: drained && active_flows == 0,
+            // The VIP is least-conn: the data path's count next to the flow scan's.
+            scheduler_connections: Some(active_flows as i64 + 1),
             totals: t,
             rates: Rates::default(),
         };
@@ -534,6 +558,7 @@ mod tests {
             vips: vec![VipStats {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
+                scheduler: "least-conn".into(),
                 active_flows: 40,
                 totals: totals(1000, 64_000, 50, 3),
                 rates: Rates::default(),
@@ -559,7 +584,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 22] = [
+    const FAMILIES: [(&str, &str); 24] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -568,6 +593,8 @@ mod tests {
         ("xdplb_backend_weight", "gauge"),
         ("xdplb_backend_drained", "gauge"),
         ("xdplb_backend_drain_complete", "gauge"),
+        ("xdplb_backend_scheduler_connections", "gauge"),
+        ("xdplb_vip_scheduler", "gauge"),
         ("xdplb_vip_packets", "counter"),
         ("xdplb_vip_bytes", "counter"),
         ("xdplb_vip_new_flows", "counter"),
@@ -616,6 +643,8 @@ mod tests {
             r#"xdplb_backend_drain_complete{vip="web",backend="10.0.0.4"} 1"#,
             r#"xdplb_backend_drain_complete{vip="web",backend="10.0.0.1"} 0"#,
             "xdplb_active_flows_age_seconds 0.25",
+            r#"xdplb_backend_scheduler_connections{vip="web",backend="10.0.0.1"} 31"#,
+            r#"xdplb_vip_scheduler{vip="web",scheduler="least-conn"} 1"#,
             r#"xdplb_vip_packets_total{vip="web"} 1000"#,
             r#"xdplb_vip_bytes_total{vip="web"} 64000"#,
             r#"xdplb_vip_new_flows_total{vip="web"} 50"#,

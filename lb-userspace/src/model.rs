@@ -173,7 +173,9 @@ pub struct VipSpec {
     pub name: String,
     pub vip: VipAddr,
     pub forwarding: Forwarding,
-    /// Maglev table size (prime).
+    /// How new flows pick a backend.
+    pub scheduler: crate::scheduler::Scheduler,
+    /// Maglev table size (prime); for round robin, the longest weighted turn.
     pub ring_size: u32,
     pub health: HealthSpec,
     pub backends: Vec<BackendSpec>,

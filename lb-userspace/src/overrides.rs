@@ -165,6 +165,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                 },
                 forwarding: Forwarding::Dsr,
+                scheduler: Default::default(),
                 ring_size: 13,
                 health: HealthSpec::default(),
                 backends: backends

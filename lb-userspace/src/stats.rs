@@ -33,6 +33,8 @@ pub struct VipSample {
     pub name: String,
     /// e.g. `192.0.2.10:80/tcp` ([`crate::model::VipAddr`]'s display form).
     pub address: String,
+    /// "maglev", "round-robin" or "least-conn".
+    pub scheduler: String,
     pub counters: TrafficCounters,
     pub backends: Vec<BackendSample>,
 }
@@ -56,6 +58,8 @@ pub struct BackendSample {
     pub health: String,
     /// Whether the backend counts as up: health checks have not marked it down.
     pub up: bool,
+    /// Least-conn VIPs: the active connections the data path compares for this backend.
+    pub scheduler_connections: Option<i64>,
 }
 
 /// Monotonic totals since the counters were created (or since the daemon started, for
@@ -105,6 +109,7 @@ pub struct GlobalStat {
 pub struct VipStats {
     pub name: String,
     pub address: String,
+    pub scheduler: String,
     /// Sum over the backends.
     pub active_flows: u64,
     pub totals: Totals,
@@ -123,6 +128,8 @@ pub struct BackendStats {
     pub active_flows: u64,
     /// See [`BackendSample::drain_complete`].
     pub drain_complete: bool,
+    /// Least-conn VIPs: the active connections the data path compares for this backend.
+    pub scheduler_connections: Option<i64>,
     pub totals: Totals,
     pub rates: Rates,
 }
@@ -301,6 +308,7 @@ impl Stats {
                             up: b.up,
                             active_flows: b.active_flows,
                             drain_complete: b.drain_complete,
+                            scheduler_connections: b.scheduler_connections,
                             totals,
                             rates,
                         }
@@ -309,6 +317,7 @@ impl Stats {
                 VipStats {
                     name: vip.name,
                     address: vip.address,
+                    scheduler: vip.scheduler,
                     active_flows: backend_stats.iter().map(|b| b.active_flows).sum(),
                     totals,
                     rates,
@@ -527,6 +536,7 @@ mod tests {
             drained: false,
             health: "up".into(),
             up: true,
+            scheduler_connections: None,
         }
     }
 
@@ -537,6 +547,7 @@ mod tests {
             vips: vec![VipSample {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
+                scheduler: "maglev".into(),
                 counters: vip,
                 backends: vec![backend("10.0.0.1", backend_counters)],
             }],
@@ -727,6 +738,7 @@ mod tests {
                 VipStats {
                     name: "web".into(),
                     address: "192.0.2.10:80/tcp".into(),
+                    scheduler: "maglev".into(),
                     active_flows: 1500,
                     totals: totals(123_456_789, 98_765_432_100, 54_321, 12),
                     rates: rates(12_345.0, 9_876_543.0, 120.5),
@@ -740,6 +752,7 @@ mod tests {
                             up: true,
                             active_flows: 1480,
                             drain_complete: false,
+                            scheduler_connections: None,
                             totals: totals(100_000_000, 80_000_000_000, 50_000, 0),
                             rates: rates(12_000.0, 9_600_000.0, 120.5),
                         },
@@ -752,6 +765,7 @@ mod tests {
                             up: true,
                             active_flows: 20,
                             drain_complete: false,
+                            scheduler_connections: None,
                             totals: totals(23_456_789, 18_765_432_100, 4_321, 0),
                             rates: rates(345.0, 276_543.0, 0.0),
                         },
@@ -764,6 +778,7 @@ mod tests {
                             up: false,
                             active_flows: 0,
                             drain_complete: false,
+                            scheduler_connections: None,
                             totals: totals(0, 0, 0, 0),
                             rates: Rates::default(),
                         },
@@ -772,6 +787,7 @@ mod tests {
                 VipStats {
                     name: "dns".into(),
                     address: "[2001:db8::53]:53/udp".into(),
+                    scheduler: "maglev".into(),
                     active_flows: 7,
                     totals: totals(999, 64_000, 7, 0),
                     rates: rates(0.5, 32.0, 0.5),
@@ -784,6 +800,7 @@ mod tests {
                         up: true,
                         active_flows: 7,
                         drain_complete: false,
+                        scheduler_connections: None,
                         totals: totals(999, 64_000, 7, 0),
                         rates: rates(0.5, 32.0, 0.5),
                     }],

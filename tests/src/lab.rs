@@ -672,6 +672,21 @@ impl Drop for Daemon {
     }
 }
 
+/// The lab server named `b<n>` on every backend of `lab`, TCP on port 80 of every address,
+/// listening when this returns.
+pub fn serve_tcp(lab: &Lab) -> Vec<Process> {
+    let servers = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(n, b)| b.serve(&format!("b{n}"), "[::]:80", "tcp").unwrap())
+        .collect();
+    for b in &lab.backends {
+        b.wait_sockets(1, 0).unwrap();
+    }
+    servers
+}
+
 /// Asks a lab server which backend answered (TCP).
 pub fn who(vip: SocketAddr) -> Result<String> {
     let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;

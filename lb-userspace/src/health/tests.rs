@@ -178,6 +178,7 @@ fn vip(name: &str, port: u16, health: HealthSpec, backends: Vec<BackendSpec>) ->
             protocol: Protocol::Tcp,
         },
         forwarding: Forwarding::Dsr,
+        scheduler: Default::default(),
         ring_size: 251,
         health,
         backends,
