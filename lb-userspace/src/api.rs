@@ -57,7 +57,7 @@ pub enum Response {
     Error(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub config_file: PathBuf,
     pub interfaces: Vec<String>,
@@ -67,6 +67,9 @@ pub struct StatusReport {
     pub detached: Vec<String>,
     /// How the maps were obtained at start: fresh, adopted from a previous run, or replaced.
     pub maps: String,
+    /// Seconds since the flow-table scan behind every `active_flows` started (`None`: no scan
+    /// yet). Scans are paced, so counts miss flows opened since; see `drain_complete`.
+    pub active_flows_age_s: Option<f64>,
     pub vips: Vec<VipStatus>,
 }
 
@@ -95,7 +98,12 @@ pub struct BackendStatus {
     /// Seconds since the last health transition.
     pub health_since_s: Option<u64>,
     pub last_failure: Option<String>,
+    /// Flows seen within the idle timeout and not closed, as of the last flow-table scan.
     pub active_flows: u64,
+    /// Drained, and a flow-table scan that started after the drain took effect found no
+    /// active flow: the backend can be stopped. `active_flows == 0` alone can come from a scan
+    /// older than a connection opened just before the drain.
+    pub drain_complete: bool,
     /// "02:00:00:00:00:11 via eth0", or why it is unresolved.
     pub next_hop: String,
 }

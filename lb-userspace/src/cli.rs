@@ -24,8 +24,10 @@ use std::{
     about = "XDP L4 load balancer: daemon and CLI"
 )]
 pub struct Cli {
-    /// Admin socket of the daemon.
-    #[arg(long, global = true, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    /// Admin socket of the daemon, given before the command: `xdplb --socket PATH status`.
+    // Not global, so that the help of `run`, `check`, `decap` and `completions`, which do not
+    // use it, does not offer it.
+    #[arg(long, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -94,6 +96,7 @@ pub enum Command {
     },
     /// On a backend: strip `ipip` tunnels for local VIPs (runs until SIGTERM).
     Decap {
+        /// Interface the tunnelled packets arrive on (e.g. eth0).
         interface: String,
         /// VIP addresses served on this host.
         #[arg(long = "vip", required = true)]
@@ -102,6 +105,7 @@ pub enum Command {
         /// default: the interface's global addresses.
         #[arg(long = "local")]
         locals: Vec<IpAddr>,
+        /// auto (native, else generic), native or generic XDP.
         #[arg(long, default_value = "auto", value_parser = parse_mode)]
         xdp_mode: AttachMode,
     },
@@ -295,6 +299,10 @@ pub fn render_status(report: &StatusReport) -> String {
     for problem in &report.detached {
         out.push_str(&format!("NOT BALANCING: {problem}\n"));
     }
+    let age = stats::scan_age(report.active_flows_age_s);
+    if !age.is_empty() {
+        out.push_str(&format!("active flows{age}\n"));
+    }
     for vip in &report.vips {
         out.push_str(&format!(
             "\n{}  {}  {}  ring {}  {}/{} backends available\n",
@@ -331,7 +339,12 @@ pub fn render_status(report: &StatusReport) -> String {
             rows.push(vec![
                 b.address.to_string(),
                 weight,
-                if b.drained { "drained" } else { "active" }.into(),
+                match (b.drained, b.drain_complete) {
+                    (false, _) => "active",
+                    (true, false) => "draining",
+                    (true, true) => "drained",
+                }
+                .into(),
                 b.health.clone(),
                 ago(b.health_since_s),
                 b.active_flows.to_string(),
@@ -372,7 +385,9 @@ pub fn render_flows(list: &FlowList) -> String {
     out
 }
 
-/// Polls the backend's active flows, printing a progress line, until 0 or the timeout.
+/// Polls the backend's drain, printing a progress line, until it is complete or the timeout
+/// passes. Complete means a flow-table scan that started after the drain found no active flow:
+/// an older scan cannot have seen a connection opened just before the drain.
 async fn wait_for_drain(
     socket: &Path,
     vip: &str,
@@ -385,7 +400,7 @@ async fn wait_for_drain(
         let Response::Status(report) = call(socket, Request::Status).await? else {
             bail!("unexpected response");
         };
-        let active = report
+        let b = report
             .vips
             .iter()
             .filter(|v| {
@@ -393,16 +408,29 @@ async fn wait_for_drain(
             })
             .flat_map(|v| &v.backends)
             .find(|b| b.address == backend)
-            .map(|b| b.active_flows)
             .context("the backend disappeared from the config while draining")?;
-        let line = format!("draining {vip} {backend}: {active} active flows");
+        if !b.drained {
+            if terminal {
+                println!();
+            }
+            bail!("{backend} was undrained while waiting");
+        }
+        let (active, complete) = (b.active_flows, b.drain_complete);
+        let line = if complete || active > 0 {
+            format!(
+                "draining {vip} {backend}: {active} active flows{}",
+                stats::scan_age(report.active_flows_age_s)
+            )
+        } else {
+            format!("draining {vip} {backend}: waiting for a flow-table scan that started after the drain")
+        };
         if terminal {
             print!("\r\x1b[2K{line}");
             std::io::stdout().flush()?;
         } else {
             println!("{line}");
         }
-        if active == 0 {
+        if complete {
             if terminal {
                 println!();
             }
@@ -528,6 +556,7 @@ mod tests {
             health_since_s: Some(90),
             last_failure: (health == "down").then(|| "connect: connection refused".into()),
             active_flows: active,
+            drain_complete: drained && active == 0,
             next_hop: "02:00:00:00:00:11 ifindex 2".into(),
         };
         StatusReport {
@@ -535,6 +564,7 @@ mod tests {
             interfaces: vec!["eth0".into()],
             detached: Vec::new(),
             maps: "fresh".into(),
+            active_flows_age_s: Some(8.25),
             vips: vec![VipStatus {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
@@ -545,6 +575,7 @@ mod tests {
                     backend("10.1.0.11", 100, None, false, "up", 12),
                     backend("10.1.0.12", 0, None, true, "up", 3),
                     backend("10.1.0.13", 0, Some(50), false, "down", 0),
+                    backend("10.1.0.14", 0, None, true, "up", 0),
                 ],
             }],
         }
@@ -554,12 +585,14 @@ mod tests {
     fn status_table_is_aligned_and_complete() {
         let expected = "\
 config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
+active flows (counted 8.2 s ago)
 
-web  192.0.2.10:80/tcp  dsr  ring 65537  1/3 backends available
-  BACKEND    WEIGHT                  STATE    HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
-  10.1.0.11  100                     active   up      90s    12      02:00:00:00:00:11 ifindex 2
-  10.1.0.12  0 (config 100)          drained  up      90s    3       02:00:00:00:00:11 ifindex 2
-  10.1.0.13  0 (cli 50, config 100)  active   down    90s    0       02:00:00:00:00:11 ifindex 2  connect: connection refused
+web  192.0.2.10:80/tcp  dsr  ring 65537  1/4 backends available
+  BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
+  10.1.0.11  100                     active    up      90s    12      02:00:00:00:00:11 ifindex 2
+  10.1.0.12  0 (config 100)          draining  up      90s    3       02:00:00:00:00:11 ifindex 2
+  10.1.0.13  0 (cli 50, config 100)  active    down    90s    0       02:00:00:00:00:11 ifindex 2  connect: connection refused
+  10.1.0.14  0 (config 100)          drained   up      90s    0       02:00:00:00:00:11 ifindex 2
 ";
         assert_eq!(render_status(&report()), expected);
     }
@@ -623,5 +656,27 @@ CLIENT              VIP  PROTO  BACKEND    AGE  IDLE  STATE
         ));
         let err = Cli::try_parse_from(["xdplb", "drain", "web", "not-an-ip"]).unwrap_err();
         assert!(err.to_string().contains("not-an-ip"), "{err}");
+        let cli = Cli::try_parse_from(["xdplb", "--socket", "/tmp/a.sock", "status"]).unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/a.sock"));
+    }
+
+    #[test]
+    fn decap_help_describes_its_arguments_and_offers_no_socket() {
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("decap")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!help.contains("--socket"), "{help}");
+        let interface = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("<INTERFACE>"))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            interface.contains("Interface the tunnelled packets"),
+            "{help}"
+        );
     }
 }

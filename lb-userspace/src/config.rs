@@ -18,7 +18,7 @@ use crate::{
     maglev::{self, MaglevError},
     model::{
         BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown, Prefix,
-        Protocol, Services, VipAddr, VipSpec,
+        Protocol, Services, TlsSpec, VipAddr, VipSpec,
     },
 };
 use std::{
@@ -417,6 +417,8 @@ const HEALTH_KEYS: &[&str] = &[
     "path",
     "expect_status",
     "host",
+    "tls_verify",
+    "tls_ca",
     "interval",
     "timeout",
     "rise",
@@ -424,6 +426,7 @@ const HEALTH_KEYS: &[&str] = &[
     "on_all_down",
 ];
 const HTTP_KEYS: &[&str] = &["path", "expect_status", "host"];
+const TLS_KEYS: &[&str] = &["tls_verify", "tls_ca"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "mac", "health_port"];
 
 const XDP_MODES: [AttachMode; 3] = [AttachMode::Auto, AttachMode::Native, AttachMode::Generic];
@@ -437,11 +440,13 @@ enum Kind {
     None,
     Tcp,
     Http,
+    Https,
 }
-const KINDS: [(&str, Kind); 3] = [
+const KINDS: [(&str, Kind); 4] = [
     ("none", Kind::None),
     ("tcp", Kind::Tcp),
     ("http", Kind::Http),
+    ("https", Kind::Https),
 ];
 
 /// Sanity bounds on map sizes, each with what it protects.
@@ -976,7 +981,14 @@ fn read_health(t: &Table, p: &mut Problems) -> Result<HealthSpec, Reported> {
     t.reject_unknown(p, HEALTH_KEYS);
     let defaults = HealthSpec::default();
     let kind = match t.choice(p, "kind", &KINDS) {
-        Ok(Some(Kind::Http)) => read_http(t, p),
+        Ok(Some(Kind::Http)) => {
+            let tls = reject_keys(t, p, TLS_KEYS, &["https"]).map(|()| None);
+            read_http(t, p, tls)
+        }
+        Ok(Some(Kind::Https)) => {
+            let tls = read_tls(t, p).map(Some);
+            read_http(t, p, tls)
+        }
         Ok(Some(Kind::Tcp)) => reject_http_keys(t, p, CheckKind::Tcp),
         Ok(None | Some(Kind::None)) => reject_http_keys(t, p, CheckKind::None),
         Err(reported) => Err(reported),
@@ -1024,17 +1036,65 @@ fn read_health(t: &Table, p: &mut Problems) -> Result<HealthSpec, Reported> {
 
 /// HTTP settings under another kind would silently do nothing, which hides a mistake.
 fn reject_http_keys(t: &Table, p: &mut Problems, kind: CheckKind) -> Result<CheckKind, Reported> {
-    let mut result = Ok(kind);
-    for name in HTTP_KEYS.iter().filter(|name| t.table.contains_key(**name)) {
+    let http = reject_keys(t, p, HTTP_KEYS, &["http", "https"]);
+    let tls = reject_keys(t, p, TLS_KEYS, &["https"]);
+    http.and(tls).map(|()| kind)
+}
+
+/// Reports each of `keys` present in `t`: only the check kinds `used_by` use them.
+fn reject_keys(
+    t: &Table,
+    p: &mut Problems,
+    keys: &[&str],
+    used_by: &[&str],
+) -> Result<(), Reported> {
+    let kinds: Vec<String> = used_by.iter().map(|kind| format!("{kind:?}")).collect();
+    let mut result = Ok(());
+    for name in keys.iter().filter(|name| t.table.contains_key(**name)) {
         result = Err(p.report(
             t.key(name),
-            format!("{name} is only used by kind = \"http\"; remove it or set kind = \"http\""),
+            format!(
+                "{name} is only used by kind = {}; remove it or set kind = {}",
+                kinds.join(" or "),
+                kinds[0]
+            ),
         ));
     }
     result
 }
 
-fn read_http(t: &Table, p: &mut Problems) -> Result<CheckKind, Reported> {
+/// `tls_verify` and `tls_ca` of an `https` check. The CA file is read and parsed now, so a
+/// bad one is a config error (a reload keeps the running config) rather than failing checks.
+fn read_tls(t: &Table, p: &mut Problems) -> Result<TlsSpec, Reported> {
+    let verify = t
+        .get(p, "tls_verify", "true or false", Value::as_bool)
+        .map(|v| v.unwrap_or(false));
+    let ca = match verify {
+        Ok(false) if t.table.contains_key("tls_ca") => Err(p.report(
+            t.key("tls_ca"),
+            "is only used with tls_verify = true; set tls_verify = true to verify the backends \
+             against it, or remove tls_ca",
+        )),
+        _ => t.parsed(p, "tls_ca", |path| {
+            if !Path::new(path).is_absolute() {
+                return Err(format!(
+                    "{path:?} is not an absolute path; start it with '/'"
+                ));
+            }
+            crate::health::load_ca(Path::new(path))
+        }),
+    };
+    Ok(TlsSpec {
+        verify: verify?,
+        ca: ca?,
+    })
+}
+
+fn read_http(
+    t: &Table,
+    p: &mut Problems,
+    tls: Result<Option<TlsSpec>, Reported>,
+) -> Result<CheckKind, Reported> {
     let path = t
         .parsed(p, "path", |path| {
             if path.starts_with('/') {
@@ -1054,10 +1114,16 @@ fn read_http(t: &Table, p: &mut Problems) -> Result<CheckKind, Reported> {
             request_safe(host, "remove them")
         }
     });
+    if let (Ok(Some(_)), Ok(Some(host))) = (&tls, &host) {
+        if let Err(message) = crate::health::server_name(Some(host), IpAddr::from([0, 0, 0, 0])) {
+            return Err(p.report(t.key("host"), message));
+        }
+    }
     Ok(CheckKind::Http {
         path: path?,
         expect_status: expect_status?,
         host: host?,
+        tls: tls?,
     })
 }
 
@@ -1226,7 +1292,10 @@ fn health_summary(health: &HealthSpec) -> String {
     match &health.kind {
         CheckKind::None => "health none".to_string(),
         CheckKind::Tcp => format!("health tcp{port} every {every}"),
-        CheckKind::Http { path, .. } => format!("health http {path}{port} every {every}"),
+        CheckKind::Http { path, tls, .. } => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("health {scheme} {path}{port} every {every}")
+        }
     }
 }
 
@@ -1404,6 +1473,7 @@ mod tests {
                                 path: "/healthz".into(),
                                 expect_status: 204,
                                 host: Some("web.example".into()),
+                                tls: None,
                             },
                             port: Some(8080),
                             interval: Duration::from_secs(2),
@@ -1491,6 +1561,22 @@ mod tests {
                 path: "/".into(),
                 expect_status: 200,
                 host: None,
+                tls: None,
+            }
+        );
+        let https = valid(&with_health(
+            "kind = \"https\"\ntls_verify = true\nhost = \"web.example:8443\"\n",
+        ));
+        assert_eq!(
+            https.services.vips[0].health.kind,
+            CheckKind::Http {
+                path: "/".into(),
+                expect_status: 200,
+                host: Some("web.example:8443".into()),
+                tls: Some(TlsSpec {
+                    verify: true,
+                    ca: None
+                }),
             }
         );
         let none = valid(&with_health("interval = \"5s\"\n"));
@@ -1957,7 +2043,7 @@ mod tests {
             (
                 "kind = \"icmp\"",
                 "kind",
-                "\"icmp\" is not one of \"none\", \"tcp\", \"http\"",
+                "\"icmp\" is not one of \"none\", \"tcp\", \"http\", \"https\"",
             ),
             (
                 "kind = \"tcp\"\nport = 0",
@@ -1997,7 +2083,7 @@ mod tests {
             (
                 "kind = \"tcp\"\npath = \"/\"",
                 "path",
-                "path is only used by kind = \"http\"; remove it or set kind = \"http\"",
+                "path is only used by kind = \"http\" or \"https\"; remove it or set kind = \"http\"",
             ),
             (
                 "kind = \"none\"\nhost = \"web\"",
@@ -2008,6 +2094,36 @@ mod tests {
                 "expect_status = 200",
                 "expect_status",
                 "expect_status is only used by kind = \"http\"",
+            ),
+            (
+                "kind = \"http\"\ntls_verify = true",
+                "tls_verify",
+                "tls_verify is only used by kind = \"https\"; remove it or set kind = \"https\"",
+            ),
+            (
+                "kind = \"https\"\ntls_verify = \"yes\"",
+                "tls_verify",
+                "expected true or false, found",
+            ),
+            (
+                "kind = \"https\"\ntls_ca = \"/etc/ca.pem\"",
+                "tls_ca",
+                "is only used with tls_verify = true",
+            ),
+            (
+                "kind = \"https\"\ntls_verify = true\ntls_ca = \"ca.pem\"",
+                "tls_ca",
+                "\"ca.pem\" is not an absolute path",
+            ),
+            (
+                "kind = \"https\"\ntls_verify = true\ntls_ca = \"/nonexistent/ca.pem\"",
+                "tls_ca",
+                "cannot read CA certificates from /nonexistent/ca.pem",
+            ),
+            (
+                "kind = \"https\"\nhost = \"a..b\"",
+                "host",
+                "host \"a..b\" is not a TLS server name",
             ),
             (
                 "kind = \"tcp\"\ninterval = \"1x\"",

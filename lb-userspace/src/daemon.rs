@@ -18,6 +18,7 @@ use crate::{
     attachments::Attachments,
     config::Config,
     dataplane::{Adoption, Dataplane, Role},
+    flowscan::FlowScan,
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
     links, metrics,
     model::{BackendSpec, OnAllDown, VipSpec},
@@ -25,7 +26,7 @@ use crate::{
     nexthops::{self, NextHops},
     overrides::Overrides,
     state::{self, BackendStatus, Live, Unresolved},
-    stats::{self, BackendSample, Sample, Stats, VipSample},
+    stats::{self, BackendSample, Sample, Snapshot, Stats, VipSample},
 };
 use anyhow::{bail, Context as _, Result};
 use lb_common::{FlowKey, BACKEND_DOWN, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, PROTO_TCP};
@@ -41,20 +42,6 @@ use std::{
 };
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
-
-/// Flow-table entries one stats interval may scan: a larger table is scanned every
-/// `entries / FLOWS_PER_SCAN_PERIOD + 1` intervals.
-const FLOWS_PER_SCAN_PERIOD: usize = 100_000;
-
-/// What the last flow-table scan found.
-#[derive(Default)]
-struct FlowScan {
-    /// Backend id -> flows seen within the idle timeout and not closed.
-    active: HashMap<u32, u64>,
-    entries: u64,
-    /// Samples to skip before the next scan.
-    countdown: u32,
-}
 
 pub struct Options {
     pub config_path: PathBuf,
@@ -397,17 +384,29 @@ impl Daemon {
         ))
     }
 
+    /// Drains or undrains, and tells the flow scan when a drain took effect.
+    fn set_drained(&mut self, vip: &str, backend: IpAddr, drained: bool) -> Result<String> {
+        let message = self.set_override(vip, backend, |o| o.drained = drained)?;
+        let (name, _) = self.find_backend(vip, backend)?;
+        if drained {
+            self.flow_scan.drained(&name, backend);
+        } else {
+            self.flow_scan.undrained(&name, backend);
+        }
+        Ok(message)
+    }
+
     fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => self.status().map(Response::Status),
             // Routed to `reload` by `handle`: its slow part must not hold the lock.
             Request::Reload => Err(anyhow::anyhow!("a reload is not handled under the lock")),
-            Request::Drain { vip, backend } => self
-                .set_override(&vip, backend, |o| o.drained = true)
-                .map(Response::Done),
-            Request::Undrain { vip, backend } => self
-                .set_override(&vip, backend, |o| o.drained = false)
-                .map(Response::Done),
+            Request::Drain { vip, backend } => {
+                self.set_drained(&vip, backend, true).map(Response::Done)
+            }
+            Request::Undrain { vip, backend } => {
+                self.set_drained(&vip, backend, false).map(Response::Done)
+            }
             Request::Weight {
                 vip,
                 backend,
@@ -422,32 +421,12 @@ impl Daemon {
             } => self
                 .flows(vip.as_deref(), backend, limit)
                 .map(Response::Flows),
-            Request::Stats => Ok(Response::Stats(self.stats.snapshot().clone())),
+            Request::Stats => Ok(Response::Stats(self.snapshot())),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }
 
-    /// Reads the flow table when its scan is due: every sample up to [`FLOWS_PER_SCAN_PERIOD`]
-    /// entries, then less often (a million flows take about half a second to read, under the
-    /// daemon's lock), so the active-flow counts lag by up to ~10 s on huge tables.
-    fn scan_flows_if_due(&mut self) -> Result<()> {
-        if self.flow_scan.countdown > 0 {
-            self.flow_scan.countdown -= 1;
-            return Ok(());
-        }
-        let flows = self.dataplane.flows()?;
-        self.flow_scan.active = stats::active_flows(
-            &flows,
-            stats::monotonic_seconds(),
-            self.config.daemon.flow_idle_timeout.as_secs() as u32,
-        );
-        self.flow_scan.entries = flows.len() as u64;
-        self.flow_scan.countdown = (flows.len() / FLOWS_PER_SCAN_PERIOD) as u32;
-        Ok(())
-    }
-
     fn status(&self) -> Result<StatusReport> {
-        let active = &self.flow_scan.active;
         let vips = self
             .config
             .services
@@ -483,10 +462,13 @@ impl Daemon {
                             health: health.state.to_string(),
                             health_since_s: health.since.map(|t| t.elapsed().as_secs()),
                             last_failure: health.last_failure.map(|f| f.reason),
-                            active_flows: live_backend
-                                .and_then(|l| active.get(&l.id))
-                                .copied()
-                                .unwrap_or(0),
+                            active_flows: live_backend.map_or(0, |l| self.flow_scan.active(l.id)),
+                            drain_complete: status.drained
+                                && self.flow_scan.drain_complete(
+                                    &vip.name,
+                                    b.addr,
+                                    live_backend.map(|l| l.id),
+                                ),
                             next_hop,
                         }
                     })
@@ -510,6 +492,7 @@ impl Daemon {
                 Adoption::Adopted => "adopted from the previous run".into(),
                 Adoption::Replaced(why) => format!("replaced ({why})"),
             },
+            active_flows_age_s: self.flow_scan.age().map(|age| age.as_secs_f64()),
             vips,
         })
     }
@@ -562,8 +545,11 @@ impl Daemon {
 
     /// One stats sample: counters, active flows (from the last flow scan), health, weights.
     fn sample(&mut self) -> Result<()> {
-        self.scan_flows_if_due()?;
-        let active = &self.flow_scan.active;
+        let dataplane = &self.dataplane;
+        self.flow_scan.scan_if_due(
+            || Ok(dataplane.flows()?),
+            self.config.daemon.flow_idle_timeout,
+        )?;
         let global = self.dataplane.global_counters()?;
         let mut vips = Vec::new();
         for spec in &self.config.services.vips {
@@ -576,13 +562,18 @@ impl Daemon {
                     continue;
                 };
                 let health = self.health.status(spec, b).state;
+                let drained = self.overrides.get(&spec.name, b.addr).drained;
                 backends.push(BackendSample {
                     address: b.addr.to_string(),
                     counters: self.dataplane.backend_counters(lb.id)?,
-                    active_flows: active.get(&lb.id).copied().unwrap_or(0),
+                    active_flows: self.flow_scan.active(lb.id),
+                    drain_complete: drained
+                        && self
+                            .flow_scan
+                            .drain_complete(&spec.name, b.addr, Some(lb.id)),
                     weight: lb.ring_weight,
                     configured_weight: b.weight,
-                    drained: self.overrides.get(&spec.name, b.addr).drained,
+                    drained,
                     health: health.to_string(),
                     up: health != State::Down,
                 });
@@ -594,7 +585,7 @@ impl Daemon {
                 backends,
             });
         }
-        let flow_table_entries = self.flow_scan.entries;
+        let flow_table_entries = self.flow_scan.entries();
         self.stats.ingest(Sample {
             at: Instant::now(),
             global,
@@ -604,8 +595,16 @@ impl Daemon {
         Ok(())
     }
 
+    /// The last sample's snapshot, with the age of its active-flow counts as of now.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            active_flows_age_s: self.flow_scan.age().map(|age| age.as_secs_f64()),
+            ..self.stats.snapshot().clone()
+        }
+    }
+
     fn metrics_text(&self) -> String {
-        metrics::render(self.stats.snapshot(), &self.health_metrics)
+        metrics::render(&self.snapshot(), &self.health_metrics)
     }
 
     /// Drops metric series and cached per-backend state of VIPs and backends the new config

@@ -10,7 +10,8 @@
 //!   configured interfaces.
 //! * [`health`]: health checks and their state machines.
 //! * [`overrides`]: drains and CLI weights, persisted.
-//! * [`stats`], [`metrics`]: counters, rates, Prometheus export.
+//! * [`stats`], [`metrics`]: counters, rates, Prometheus export; [`flowscan`]: active flows
+//!   per backend, and when a drain is complete.
 //! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
 //!   [`cli`], [`watch`]: the command line.
 
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod flowscan;
 pub mod health;
 pub mod links;
 pub mod maglev;

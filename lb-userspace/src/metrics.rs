@@ -227,6 +227,7 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
     let mut backend_up = Gauges::new();
     let mut backend_weight = Gauges::new();
     let mut backend_drained = Gauges::new();
+    let mut backend_drain_complete = Gauges::new();
     let mut vip_packets = Counters::new();
     let mut vip_bytes = Counters::new();
     let mut vip_new_flows = Counters::new();
@@ -246,6 +247,7 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
             backend_up.push(labels(), gauge(u8::from(b.up)));
             backend_weight.push(labels(), gauge(b.weight));
             backend_drained.push(labels(), gauge(u8::from(b.drained)));
+            backend_drain_complete.push(labels(), gauge(u8::from(b.drain_complete)));
         }
     }
 
@@ -283,6 +285,11 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         "xdplb_backend_drained",
         "1 when the backend is drained: no new flows, established ones continue",
         backend_drained,
+    );
+    registry.register(
+        "xdplb_backend_drain_complete",
+        "1 when the backend is drained and a flow-table scan that started after the drain found no active flow: safe to stop",
+        backend_drain_complete,
     );
     registry.register(
         "xdplb_vip_packets",
@@ -323,6 +330,13 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         "Entries in the flow table, active or not (LRU: full means the coldest are evicted)",
         gauge(snapshot.flow_table_entries),
     );
+    if let Some(age) = snapshot.active_flows_age_s {
+        registry.register(
+            "xdplb_active_flows_age_seconds",
+            "Seconds since the flow-table scan behind the active-flow gauges started (scans are paced on large tables)",
+            ConstGauge::new(age),
+        );
+    }
     let mut transitions = Counters::new();
     for ((vip, backend, to), count) in health.lock_transitions().iter() {
         let labels = vec![
@@ -500,12 +514,14 @@ mod tests {
             health: if up { "up" } else { "down" }.into(),
             up,
             active_flows,
+            drain_complete: drained && active_flows == 0,
             totals: t,
             rates: Rates::default(),
         };
         Snapshot {
             interval_s: 1.0,
             flow_table_entries: 42,
+            active_flows_age_s: Some(0.25),
             global: counters::ALL
                 .iter()
                 .enumerate()
@@ -525,6 +541,7 @@ mod tests {
                     backend("10.0.0.1", 100, false, true, 30, totals(700, 44_800, 35, 0)),
                     backend("10.0.0.2", 0, true, true, 10, totals(297, 19_008, 15, 0)),
                     backend("10.0.0.3", 0, false, false, 0, totals(0, 0, 0, 0)),
+                    backend("10.0.0.4", 0, true, true, 0, totals(5, 320, 1, 0)),
                 ],
             }],
         }
@@ -542,7 +559,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 20] = [
+    const FAMILIES: [(&str, &str); 22] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -550,6 +567,7 @@ mod tests {
         ("xdplb_backend_up", "gauge"),
         ("xdplb_backend_weight", "gauge"),
         ("xdplb_backend_drained", "gauge"),
+        ("xdplb_backend_drain_complete", "gauge"),
         ("xdplb_vip_packets", "counter"),
         ("xdplb_vip_bytes", "counter"),
         ("xdplb_vip_new_flows", "counter"),
@@ -560,6 +578,7 @@ mod tests {
         ("xdplb_flow_lookups", "counter"),
         ("xdplb_decap_packets", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
+        ("xdplb_active_flows_age_seconds", "gauge"),
         ("xdplb_health_transitions", "counter"),
         ("xdplb_health_check_duration_seconds", "histogram"),
         ("xdplb_build", "info"),
@@ -593,6 +612,10 @@ mod tests {
             r#"xdplb_backend_up{vip="web",backend="10.0.0.1"} 1"#,
             r#"xdplb_backend_weight{vip="web",backend="10.0.0.1"} 100"#,
             r#"xdplb_backend_drained{vip="web",backend="10.0.0.2"} 1"#,
+            r#"xdplb_backend_drain_complete{vip="web",backend="10.0.0.2"} 0"#,
+            r#"xdplb_backend_drain_complete{vip="web",backend="10.0.0.4"} 1"#,
+            r#"xdplb_backend_drain_complete{vip="web",backend="10.0.0.1"} 0"#,
+            "xdplb_active_flows_age_seconds 0.25",
             r#"xdplb_vip_packets_total{vip="web"} 1000"#,
             r#"xdplb_vip_bytes_total{vip="web"} 64000"#,
             r#"xdplb_vip_new_flows_total{vip="web"} 50"#,

@@ -44,6 +44,9 @@ pub struct BackendSample {
     pub counters: TrafficCounters,
     /// Flows seen within the idle timeout and not closed ([`active_flows`]).
     pub active_flows: u64,
+    /// Drained, and a scan that started after the drain found no active flow
+    /// ([`crate::flowscan::FlowScan::drain_complete`]).
+    pub drain_complete: bool,
     /// Weight new flows see now: 0 when drained or down.
     pub weight: u32,
     pub configured_weight: u32,
@@ -81,6 +84,10 @@ pub struct Snapshot {
     /// Seconds between the two samples the rates come from; 0 until there are two.
     pub interval_s: f64,
     pub flow_table_entries: u64,
+    /// Seconds since the flow-table scan behind the active-flow counts started, when the
+    /// snapshot was served (`None`: no scan yet). Scans are paced on large tables.
+    #[serde(default)]
+    pub active_flows_age_s: Option<f64>,
     /// Global counters in [`lb_common::counters::ALL`] order.
     pub global: Vec<GlobalStat>,
     pub vips: Vec<VipStats>,
@@ -114,6 +121,8 @@ pub struct BackendStats {
     pub health: String,
     pub up: bool,
     pub active_flows: u64,
+    /// See [`BackendSample::drain_complete`].
+    pub drain_complete: bool,
     pub totals: Totals,
     pub rates: Rates,
 }
@@ -291,6 +300,7 @@ impl Stats {
                             health: b.health,
                             up: b.up,
                             active_flows: b.active_flows,
+                            drain_complete: b.drain_complete,
                             totals,
                             rates,
                         }
@@ -312,6 +322,7 @@ impl Stats {
         self.snapshot = Snapshot {
             interval_s,
             flow_table_entries: sample.flow_table_entries,
+            active_flows_age_s: None,
             global,
             vips: vip_stats,
         };
@@ -423,14 +434,33 @@ pub fn render_table(snapshot: &Snapshot) -> String {
         out.push('\n');
     }
     let dropped: u64 = snapshot.vips.iter().map(|v| v.totals.not_forwarded).sum();
+    let age = scan_age(snapshot.active_flows_age_s);
     let _ = writeln!(
         out,
-        "flow table: {} entries; not forwarded: {} packets; rates over {:.1} s",
+        "flow table: {} entries; {}not forwarded: {} packets; rates over {:.1} s",
         snapshot.flow_table_entries,
+        if age.is_empty() {
+            String::new()
+        } else {
+            format!("active flows{age}; ")
+        },
         human(dropped as f64),
         snapshot.interval_s
     );
     out
+}
+
+/// Active-flow counts at least this old are shown with their age: younger ones are as fresh
+/// as the default stats interval makes them.
+const STALE_AFTER_S: f64 = 2.0;
+
+/// " (counted 8.3 s ago)" when the counts are stale enough to matter, else "".
+pub fn scan_age(age_s: Option<f64>) -> String {
+    match age_s {
+        Some(age) if age >= STALE_AFTER_S => format!(" (counted {age:.1} s ago)"),
+        Some(_) => String::new(),
+        None => " (not counted yet)".into(),
+    }
 }
 
 fn traffic_row(
@@ -491,6 +521,7 @@ mod tests {
             address: address.into(),
             counters,
             active_flows: 0,
+            drain_complete: false,
             weight: 100,
             configured_weight: 100,
             drained: false,
@@ -690,6 +721,7 @@ mod tests {
         Snapshot {
             interval_s: 1.0,
             flow_table_entries: 1523,
+            active_flows_age_s: Some(0.5),
             global: vec![],
             vips: vec![
                 VipStats {
@@ -707,6 +739,7 @@ mod tests {
                             health: "up".into(),
                             up: true,
                             active_flows: 1480,
+                            drain_complete: false,
                             totals: totals(100_000_000, 80_000_000_000, 50_000, 0),
                             rates: rates(12_000.0, 9_600_000.0, 120.5),
                         },
@@ -718,6 +751,7 @@ mod tests {
                             health: "up".into(),
                             up: true,
                             active_flows: 20,
+                            drain_complete: false,
                             totals: totals(23_456_789, 18_765_432_100, 4_321, 0),
                             rates: rates(345.0, 276_543.0, 0.0),
                         },
@@ -729,6 +763,7 @@ mod tests {
                             health: "down".into(),
                             up: false,
                             active_flows: 0,
+                            drain_complete: false,
                             totals: totals(0, 0, 0, 0),
                             rates: Rates::default(),
                         },
@@ -748,6 +783,7 @@ mod tests {
                         health: "unknown".into(),
                         up: true,
                         active_flows: 7,
+                        drain_complete: false,
                         totals: totals(999, 64_000, 7, 0),
                         rates: rates(0.5, 32.0, 0.5),
                     }],
@@ -771,6 +807,13 @@ flow table: 1523 entries; not forwarded: 12 packets; rates over 1.0 s
 ";
         assert_eq!(table, expected, "\n{table}");
         assert!(table.lines().all(|l| l.len() <= 100));
+    }
+
+    #[test]
+    fn scan_ages_are_shown_when_they_matter() {
+        assert_eq!(scan_age(Some(0.7)), "");
+        assert_eq!(scan_age(Some(10.04)), " (counted 10.0 s ago)");
+        assert_eq!(scan_age(None), " (not counted yet)");
     }
 
     #[test]

@@ -452,6 +452,19 @@ impl Host {
             .map(Process)
     }
 
+    /// Starts a lab server named `name` answering over TLS on `listen` with `cert`.
+    pub fn serve_tls(
+        &self,
+        name: &str,
+        listen: &str,
+        cert: &crate::pki::ServerCert,
+    ) -> Result<Process> {
+        let (cert, key) = (cert.cert.to_string_lossy(), cert.key.to_string_lossy());
+        self.ns
+            .spawn(&server_binary(), &[name, listen, "tls", &cert, &key])
+            .map(Process)
+    }
+
     /// Waits until at least `tcp` TCP listeners and `udp` UDP sockets are bound in the host's
     /// namespace: servers start asynchronously, and a request sent before would be refused.
     pub fn wait_sockets(&self, tcp: usize, udp: usize) -> Result<()> {

@@ -11,6 +11,7 @@
 mod probe;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod tracker;
 
 use std::{
@@ -24,9 +25,10 @@ use std::{
 use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 use tracing::{debug, info, warn};
 
+pub use tls::{load_ca, server_name};
 pub use tracker::Failure;
 
-use crate::model::{BackendSpec, CheckKind, HealthSpec, VipSpec};
+use crate::model::{BackendSpec, CheckKind, HealthSpec, TlsSpec, VipSpec};
 use probe::{Prober, Schedule};
 use tracker::{Tracker, Transition};
 
@@ -50,6 +52,8 @@ pub enum Probe {
         expect_status: u16,
         /// Host header; the target address when absent.
         host: Option<String>,
+        /// HTTPS when set.
+        tls: Option<TlsSpec>,
     },
 }
 
@@ -64,10 +68,12 @@ impl CheckTarget {
                 path,
                 expect_status,
                 host,
+                tls,
             } => Probe::Http {
                 path: path.clone(),
                 expect_status: *expect_status,
                 host: host.clone(),
+                tls: tls.clone(),
             },
         };
         let port = backend.health_port.or(health.port).unwrap_or(vip.vip.port);
@@ -87,8 +93,12 @@ impl fmt::Display for CheckTarget {
             Probe::Http {
                 path,
                 expect_status,
+                tls,
                 ..
-            } => write!(f, "http://{}{path} (expect {expect_status})", self.addr),
+            } => {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                write!(f, "{scheme}://{}{path} (expect {expect_status})", self.addr)
+            }
         }
     }
 }

@@ -156,6 +156,7 @@ fn http(path: &str, expect_status: u16, host: Option<&str>) -> CheckKind {
         path: path.into(),
         expect_status,
         host: host.map(Into::into),
+        tls: None,
     }
 }
 
