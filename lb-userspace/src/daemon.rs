@@ -6,13 +6,17 @@
 //! (reading the config, resolving next hops with `ip`) runs without it, so the admin API and
 //! `/metrics` answer during a reload; `/healthz` reads an atomic and never waits.
 
+mod host;
+mod tasks;
+
+pub use tasks::run;
+
 use crate::{
     api::{
-        self, BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport,
-        VipStatus,
+        BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport, VipStatus,
     },
     attachments::Attachments,
-    config::{self, Config},
+    config::Config,
     dataplane::{Adoption, Dataplane, Role},
     flowscan::FlowScan,
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
@@ -30,24 +34,15 @@ use lb_common::{FlowKey, BACKEND_DOWN, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SE
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc,
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::{mpsc, Semaphore},
-};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
-
-/// How often unresolved next hops are retried and some resolved ones refreshed.
-const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
-/// Admin connections served at once; more wait in the kernel's backlog. The CLI opens one per
-/// command, so this only bounds a runaway script.
-const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 pub struct Options {
     pub config_path: PathBuf,
@@ -88,8 +83,8 @@ impl Daemon {
         healthz: Arc<AtomicBool>,
     ) -> Result<Self> {
         let daemon_config = &config.daemon;
-        let instance_lock = lock_instance(&daemon_config.state_dir)?;
-        ensure_bpffs(&daemon_config.pin_dir)?;
+        let instance_lock = host::lock_instance(&daemon_config.state_dir)?;
+        host::ensure_bpffs(&daemon_config.pin_dir)?;
         let mut dataplane = Dataplane::load(
             Role::Balancer,
             daemon_config.sizes,
@@ -745,91 +740,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
-/// Takes an exclusive lock on `state_dir/xdplb.lock`, or says which daemon holds it.
-fn lock_instance(state_dir: &Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating daemon.state_dir {}", state_dir.display()))?;
-    let path = state_dir.join("xdplb.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
-            "another `xdplb run` already uses state_dir {} (lock {}): stop it first",
-            state_dir.display(),
-            path.display()
-        );
-    }
-    Ok(file)
-}
-
-/// Pinning needs bpffs. Under /sys/fs/bpf it is mounted if missing (as systemd would);
-/// elsewhere the operator must have mounted one. Pins on a bpffs that only this process's
-/// mount namespace sees (e.g. under `ip netns exec`, which remounts /sys) vanish when the
-/// daemon exits, and with them the attachment: that case is refused with what to do.
-fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
-    let bpffs = Path::new("/sys/fs/bpf");
-    let create = || {
-        std::fs::create_dir_all(pin_dir)
-            .with_context(|| format!("creating daemon.pin_dir {}", pin_dir.display()))
-    };
-    if !pin_dir.starts_with(bpffs) {
-        create()?;
-        if !is_bpffs(pin_dir)? {
-            bail!(
-                "daemon.pin_dir {} is not on a bpf filesystem: run `mount -t bpf bpf {}` first",
-                pin_dir.display(),
-                pin_dir.display()
-            );
-        }
-        return Ok(());
-    }
-    if bpffs.exists() && is_bpffs(bpffs)? {
-        return create();
-    }
-    if private_mount_namespace() {
-        bail!(
-            "/sys/fs/bpf is not mounted in this mount namespace (as under `ip netns exec`): \
-             pins there would vanish when xdplb exits. Mount a bpffs outside /sys and point \
-             daemon.pin_dir at it (`mount -t bpf bpf /run/xdplb/bpf`)"
-        );
-    }
-    let status = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-        .status()
-        .context("running mount -t bpf")?;
-    if !status.success() || !is_bpffs(bpffs)? {
-        bail!("bpffs is not mounted on /sys/fs/bpf and mounting it failed: run `mount -t bpf bpf /sys/fs/bpf`");
-    }
-    create()
-}
-
-fn is_bpffs(path: &Path) -> Result<bool> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: statfs fills the zeroed struct or fails.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0 {
-        bail!(
-            "statfs {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(fs.f_type as i64 == BPF_FS_MAGIC)
-}
-
-/// Whether this process runs in another mount namespace than init.
-fn private_mount_namespace() -> bool {
-    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-    ns("self") != ns("1")
-}
-
 /// Backends the adopted maps mark down start down, not unknown (which counts as up): a dead
 /// backend must not get new flows after a restart until `fall` checks have failed.
 fn presume_down_as_adopted(health: &mut HealthMonitor, live: &Live, vips: &[VipSpec]) {
@@ -887,262 +797,4 @@ fn next_hops_to_current_interfaces(
         }
         _ => Ok(next_hops.forget_interfaces_except(&current)),
     }
-}
-
-/// What the daemon's tasks share. The mutex is never held across an await; a poisoned lock
-/// only means a handler panicked, and the daemon's state is still the maps' truth.
-struct Shared {
-    daemon: Mutex<Daemon>,
-    /// One reload at a time (SIGHUP and `xdplb reload` may race); held across the lookups.
-    reloading: tokio::sync::Mutex<()>,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Daemon> {
-        self.daemon
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// Looks up next hops without blocking the async threads.
-async fn look_up(resolver: HostResolver, due: Vec<BackendSpec>) -> Result<nexthops::Answers> {
-    if due.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(tokio::task::spawn_blocking(move || nexthops::resolve(&resolver, &due)).await?)
-}
-
-/// Looks up the next hops that are unknown or in `refresh` without the lock, then applies
-/// with it.
-async fn resolve_then_apply(
-    shared: &Shared,
-    refresh: impl FnOnce(&mut Daemon) -> BTreeSet<IpAddr>,
-) -> Result<()> {
-    let (resolver, due) = {
-        let mut daemon = shared.lock();
-        let refresh = refresh(&mut daemon);
-        (daemon.resolver.clone(), daemon.due_lookups(&refresh))
-    };
-    let answers = look_up(resolver, due).await?;
-    let mut daemon = shared.lock();
-    daemon.next_hops.record(answers);
-    // A reload in between may have removed some of them.
-    let addresses = daemon.backend_addresses();
-    daemon.next_hops.retain(&addresses);
-    daemon.apply()
-}
-
-/// Re-reads the config file and applies it. A file that fails validation, or that changes
-/// settings only a restart can apply, is rejected and the running config keeps serving. The
-/// file is read and every backend looked up again (a reload may change a backend's `mac` or
-/// bring new ones) without the daemon's lock.
-async fn reload(shared: &Shared) -> Result<String> {
-    let _one_at_a_time = shared.reloading.lock().await;
-    let (path, resolver) = {
-        let daemon = shared.lock();
-        (daemon.config_path.clone(), daemon.resolver.clone())
-    };
-    let new = config::load(&path)?;
-    let everything = new.services.vips.iter().flat_map(|v| &v.backends);
-    let due = NextHops::default().due(everything, &BTreeSet::new());
-    let answers = look_up(resolver, due).await?;
-    shared.lock().reload_with(new, answers)
-}
-
-/// Makes sure `interfaces` (configured ones) have the program as they are now, after a link
-/// event or at start; looks up next hops again through an interface that came back.
-async fn follow_interfaces(shared: &Shared, interfaces: &[String]) {
-    let now = match links::current(interfaces).await {
-        Ok(now) => now,
-        Err(e) => {
-            error!("reading the state of {interfaces:?}: {e}");
-            return;
-        }
-    };
-    let mut moved = BTreeSet::new();
-    {
-        let mut daemon = shared.lock();
-        for state in &now {
-            match daemon.on_link_event(state) {
-                Ok(backends) => moved.extend(backends),
-                Err(e) => error!("moving next hops to {} again: {e:#}", state.name()),
-            }
-        }
-    }
-    if !moved.is_empty() {
-        if let Err(e) = resolve_then_apply(shared, move |_| moved).await {
-            error!("next hops after {interfaces:?} came back: {e:#}");
-        }
-    }
-}
-
-/// Answers one admin request; only a reload does its slow part without the lock.
-async fn handle(shared: &Shared, request: Request) -> Response {
-    let result = match request {
-        Request::Reload => reload(shared).await.map(Response::Done),
-        request => return shared.lock().handle(request),
-    };
-    result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
-}
-
-/// Serves the admin socket, at most [`MAX_ADMIN_CONNECTIONS`] connections at once.
-async fn serve_admin(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
-    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors, most likely: wait instead of spinning.
-                warn!("admin socket: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = api::serve_connection(stream, |r| handle(&shared, r)).await {
-                warn!("admin connection: {e}");
-            }
-        });
-    }
-}
-
-/// Raises the soft limit on open files to the hard one: health checks, admin and metrics
-/// connections and BPF objects all hold descriptors, and the default soft limit (1,024) is
-/// low for a thousand checked backends.
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit read and write the struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
-        {
-            return;
-        }
-        let before = limit.rlim_cur;
-        limit.rlim_cur = limit.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-            warn!(
-                before,
-                "raising the open-files limit failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
-/// Tells systemd (`Type=notify`) where the daemon stands; a no-op outside systemd.
-fn notify_systemd(state: sd_notify::NotifyState) {
-    if let Err(e) = sd_notify::notify(&[state]) {
-        warn!("sd_notify: {e}");
-    }
-}
-
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(options: Options) -> Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("xdplb run needs root (it loads XDP programs and pins BPF maps)");
-    }
-    // First of all: SIGHUP's default action kills the process, and start-up can take seconds.
-    // A reload requested meanwhile is remembered and runs once start-up is done.
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    raise_open_files_limit();
-    let config = config::load(&options.config_path)?;
-    // Subscribed before attaching, so no change after the attachment is missed.
-    let interfaces = config.daemon.interfaces.clone();
-    let mut link_events = links::watch(interfaces.clone())?;
-    let (health_tx, mut health_rx) = mpsc::unbounded_channel();
-    let healthz = Arc::new(AtomicBool::new(false));
-    let daemon = Daemon::start(&options, config, health_tx, healthz.clone())?;
-    let socket = daemon.config.daemon.admin_socket.clone();
-    let metrics_listen = daemon.config.daemon.metrics_listen;
-    let stats_interval = daemon.config.daemon.stats_interval;
-    let shared = Arc::new(Shared {
-        daemon: Mutex::new(daemon),
-        reloading: tokio::sync::Mutex::new(()),
-    });
-
-    let listener = api::bind(&socket)
-        .with_context(|| format!("binding the admin socket {}", socket.display()))?;
-    info!(socket = %socket.display(), "admin API listening");
-    let api_task = tokio::spawn(serve_admin(listener, shared.clone()));
-    let metrics_task = match metrics_listen {
-        Some(listen) => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("binding daemon.metrics_listen {listen}"))?;
-            info!(%listen, "metrics on http://{listen}/metrics");
-            let text = shared.clone();
-            Some(tokio::spawn(metrics::serve(
-                listener,
-                move || text.lock().metrics_text(),
-                move || healthz.load(Ordering::Relaxed),
-                std::future::pending(),
-            )))
-        }
-        None => None,
-    };
-
-    let mut resolve_tick = tokio::time::interval(RESOLVE_INTERVAL);
-    let mut stats_tick = tokio::time::interval(stats_interval);
-    // After a slow tick, wait a full period instead of firing the missed ones back to back:
-    // rates are computed over the real time between samples either way.
-    resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A link pinned by the previous run may follow a netdev that left this namespace (the
-    // swap then succeeded on the wrong device): what the interfaces report now is the truth.
-    follow_interfaces(&shared, &interfaces).await;
-    notify_systemd(sd_notify::NotifyState::Ready);
-    info!("xdplb running");
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => match reload(&shared).await {
-                Ok(msg) => info!("SIGHUP: {msg}"),
-                Err(e) => error!("SIGHUP: reload rejected: {e:#}"),
-            },
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            Some(event) = link_events.recv() => {
-                follow_interfaces(&shared, &[event.name().to_string()]).await;
-            }
-            Some(event) = health_rx.recv() => {
-                let mut daemon = shared.lock();
-                daemon.record_transition(&event);
-                // A burst of transitions (a switch failing) becomes one update.
-                while let Ok(event) = health_rx.try_recv() {
-                    daemon.record_transition(&event);
-                }
-                if let Err(e) = daemon.apply() {
-                    error!("applying a health change: {e:#}");
-                }
-            }
-            _ = resolve_tick.tick() => {
-                if let Err(e) = resolve_then_apply(&shared, Daemon::refresh_slice).await {
-                    error!("refreshing next hops: {e:#}");
-                }
-            }
-            _ = stats_tick.tick() => {
-                if let Err(e) = shared.lock().sample() {
-                    warn!("sampling counters: {e:#}");
-                }
-            }
-        }
-    }
-    notify_systemd(sd_notify::NotifyState::Stopping);
-    api_task.abort();
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    let _ = std::fs::remove_file(&socket);
-    shared.lock().shutdown(options.detach_on_exit);
-    Ok(())
 }
