@@ -19,6 +19,7 @@
 //! | [`map_names::TX_PORTS`] | `DEVMAP_HASH` | [`MAX_TX_PORTS`] | egress interfaces for two-armed set-ups (`XDP_REDIRECT`) |
 //! | [`map_names::DECAP_LOCAL`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: outer destinations that are this host |
 //! | [`map_names::DECAP_VIPS`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: inner destinations served here |
+//! | [`map_names::ICMP_TOO_BIG_RATE`] | `PERCPU_ARRAY` | 1 | next allowed "too big" reply time per CPU (GCRA): a lock-free rate limit |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -45,6 +46,7 @@ pub mod map_names {
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const ICMP_TOO_BIG_RATE: &str = "ICMP_TOO_BIG_RATE";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -110,9 +112,19 @@ pub struct VipMeta {
     /// Table size (a prime); 0 = no backend available, packets are dropped and counted.
     pub ring_size: u32,
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// `AFFINITY_*`: what the ring hash covers.
+    pub affinity: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// [`VipMeta::affinity`]: the ring is indexed by the 5-tuple hash (every connection on its own).
+pub const AFFINITY_CONNECTION: u8 = 0;
+/// The ring is indexed by the client address alone (IPv6: its /64), so all of a client's
+/// connections land on one backend while the ring is unchanged.
+pub const AFFINITY_CLIENT: u8 = 1;
+/// Like [`AFFINITY_CLIENT`], IPv6 clients by their whole /128.
+pub const AFFINITY_CLIENT_V6_HOST: u8 = 2;
 
 /// `Backend::flags`.
 pub const BACKEND_PRESENT: u8 = 1;
@@ -176,6 +188,27 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     }
     h = mix(h, (key.sport as u32) << 16 | key.dport as u32);
     fmix(h)
+}
+
+/// Ring hash of a VIP with client affinity: the flow hash of the client address alone (IPv6
+/// masked to its /64 unless `affinity` is [`AFFINITY_CLIENT_V6_HOST`]). Protocol, VIP and
+/// ports are left out, so a client's TCP and UDP connections to VIPs with the same backends
+/// (hence the same Maglev table) meet on one backend, on every LB instance with this seed.
+#[inline(always)]
+pub fn client_hash(key: &FlowKey, seed: u32, affinity: u8) -> u32 {
+    let mut client = FlowKey {
+        src: key.src,
+        family: key.family,
+        ..FlowKey::default()
+    };
+    if key.family == FAMILY_IPV6 && affinity != AFFINITY_CLIENT_V6_HOST {
+        let mut i = 8;
+        while i < 16 {
+            client.src[i] = 0;
+            i += 1;
+        }
+    }
+    flow_hash(&client, seed)
 }
 
 /// One murmur3 round.
@@ -252,8 +285,10 @@ pub struct LbConfig {
     /// `CONFIG_*` bits.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// "Too big to encapsulate" ICMP replies allowed per second and CPU (also the burst).
+    pub icmp_too_big_per_sec: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 52);
 
 /// `LbConfig::flags`: some VIP serves all ports of its address. Without it the program skips
 /// the port-0 lookup, so a packet for no VIP costs one hash lookup instead of two.
@@ -306,7 +341,7 @@ pub mod counters {
         PASS_FRAGMENT = 7, "pass_fragment", "passed: IP fragment (ports unknown)";
         PASS_NOT_TCP_UDP = 8, "pass_not_tcp_udp", "passed: transport is neither TCP nor UDP";
         PASS_NOT_VIP = 9, "pass_not_vip", "passed: destination is not a VIP";
-        PASS_TOO_BIG = 10, "pass_too_big", "passed: too big for the egress MTU once encapsulated";
+        PASS_TOO_BIG = 10, "pass_too_big", "passed: too big for the egress MTU once encapsulated, IPv4 without DF";
         DROP_NO_BACKEND = 11, "drop_no_backend", "dropped: the VIP has no available backend";
         DROP_INTERNAL = 12, "drop_internal", "dropped: a map or helper failed unexpectedly";
         FLOW_HIT = 13, "flow_hit", "flow-table hit, backend kept";
@@ -315,6 +350,10 @@ pub mod counters {
         FLOW_INSERT_FAILED = 16, "flow_insert_failed", "flow-table insert failed";
         DECAP_OK = 17, "decap_ok", "decap program: outer header removed";
         DECAP_NOT_OURS = 18, "decap_not_ours", "decap program: tunnel packet not for a local address and VIP";
+        ICMP_ERROR_FORWARDED = 19, "icmp_error_forwarded", "ICMP error about a VIP's flow forwarded to the flow's backend";
+        PASS_ICMP_NO_BACKEND = 20, "pass_icmp_no_backend", "passed: ICMP error about a VIP's flow, but the VIP has no backend for it";
+        ICMP_TOO_BIG_SENT = 21, "icmp_too_big_sent", "too big to encapsulate: ICMP fragmentation needed / packet too big sent to the client";
+        DROP_TOO_BIG_RATE_LIMITED = 22, "drop_too_big_rate_limited", "dropped: too big to encapsulate, and the ICMP reply is over its rate limit";
     }
 }
 

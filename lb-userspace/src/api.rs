@@ -71,6 +71,9 @@ pub struct VipStatus {
     pub name: String,
     pub address: String,
     pub forwarding: String,
+    /// "connection" or "client" (see `affinity` in the config).
+    #[serde(default)]
+    pub affinity: String,
     pub ring_size: u32,
     /// Backends that new flows can go to now.
     pub available: usize,

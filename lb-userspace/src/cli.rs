@@ -294,10 +294,11 @@ pub fn render_status(report: &StatusReport) -> String {
     );
     for vip in &report.vips {
         out.push_str(&format!(
-            "\n{}  {}  {}  ring {}  {}/{} backends available\n",
+            "\n{}  {}  {}  affinity {}  ring {}  {}/{} backends available\n",
             vip.name,
             vip.address,
             vip.forwarding,
+            vip.affinity,
             vip.ring_size,
             vip.available,
             vip.backends.len()
@@ -484,6 +485,7 @@ mod tests {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
                 forwarding: "dsr".into(),
+                affinity: "client".into(),
                 ring_size: 65537,
                 available: 1,
                 backends: vec![
@@ -500,7 +502,7 @@ mod tests {
         let expected = "\
 config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 
-web  192.0.2.10:80/tcp  dsr  ring 65537  1/3 backends available
+web  192.0.2.10:80/tcp  dsr  affinity client  ring 65537  1/3 backends available
   BACKEND    WEIGHT                  STATE    HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
   10.1.0.11  100                     active   up      90s    12      02:00:00:00:00:11 ifindex 2
   10.1.0.12  0 (config 100)          drained  up      90s    3       02:00:00:00:00:11 ifindex 2

@@ -17,8 +17,8 @@ use crate::{
     dataplane::{AttachMode, Sizes},
     maglev::{self, MaglevError},
     model::{
-        BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown, Prefix,
-        Protocol, Services, VipAddr, VipSpec,
+        Affinity, BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown,
+        Prefix, Protocol, Services, VipAddr, VipSpec,
     },
 };
 use std::{
@@ -400,6 +400,7 @@ const DAEMON_KEYS: &[&str] = &[
     "hash_seed",
     "ipip_source_v4",
     "ipip_source_v6",
+    "icmp_too_big_rate",
 ];
 const VIP_KEYS: &[&str] = &[
     "name",
@@ -407,6 +408,8 @@ const VIP_KEYS: &[&str] = &[
     "port",
     "protocol",
     "forwarding",
+    "affinity",
+    "affinity_ipv6_prefix",
     "ring_size",
     "health",
     "backend",
@@ -429,6 +432,10 @@ const BACKEND_KEYS: &[&str] = &["address", "weight", "mac", "health_port"];
 const XDP_MODES: [AttachMode; 3] = [AttachMode::Auto, AttachMode::Native, AttachMode::Generic];
 const PROTOCOLS: [(&str, Protocol); 2] = [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 const FORWARDINGS: [(&str, Forwarding); 2] = [("dsr", Forwarding::Dsr), ("ipip", Forwarding::Ipip)];
+const AFFINITIES: [(&str, Affinity); 2] = [
+    ("connection", Affinity::Connection),
+    ("client", Affinity::Client { ipv6_host: false }),
+];
 const ON_ALL_DOWN: [(&str, OnAllDown); 2] = [("keep", OnAllDown::Keep), ("drop", OnAllDown::Drop)];
 
 /// `[vip.health] kind`, read before the keys that depend on it.
@@ -706,10 +713,14 @@ fn read_settings(t: &Table, p: &mut Problems) -> Result<DataPathSettings, Report
         .map(|seed| seed.unwrap_or(defaults.hash_seed));
     let ipip_source_v4 = read_source_pool(t, p, "ipip_source_v4", defaults.ipip_source_v4);
     let ipip_source_v6 = read_source_pool(t, p, "ipip_source_v6", defaults.ipip_source_v6);
+    let icmp_too_big_rate = t
+        .int(p, "icmp_too_big_rate", 0..=1_000_000)
+        .map(|rate| rate.unwrap_or(defaults.icmp_too_big_rate));
     Ok(DataPathSettings {
         hash_seed: hash_seed?,
         ipip_source_v4: ipip_source_v4?,
         ipip_source_v6: ipip_source_v6?,
+        icmp_too_big_rate: icmp_too_big_rate?,
     })
 }
 
@@ -813,6 +824,7 @@ fn read_vip(
     let forwarding = t
         .choice(p, "forwarding", &FORWARDINGS)
         .map(|forwarding| forwarding.unwrap_or(Forwarding::Dsr));
+    let affinity = read_affinity(&t, p);
     let ring_size = t
         .int(p, "ring_size", 0..=u32::MAX)
         .map(|size| size.unwrap_or(maglev::DEFAULT_RING_SIZE));
@@ -869,10 +881,32 @@ fn read_vip(
             protocol: protocol?,
         },
         forwarding: forwarding?,
+        affinity: affinity?,
         ring_size: ring_size?,
         health: health?,
         backends: backends?,
     })
+}
+
+/// `affinity` and, for client affinity, how much of an IPv6 client address identifies it.
+fn read_affinity(t: &Table, p: &mut Problems) -> Result<Affinity, Reported> {
+    let affinity = t
+        .choice(p, "affinity", &AFFINITIES)
+        .map(|affinity| affinity.unwrap_or_default());
+    let prefix = t.int(p, "affinity_ipv6_prefix", 0..=128u8)?;
+    match (affinity?, prefix) {
+        (affinity, None) => Ok(affinity),
+        (Affinity::Client { .. }, Some(64)) => Ok(Affinity::Client { ipv6_host: false }),
+        (Affinity::Client { .. }, Some(128)) => Ok(Affinity::Client { ipv6_host: true }),
+        (Affinity::Client { .. }, Some(other)) => Err(p.report(
+            t.key("affinity_ipv6_prefix"),
+            format!("{other} is not supported: use 64 (the client's /64) or 128 (its address)"),
+        )),
+        (Affinity::Connection, Some(_)) => Err(p.report(
+            t.key("affinity_ipv6_prefix"),
+            "only applies with affinity = \"client\": set that too, or remove this key",
+        )),
+    }
 }
 
 /// Duplicates and address families, across the valid backends of one VIP.
@@ -1388,6 +1422,7 @@ mod tests {
                         addr: Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0).into(),
                         len: 64,
                     },
+                    icmp_too_big_rate: 1000,
                 },
                 vips: vec![
                     VipSpec {
@@ -1398,6 +1433,7 @@ mod tests {
                             protocol: Protocol::Tcp,
                         },
                         forwarding: Forwarding::Dsr,
+                        affinity: Default::default(),
                         ring_size: 1009,
                         health: HealthSpec {
                             kind: CheckKind::Http {
@@ -1427,6 +1463,7 @@ mod tests {
                             protocol: Protocol::Udp,
                         },
                         forwarding: Forwarding::Ipip,
+                        affinity: Default::default(),
                         ring_size: 13,
                         health: HealthSpec {
                             kind: CheckKind::Tcp,
@@ -1444,6 +1481,33 @@ mod tests {
             },
         };
         assert_eq!(valid(text), expected);
+    }
+
+    #[test]
+    fn affinity_and_its_ipv6_prefix() {
+        for (keys, expected) in [
+            ("affinity = \"connection\"\n", Affinity::Connection),
+            (
+                "affinity = \"client\"\n",
+                Affinity::Client { ipv6_host: false },
+            ),
+            (
+                "affinity = \"client\"\naffinity_ipv6_prefix = 64\n",
+                Affinity::Client { ipv6_host: false },
+            ),
+            (
+                "affinity = \"client\"\naffinity_ipv6_prefix = 128\n",
+                Affinity::Client { ipv6_host: true },
+            ),
+        ] {
+            let config = valid(&format!(
+                "{}[[vip.backend]]\naddress = \"10.1.0.11\"\n",
+                with_vip(keys)
+            ));
+            assert_eq!(config.services.vips[0].affinity, expected, "{keys}");
+        }
+        let config = valid(&format!("{DAEMON}icmp_too_big_rate = 0\n{WEB}"));
+        assert_eq!(config.services.settings.icmp_too_big_rate, 0);
     }
 
     #[test]
@@ -1472,6 +1536,7 @@ mod tests {
         let vip = &config.services.vips[0];
         assert_eq!(vip.vip.protocol, Protocol::Tcp);
         assert_eq!(vip.forwarding, Forwarding::Dsr);
+        assert_eq!(vip.affinity, Affinity::Connection);
         assert_eq!(vip.ring_size, 65537);
         assert_eq!(vip.health, HealthSpec::default());
         assert_eq!(
@@ -1811,6 +1876,7 @@ mod tests {
             ("ipip_source_v6 = \"10.0.0.0/8\"", "daemon.ipip_source_v6", "10.0.0.0/8 is not an IPv6 prefix; use one such as fd00:1b::/96"),
             ("ipip_source_v4 = \"10.0.0.0\"", "daemon.ipip_source_v4", "\"10.0.0.0\" is not a prefix"),
             ("ipip_source_v4 = \"10.0.0.0/33\"", "daemon.ipip_source_v4", "\"33\" in \"10.0.0.0/33\" is not a prefix length"),
+            ("icmp_too_big_rate = 1000001", "daemon.icmp_too_big_rate", "1000001 is too large: use at most 1000000"),
         ];
         for (keys, key, message) in cases {
             assert_rejected(&format!("{DAEMON}{keys}\n"), key, message);
@@ -1874,6 +1940,21 @@ mod tests {
                 with_vip("forwarding = \"nat\"\n"),
                 "vip[0] (web).forwarding",
                 "\"nat\" is not one of \"dsr\", \"ipip\"",
+            ),
+            (
+                with_vip("affinity = \"source\"\n"),
+                "vip[0] (web).affinity",
+                "\"source\" is not one of \"connection\", \"client\"",
+            ),
+            (
+                with_vip("affinity = \"client\"\naffinity_ipv6_prefix = 48\n"),
+                "vip[0] (web).affinity_ipv6_prefix",
+                "48 is not supported: use 64 (the client's /64) or 128 (its address)",
+            ),
+            (
+                with_vip("affinity_ipv6_prefix = 128\n"),
+                "vip[0] (web).affinity_ipv6_prefix",
+                "only applies with affinity = \"client\": set that too, or remove this key",
             ),
             (
                 format!("{DAEMON}{WEB}{api}"),

@@ -127,6 +127,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                 },
                 forwarding: Forwarding::Dsr,
+                affinity: Default::default(),
                 ring_size: 13,
                 health: HealthSpec::default(),
                 backends: backends

@@ -89,6 +89,7 @@ pub struct Unresolved {
 pub struct TargetVip {
     pub name: String,
     pub mode: u8,
+    pub affinity: u8,
     pub ring_size: u32,
     pub backends: BTreeMap<IpAddr, TargetBackend>,
 }
@@ -165,6 +166,7 @@ pub fn target(
             0
         },
         _pad: [0; 3],
+        icmp_too_big_per_sec: settings.icmp_too_big_rate,
     };
     let mut vips = BTreeMap::new();
     let mut unresolved = Vec::new();
@@ -206,6 +208,7 @@ pub fn target(
             TargetVip {
                 name: spec.name.clone(),
                 mode: spec.forwarding.mode(),
+                affinity: spec.affinity.code(),
                 ring_size: spec.ring_size,
                 backends,
             },
@@ -476,7 +479,8 @@ fn plan_vip(
                     ring_base: sizes.ring_base(id, 0),
                     ring_size: 0,
                     mode: want.mode,
-                    _pad: [0; 3],
+                    affinity: want.affinity,
+                    _pad: [0; 2],
                 },
                 halves: [Vec::new(), Vec::new()],
                 active: 0,
@@ -550,6 +554,7 @@ fn plan_vip(
 
     let mut meta = VipMeta {
         mode: want.mode,
+        affinity: want.affinity,
         ..vip.meta
     };
     if table.is_empty() {
@@ -659,6 +664,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
             forwarding: Forwarding::Dsr,
+            affinity: Default::default(),
             ring_size: 13,
             health: HealthSpec::default(),
             backends: backends

@@ -59,6 +59,7 @@ pub fn settings(hash_seed: u32) -> DataPathSettings {
         hash_seed,
         ipip_source_v4: "172.16.0.0/16".parse::<Prefix>().unwrap(),
         ipip_source_v6: "fd00:1b::/96".parse::<Prefix>().unwrap(),
+        ..DataPathSettings::default()
     }
 }
 
@@ -137,4 +138,36 @@ pub fn vlan_framed(src: [u8; 6], dst: [u8; 6], tci: Option<u16>, l3: &[u8]) -> V
     frame.extend(ether_type.to_be_bytes());
     frame.extend(l3);
     frame
+}
+
+/// Bytes of the refused packet an ICMP "too big" reply quotes (the kernel's constants).
+pub const TOO_BIG_QUOTE_V4: usize = 128;
+pub const TOO_BIG_QUOTE_V6: usize = 256;
+
+/// What the LB answers to `frame`, a client packet too big for an `ipip` tunnel that leaves
+/// `mtu` bytes for the inner packet: ICMP "fragmentation needed" (IPv4) or "packet too big"
+/// (IPv6) from the VIP to the client, quoting the packet's first bytes, sent back to the MAC
+/// it came from (VLAN tag kept).
+pub fn too_big_reply(frame: &[u8], mtu: u16) -> Vec<u8> {
+    let l2 = crate::packet::l3_offset(frame);
+    let ip = &frame[l2..];
+    let l3 = if ip[0] >> 4 == 4 {
+        let client = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let vip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let mtu = mtu.to_be_bytes();
+        Packet::new()
+            .ipv4(vip, client)
+            .tos(0xc0)
+            .icmp(3, 4, [0, 0, mtu[0], mtu[1]])
+            .payload(&ip[..TOO_BIG_QUOTE_V4])
+            .build()
+    } else {
+        let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).unwrap());
+        Packet::new()
+            .ipv6(addr(24), addr(8))
+            .icmp(2, 0, u32::from(mtu).to_be_bytes())
+            .payload(&ip[..TOO_BIG_QUOTE_V6])
+            .build()
+    };
+    [&frame[6..12], &frame[..6], &frame[12..l2], &l3].concat()
 }

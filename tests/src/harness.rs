@@ -231,6 +231,7 @@ pub fn vip_spec(
         name: name.to_string(),
         vip,
         forwarding,
+        affinity: Default::default(),
         ring_size,
         health: Default::default(),
         backends: backends

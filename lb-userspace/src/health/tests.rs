@@ -177,6 +177,7 @@ fn vip(name: &str, port: u16, health: HealthSpec, backends: Vec<BackendSpec>) ->
             protocol: Protocol::Tcp,
         },
         forwarding: Forwarding::Dsr,
+        affinity: Default::default(),
         ring_size: 251,
         health,
         backends,
