@@ -4,6 +4,7 @@
 //! TCP protocol, one request line per connection:
 //! * `NAME` -> `<name>\n`, then close.
 //! * `STREAM <bytes> <bytes per second>` -> `<name>\n` then exactly `<bytes>` bytes, then close.
+//! * `SINK <bytes>` then up to `<bytes>` bytes -> `<name> <bytes read>\n` (an upload).
 //! * HTTP `GET /` -> `<name>\n`; `GET /bytes/<bytes>/<bytes per second>` -> that many bytes
 //!   (paced); any other path (e.g. `/healthz`) -> `<name>\n`. The status is 200, or the number
 //!   in the status file when one is given and exists (so a test can make health checks fail
@@ -14,7 +15,7 @@
 //! Usage: `lab-server NAME LISTEN_ADDR tcp|udp [STATUS_FILE]`
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
@@ -58,6 +59,11 @@ fn serve_tcp(stream: TcpStream, name: &str, status_file: Option<&str>) -> std::i
                 bytes.parse().unwrap_or(0),
                 rate.parse().unwrap_or(1),
             )?;
+        }
+        ["SINK", bytes] => {
+            let total: u64 = bytes.parse().unwrap_or(0);
+            let read = std::io::copy(&mut (&mut reader).take(total), &mut std::io::sink())?;
+            writeln!(out, "{name} {read}")?;
         }
         ["GET", path, ..] => {
             // Skip the request headers.
