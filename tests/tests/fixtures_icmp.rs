@@ -24,68 +24,9 @@ const TUN4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
 const TUN46: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
 const EMPTY4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 60);
 
-fn services() -> Services {
-    use Forwarding::*;
-    use Protocol::*;
-    Services {
-        settings: settings(SEED),
-        vips: vec![
-            vip_spec(
-                "web4",
-                vip(WEB4.into(), 80, Tcp),
-                Dsr,
-                13,
-                &[(v4(10, 1, 0, 11), mac(0x11), 100)],
-            ),
-            vip_spec(
-                "dns4",
-                vip(DNS4.into(), 53, Udp),
-                Dsr,
-                13,
-                &[(v4(10, 1, 0, 13), mac(0x13), 100)],
-            ),
-            vip_spec(
-                "web6",
-                vip(v6("2001:db8::10"), 80, Tcp),
-                Dsr,
-                13,
-                &[(v6("2001:db8:1::11"), mac(0x14), 100)],
-            ),
-            vip_spec(
-                "tun4",
-                vip(TUN4.into(), 80, Tcp),
-                Ipip,
-                13,
-                &[(v4(10, 2, 0, 11), mac(0x21), 100)],
-            ),
-            vip_spec(
-                "tun6",
-                vip(v6("2001:db8::40"), 80, Tcp),
-                Ipip,
-                13,
-                &[(v6("2001:db8:2::11"), mac(0x22), 100)],
-            ),
-            vip_spec(
-                "tun46",
-                vip(TUN46.into(), 80, Tcp),
-                Ipip,
-                13,
-                &[(v6("2001:db8:2::12"), mac(0x23), 100)],
-            ),
-            vip_spec(
-                "empty",
-                vip(EMPTY4.into(), 80, Tcp),
-                Dsr,
-                13,
-                &[(v4(10, 1, 0, 14), mac(0x15), 0)],
-            ),
-        ],
-    }
-}
-
 fn lb() -> Harness {
     let mut harness = Harness::new(Role::Balancer);
-    harness.apply(&services());
+    harness.apply(&every_mode());
     harness
 }
 
@@ -487,7 +428,7 @@ fn too_big_replies_are_rate_limited_per_cpu() {
             0
         );
     }
-    let mut services = services();
+    let mut services = every_mode();
     services.settings.icmp_too_big_rate = 1;
     let mut lb = Harness::new(Role::Balancer);
     lb.apply(&services);
