@@ -3,13 +3,14 @@
 //! the kernel uses).
 
 use crate::{
-    harness::{vip_spec, CLIENT_MAC, LB_MAC},
+    harness::{vip_spec, Harness, CLIENT_MAC, LB_MAC},
     packet::Packet,
 };
 use lb_common::FlowKey;
 use lb_userspace::{
+    dataplane::Role,
     model::{DataPathSettings, Forwarding, Prefix, Protocol, Services, VipAddr},
-    state::addr_bytes,
+    state::{addr_bytes, addr_key},
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -120,6 +121,29 @@ pub fn every_mode() -> Services {
             ),
         ],
     }
+}
+
+/// The decap program as the `ipip` backends of [`every_mode`] run it: their tunnel endpoints
+/// local, the tunnelled VIPs served.
+pub fn every_mode_backends_decap() -> Harness {
+    let mut decap = Harness::new(Role::Decap);
+    decap
+        .dataplane
+        .set_decap_local(&[
+            addr_key(v4(10, 2, 0, 11)),
+            addr_key(v6("2001:db8:2::11")),
+            addr_key(v6("2001:db8:2::12")),
+        ])
+        .unwrap();
+    decap
+        .dataplane
+        .set_decap_vips(&[
+            addr_key(v4(192, 0, 2, 40)),
+            addr_key(v6("2001:db8::40")),
+            addr_key(v4(192, 0, 2, 50)),
+        ])
+        .unwrap();
+    decap
 }
 
 /// Outer source pools with host bits, so the flow hash visibly lands in the outer header.

@@ -1,7 +1,6 @@
 //! Every forwarding path of the LB program and the decap program, with exact expected bytes.
 
 use lb_common::counters::*;
-use lb_userspace::state::addr_key;
 use lb_userspace::{
     dataplane::Role,
     model::{Forwarding, Protocol, Services},
@@ -204,23 +203,7 @@ fn ipip_too_big_for_the_mtu_is_passed_untouched() {
 
 #[test]
 fn decap_restores_the_inner_packet() {
-    let mut decap = Harness::new(Role::Decap);
-    decap
-        .dataplane
-        .set_decap_local(&[
-            addr_key(v4(10, 2, 0, 11)),
-            addr_key(v6("2001:db8:2::11")),
-            addr_key(v6("2001:db8:2::12")),
-        ])
-        .unwrap();
-    decap
-        .dataplane
-        .set_decap_vips(&[
-            addr_key(v4(192, 0, 2, 40)),
-            addr_key(v6("2001:db8::40")),
-            addr_key(v4(192, 0, 2, 50)),
-        ])
-        .unwrap();
+    let mut decap = every_mode_backends_decap();
     let mut fixtures: Vec<Fixture> = encapsulated()
         .into_iter()
         .map(|(kind, client_frame, tunnelled)| {

@@ -6,7 +6,7 @@ use lb_common::counters::*;
 use lb_userspace::{
     dataplane::Role,
     model::{Forwarding, Protocol, Services},
-    state::{addr_key, BackendStatus},
+    state::BackendStatus,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use xdplb_tests::fixture::*;
@@ -186,23 +186,7 @@ fn icmp_errors_to_an_ipip_vip_are_encapsulated_like_the_flow() {
 
 #[test]
 fn decap_delivers_a_forwarded_icmp_error_to_the_backend_stack() {
-    let mut decap = Harness::new(Role::Decap);
-    decap
-        .dataplane
-        .set_decap_local(&[
-            addr_key(v4(10, 2, 0, 11)),
-            addr_key(v6("2001:db8:2::11")),
-            addr_key(v6("2001:db8:2::12")),
-        ])
-        .unwrap();
-    decap
-        .dataplane
-        .set_decap_vips(&[
-            addr_key(TUN4.into()),
-            addr_key(v6("2001:db8::40")),
-            addr_key(TUN46.into()),
-        ])
-        .unwrap();
+    let mut decap = every_mode_backends_decap();
     let fixtures: Vec<Fixture> = tunnelled_errors()
         .into_iter()
         .map(|(kind, error, tunnelled)| {
