@@ -60,8 +60,7 @@ pub fn sent_to_backend(
             action
         }
         Err(reason) => {
-            vip_traffic(vip_id, bytes, &Traffic::NotForwarded);
-            backend_traffic(backend_id, bytes, &Traffic::NotForwarded);
+            not_forwarded(vip_id, backend_id, bytes);
             global(reason);
             if reason == counters::PASS_TOO_BIG {
                 xdp_action::XDP_PASS
@@ -70,6 +69,13 @@ pub fn sent_to_backend(
             }
         }
     }
+}
+
+/// A packet of a VIP, meant for a backend, that did not reach it.
+#[inline(always)]
+pub fn not_forwarded(vip_id: u32, backend_id: u32, bytes: u32) {
+    vip_traffic(vip_id, bytes, &Traffic::NotForwarded);
+    backend_traffic(backend_id, bytes, &Traffic::NotForwarded);
 }
 
 #[inline(always)]

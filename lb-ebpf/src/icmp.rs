@@ -12,9 +12,9 @@
 //! Echo and every other non-error ICMP stay with the host.
 
 use crate::{
-    counters::{self, Traffic},
+    counters,
     forward::{self, ipv4_checksum, OUTER_TTL},
-    lookup::{self, Choice},
+    lookup,
     maps::{CONFIG, ICMP_TOO_BIG_RATE},
     parse::{frame_len, header, parse_l2, ptr_at, Packet, ETH_P_IPV4, ETH_P_IPV6},
     pass,
@@ -175,14 +175,11 @@ fn ihl(vihl: u8) -> usize {
     ((vihl & 0x0f) as usize) * 4
 }
 
-/// A client packet that does not fit the tunnel to its backend: answered with ICMP when the
-/// client can act on it (IPv6, or IPv4 with DF), else passed as before. Counted as not
-/// forwarded either way. Not inlined, like [`forward_error`].
+/// A client packet that does not fit the tunnel to `backend`: answered with ICMP when the
+/// client can act on it (IPv6, or IPv4 with DF), else passed as before. Not inlined, like [`forward_error`].
 #[inline(never)]
-pub fn too_big(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, choice: &Choice) -> u32 {
-    counters::vip_traffic(vip.vip_id, pkt.l3_len, &Traffic::NotForwarded);
-    counters::backend_traffic(choice.backend_id, pkt.l3_len, &Traffic::NotForwarded);
-    let mtu = (choice.backend.mtu as u32).saturating_sub(forward::outer_len(choice.backend));
+pub fn too_big(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> u32 {
+    let mtu = (backend.mtu as u32).saturating_sub(forward::outer_len(backend));
     let quote = if pkt.key.family == FAMILY_IPV6 {
         TOO_BIG_QUOTE_V6
     } else {

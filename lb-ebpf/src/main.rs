@@ -65,7 +65,10 @@ fn balance(ctx: &XdpContext) -> u32 {
         }
     };
     match forward::to_backend(ctx, &pkt, vip, choice.backend, hash) {
-        Err(idx::PASS_TOO_BIG) => icmp::too_big(ctx, &pkt, vip, &choice),
+        Err(idx::PASS_TOO_BIG) => {
+            counters::not_forwarded(vip.vip_id, choice.backend_id, pkt.l3_len);
+            icmp::too_big(ctx, &pkt, choice.backend)
+        }
         sent => counters::sent_to_backend(
             vip.vip_id,
             choice.backend_id,
