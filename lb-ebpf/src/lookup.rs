@@ -9,7 +9,7 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
     BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN,
-    FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP,
+    FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
 };
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
@@ -54,7 +54,9 @@ fn client_hash(key: &FlowKey, seed: u32, affinity: u8) -> u32 {
 
 /// The backend of an existing flow, for packets that must neither create nor refresh a flow
 /// entry (ICMP errors about it): the flow table while its backend is still the VIP's, else
-/// the ring, which is what chose the backend if this instance never saw the flow.
+/// the Maglev ring, which is what chose the backend if this instance never saw the flow.
+/// Round robin and least-conn choices live only in the flow table (their ring half holds a
+/// turn or a backend list, not a hash table).
 #[inline(always)]
 pub fn flow_backend(
     key: &FlowKey,
@@ -66,6 +68,9 @@ pub fn flow_backend(
         if let Some(backend) = backend_of_vip(backend_id, vip) {
             return Some((backend_id, backend));
         }
+    }
+    if vip.scheduler != SCHED_MAGLEV {
+        return None;
     }
     from_ring(vip, ring_hash)
 }

@@ -435,3 +435,47 @@ fn too_big_replies_are_rate_limited_per_cpu() {
         },
     ]);
 }
+
+#[test]
+fn icmp_error_to_a_least_conn_vip_follows_only_the_flow_table() {
+    use lb_userspace::scheduler::Scheduler;
+    let mut web = vip_spec(
+        "web",
+        vip(WEB4.into(), 80, Protocol::Tcp),
+        Forwarding::Dsr,
+        13,
+        &[
+            (v4(10, 1, 0, 11), mac(0x11), 100),
+            (v4(10, 1, 0, 12), mac(0x12), 100),
+        ],
+    );
+    web.scheduler = Scheduler::LeastConn;
+    let mut lb = Harness::new(Role::Balancer);
+    lb.apply(&Services {
+        settings: settings(SEED),
+        vips: vec![web],
+    });
+    let syn = tcp4(WEB4, 43101, 80, TCP_SYN);
+    let first = lb.run(&from_client(&syn));
+    assert_eq!(first.action, Action::Tx as u32);
+    let chosen = first.output[..6].to_vec();
+    let known = frag_needed(&reply4(WEB4, 80, 43101));
+    let unknown = frag_needed(&reply4(WEB4, 80, 43102));
+    lb.check_all(&[
+        Fixture {
+            description: "error about a flow least-conn placed: the flow's backend",
+            input: from_router(&known),
+            action: Action::Tx,
+            output: Some(framed(LB_MAC, chosen.try_into().unwrap(), &known.build())),
+            counters: &[(ICMP_ERROR_FORWARDED, 1)],
+        },
+        Fixture {
+            // Its ring half is a backend list, not a hash table: no slot names the backend.
+            description: "error about a flow this LB never saw: left to the host",
+            input: from_router(&unknown),
+            action: Action::Pass,
+            output: None,
+            counters: &[(PASS_ICMP_NO_BACKEND, 1)],
+        },
+    ]);
+}
