@@ -19,6 +19,13 @@
 //! | [`map_names::TX_PORTS`] | `DEVMAP_HASH` | [`MAX_TX_PORTS`] | egress interfaces for two-armed set-ups (`XDP_REDIRECT`) |
 //! | [`map_names::DECAP_LOCAL`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: outer destinations that are this host |
 //! | [`map_names::DECAP_VIPS`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: inner destinations served here |
+//! | [`map_names::ACL`] | `LPM_TRIE` | [`MAX_ACL_ENTRIES`] | per-VIP source allow/deny prefixes, key (vip id, address): one longest-prefix lookup decides |
+//! | [`map_names::BLOCKLIST`] | `LPM_TRIE` | [`MAX_BLOCKLIST_ENTRIES`] | runtime blocklist, key (vip id or [`SCOPE_ALL_VIPS`], address); the value counts packets |
+//! | [`map_names::VIP_LIMITS`] | `ARRAY` | `max_vips` | per-VIP new-flow limits ([`VipLimits`]) and the VIP-wide bucket |
+//! | [`map_names::SOURCE_RATES`] | `LRU_HASH` | [`MAX_RATE_SOURCES`] | per-(VIP, client) new-flow bucket; LRU: a source not seen lately needs no state |
+//! | [`map_names::VIP_DROPS`] | `PERCPU_ARRAY` | `max_vips` | per-VIP [`VipDrops`] by reason |
+//! | [`map_names::PINNED`] | `HASH` | `flow_table_size` | flows pinned by the flood defence: never evicted by inserts (full = no more pins); the daemon expires idle ones |
+//! | [`map_names::FLOOD`] | `ARRAY` | 1 | the pin budget ([`FloodState`]) |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -26,7 +33,7 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
@@ -45,6 +52,13 @@ pub mod map_names {
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const ACL: &str = "ACL";
+    pub const BLOCKLIST: &str = "BLOCKLIST";
+    pub const VIP_LIMITS: &str = "VIP_LIMITS";
+    pub const SOURCE_RATES: &str = "SOURCE_RATES";
+    pub const VIP_DROPS: &str = "VIP_DROPS";
+    pub const PINNED: &str = "PINNED";
+    pub const FLOOD: &str = "FLOOD";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -62,6 +76,14 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Local tunnel endpoints plus VIPs a backend's decap program recognises.
 pub const MAX_DECAP_ADDRS: u32 = 1024;
+/// ACL prefixes over all VIPs ("thousands per VIP"); trie nodes are allocated on insert.
+pub const MAX_ACL_ENTRIES: u32 = 1 << 18;
+/// Blocklist entries: what an operator adds by hand or by script during an attack.
+pub const MAX_BLOCKLIST_ENTRIES: u32 = 1 << 16;
+/// Client addresses (IPv6: /64s) whose new-flow rate is tracked at once. A source evicted
+/// from the LRU starts again with a full burst, so this bounds how many distinct sources
+/// are limited exactly; more are still limited by the VIP-wide rate.
+pub const MAX_RATE_SOURCES: u32 = 1 << 16;
 
 /// Address families, as stored in `family` fields.
 pub const FAMILY_IPV4: u8 = 4;
@@ -110,9 +132,20 @@ pub struct VipMeta {
     /// Table size (a prime); 0 = no backend available, packets are dropped and counted.
     pub ring_size: u32,
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// `FILTER_*` bits: which filter stages this VIP uses (none: the filter costs nothing).
+    pub filter: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// `VipMeta::filter`: the VIP has ACL entries; look the source up in `ACL`.
+pub const FILTER_ACL: u8 = 1;
+/// The VIP has an allow list: a source matching no ACL entry is denied.
+pub const FILTER_ALLOW_LIST: u8 = 2;
+/// The VIP has blocklist entries of its own (scope = its id).
+pub const FILTER_BLOCKED: u8 = 4;
+/// New flows of the VIP are limited (`VIP_LIMITS[vip_id]`).
+pub const FILTER_LIMITS: u8 = 8;
 
 /// `Backend::flags`.
 pub const BACKEND_PRESENT: u8 = 1;
@@ -223,6 +256,9 @@ pub const FLOW_RST_SEEN: u8 = 4;
 /// A segment with ACK and without SYN: the handshake completed (or the flow was picked up
 /// mid-stream).
 pub const FLOW_ACK_SEEN: u8 = 8;
+/// The flow has a copy in `PINNED` (the flood defence), so an eviction from `FLOWS` is undone
+/// by its next packet.
+pub const FLOW_PINNED: u8 = 16;
 
 /// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_ns() / 1e9`);
 /// `last_seen` is only rewritten when the second changes, to keep writes off the hot path.
@@ -258,6 +294,105 @@ const _: () = assert!(core::mem::size_of::<LbConfig>() == 48);
 /// `LbConfig::flags`: some VIP serves all ports of its address. Without it the program skips
 /// the port-0 lookup, so a packet for no VIP costs one hash lookup instead of two.
 pub const CONFIG_HAS_PORT0_VIPS: u8 = 1;
+/// The blocklist has entries for every VIP: look each VIP packet's source up.
+pub const CONFIG_BLOCK_ALL_VIPS: u8 = 2;
+
+/// LPM-trie key data of `ACL` and `BLOCKLIST`: a scope (VIP id, or [`SCOPE_ALL_VIPS`] in the
+/// blocklist) then the source address, IPv4 as `::ffff:a.b.c.d` so both families share one
+/// trie. The prefix length counts the scope's 32 bits: see [`source_prefix_len`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SourcePrefix {
+    /// Big-endian, so the trie compares it bit by bit like the address.
+    pub scope: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SourcePrefix>() == 20);
+
+/// Blocklist scope of entries that cover every VIP.
+pub const SCOPE_ALL_VIPS: u32 = u32::MAX;
+/// `ACL` values.
+pub const ACL_ALLOW: u8 = 1;
+pub const ACL_DENY: u8 = 2;
+
+impl SourcePrefix {
+    /// The key data for a packet's source (an address of the flow key's layout).
+    #[inline(always)]
+    pub fn of_source(scope: u32, family: u8, src: &[u8; 16]) -> Self {
+        let mut addr = *src;
+        if family == FAMILY_IPV4 {
+            addr = [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, src[0], src[1], src[2], src[3],
+            ];
+        }
+        Self {
+            scope: scope.to_be_bytes(),
+            addr,
+        }
+    }
+}
+
+/// Prefix length of a [`SourcePrefix`] key for a `len`-bit prefix of `family`.
+#[inline(always)]
+pub fn source_prefix_len(family: u8, len: u32) -> u32 {
+    32 + if family == FAMILY_IPV4 { 96 + len } else { len }
+}
+
+/// New-flow limits of one VIP (`VIP_LIMITS`), as GCRA parameters: a new flow is admitted
+/// when the bucket's theoretical arrival time, advanced by `interval`, stays within
+/// `tolerance` of now; `interval = 1 s / rate`, `tolerance = burst * interval`.
+/// An interval of 0 means no limit of that kind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipLimits {
+    pub source_interval_ns: u64,
+    pub source_tolerance_ns: u64,
+    pub total_interval_ns: u64,
+    pub total_tolerance_ns: u64,
+    /// The VIP-wide bucket (kernel state; userspace writes 0 = full).
+    pub total_tat_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<VipLimits>() == 40);
+
+/// `SOURCE_RATES` key: a client of a VIP; IPv6 clients by /64 (the rest is zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceKey {
+    pub vip_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SourceKey>() == 24);
+
+/// Per-VIP drops by reason (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipDrops {
+    pub source_denied: u64,
+    pub blocked: u64,
+    pub rate_limited_source: u64,
+    pub rate_limited_total: u64,
+}
+const _: () = assert!(core::mem::size_of::<VipDrops>() == 32);
+
+/// The flood defence's pin budget (`FLOOD[0]`): GCRA like [`VipLimits`], written by
+/// userspace (`tat_ns` = 0), then advanced by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodState {
+    pub pin_interval_ns: u64,
+    pub pin_tolerance_ns: u64,
+    pub tat_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FloodState>() == 24);
+
+/// GCRA admission: returns the new theoretical arrival time, or `None` when over the limit.
+#[inline(always)]
+pub fn gcra(tat_ns: u64, now_ns: u64, interval_ns: u64, tolerance_ns: u64) -> Option<u64> {
+    let next = if tat_ns > now_ns { tat_ns } else { now_ns } + interval_ns;
+    (next - now_ns <= tolerance_ns).then_some(next)
+}
 
 /// Per-VIP and per-backend traffic counters (per CPU; userspace sums them).
 #[repr(C)]
@@ -315,6 +450,14 @@ pub mod counters {
         FLOW_INSERT_FAILED = 16, "flow_insert_failed", "flow-table insert failed";
         DECAP_OK = 17, "decap_ok", "decap program: outer header removed";
         DECAP_NOT_OURS = 18, "decap_not_ours", "decap program: tunnel packet not for a local address and VIP";
+        DROP_SOURCE_DENIED = 19, "drop_source_denied", "dropped: source denied by the VIP's ACL";
+        DROP_BLOCKED = 20, "drop_blocked", "dropped: source on the blocklist";
+        DROP_RATE_LIMITED_SOURCE = 21, "drop_rate_limited_source", "dropped: new flow over the VIP's per-source limit";
+        DROP_RATE_LIMITED_TOTAL = 22, "drop_rate_limited_total", "dropped: new flow over the VIP's total limit";
+        FLOOD_PINNED = 23, "flood_pinned", "flood defence: flow pinned (copied to the pinned table)";
+        FLOOD_PIN_DEFERRED = 24, "flood_pin_deferred", "flood defence: pin deferred, over the pin rate";
+        FLOOD_PIN_FAILED = 25, "flood_pin_failed", "flood defence: pin failed, the pinned table is full";
+        FLOOD_RESTORED = 26, "flood_restored", "flood defence: flow evicted from the flow table restored from the pinned table";
     }
 }
 
@@ -331,4 +474,9 @@ mod pod {
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for SourcePrefix {}
+    unsafe impl aya::Pod for VipLimits {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for VipDrops {}
+    unsafe impl aya::Pod for FloodState {}
 }

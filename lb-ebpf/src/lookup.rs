@@ -7,8 +7,8 @@ use crate::{
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT,
-    CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND,
-    PROTO_UDP,
+    CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN,
+    NO_BACKEND, PROTO_UDP,
 };
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
@@ -75,13 +75,24 @@ fn state_bits(pkt: &Packet) -> u8 {
 
 /// Flow table first: an existing flow keeps its backend while that backend is still part of
 /// the VIP, even drained or re-weighted. Otherwise (a new flow, or one another LB instance
-/// started) the ring decides and the flow is remembered. `Err` is a drop-reason counter.
+/// started) the ring decides and the flow is remembered. A packet that would start a new
+/// connection must first pass `limit_new` (the filter's new-flow limits). An entry evicted
+/// from the flow table but pinned by the flood defence counts as found. `Err` is a
+/// drop-reason counter.
 #[inline(always)]
-pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, u32> {
+pub fn choose_backend(
+    pkt: &Packet,
+    hash: u32,
+    vip: &VipMeta,
+    limit_new: impl FnOnce() -> Result<(), u32>,
+) -> Result<Choice, u32> {
     let key = &pkt.key;
     let now = now_seconds();
     let state = state_bits(pkt);
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+    if let Some(flow) = FLOWS
+        .get_ptr_mut(key)
+        .or_else(|| crate::flood::restore(key))
+    {
         // SAFETY: LRU map value; concurrent writers only ever store whole small fields.
         let flow = unsafe { &mut *flow };
         let syn = pkt.is_tcp_syn_only();
@@ -102,6 +113,9 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
                         flow.last_seen = now;
                         flow.state |= state;
                     }
+                    if flow.state & FLOW_PINNED == 0 {
+                        crate::flood::pin(key, flow);
+                    }
                     return Ok(Choice {
                         backend_id: flow.backend_id,
                         backend,
@@ -109,6 +123,9 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
                     });
                 }
             }
+        }
+        if reopened {
+            limit_new()?;
         }
         crate::counters::global(counters::FLOW_REHASH);
         let (backend_id, backend) = from_ring(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
@@ -123,6 +140,7 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
         });
     }
     crate::counters::global(counters::FLOW_MISS);
+    limit_new()?;
     let (backend_id, backend) = from_ring(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
     let value = FlowValue {
         backend_id,

@@ -1,7 +1,8 @@
 //! xdplb's XDP programs.
 //!
-//! * `xdplb` (the load balancer): parse -> VIP lookup -> flow table / Maglev ring -> forward
-//!   (`dsr` MAC rewrite or `ipip` encapsulation) -> count.
+//! * `xdplb` (the load balancer): parse -> VIP lookup -> filter (blocklist, source ACL) ->
+//!   flow table with flood defence / new-flow limits / Maglev ring -> forward (`dsr` MAC
+//!   rewrite or `ipip` encapsulation) -> count.
 //! * `xdplb_decap` (on backends): removes the `ipip` outer header for local VIPs.
 //!
 //! Nothing here can abort: every error is a counted `XDP_PASS` or `XDP_DROP`.
@@ -13,6 +14,8 @@
 
 mod counters;
 mod decap;
+mod filter;
+mod flood;
 mod forward;
 mod lookup;
 mod maps;
@@ -50,14 +53,14 @@ fn balance(ctx: &XdpContext) -> u32 {
     let Some(vip) = lookup::find_vip(&pkt.key, flags) else {
         return pass(idx::PASS_NOT_VIP);
     };
+    if let Err(reason) = filter::admit(&pkt.key, vip, flags) {
+        return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
+    }
     let hash = lb_common::flow_hash(&pkt.key, seed);
-    let choice = match lookup::choose_backend(&pkt, hash, vip) {
+    let limit_new = || filter::limit_new_flow(&pkt.key, vip);
+    let choice = match lookup::choose_backend(&pkt, hash, vip, limit_new) {
         Ok(choice) => choice,
-        Err(reason) => {
-            counters::global(reason);
-            counters::vip_traffic(vip.vip_id, pkt.l3_len, &Traffic::NotForwarded);
-            return xdp_action::XDP_DROP;
-        }
+        Err(reason) => return counters::vip_drop(vip.vip_id, pkt.l3_len, reason),
     };
     let sent = if vip.mode == MODE_IPIP {
         forward::ipip(ctx, &pkt, choice.backend, hash)

@@ -1,14 +1,16 @@
 //! Every map of the object. Types, sizes and the reasons for them are documented in lb-common;
 //! the sizes here are placeholders that userspace overrides at load time.
 
+use crate::counters::SharedCount;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counters, AddrKey, Backend, FlowKey, FlowValue, LbConfig, TrafficCounters, VipKey, VipMeta,
-    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS,
-    MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS,
+    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, SourceKey, SourcePrefix,
+    TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, DEFAULT_FLOW_TABLE_SIZE,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS, MAX_ACL_ENTRIES,
+    MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_RATE_SOURCES, MAX_TX_PORTS, RINGS_MAP_FLAGS,
 };
 
 #[map]
@@ -49,3 +51,27 @@ pub static DECAP_LOCAL: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_DEC
 
 #[map]
 pub static DECAP_VIPS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
+
+#[map]
+pub static ACL: LpmTrie<SourcePrefix, u8> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+
+#[map]
+pub static BLOCKLIST: LpmTrie<SourcePrefix, SharedCount> =
+    LpmTrie::with_max_entries(MAX_BLOCKLIST_ENTRIES, 0);
+
+#[map]
+pub static VIP_LIMITS: Array<VipLimits> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+pub static SOURCE_RATES: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);
+
+#[map]
+pub static VIP_DROPS: PerCpuArray<VipDrops> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+pub static PINNED: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+#[map]
+pub static FLOOD: Array<FloodState> = Array::with_max_entries(1, 0);

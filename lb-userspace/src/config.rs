@@ -174,16 +174,20 @@ fn syntax_error(text: &str, file: &str, err: &toml::de::Error) -> ConfigError {
 /// Marks a value that was invalid: its problem is already recorded, so callers only skip
 /// whatever depends on it.
 #[derive(Clone, Copy)]
-struct Reported;
+pub(crate) struct Reported;
 
 /// A key's value: `Ok(None)` when the key is absent, `Err` when it is invalid.
-type Field<T> = Result<Option<T>, Reported>;
+pub(crate) type Field<T> = Result<Option<T>, Reported>;
 
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(crate) struct Problems(Vec<Problem>);
 
 impl Problems {
-    fn report(&mut self, key: impl Into<String>, message: impl Into<String>) -> Reported {
+    pub(crate) fn report(
+        &mut self,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Reported {
         self.0.push(Problem {
             key: key.into(),
             message: message.into(),
@@ -193,7 +197,7 @@ impl Problems {
 }
 
 /// One TOML table being read, with the key path its problems are reported under.
-struct Table<'a> {
+pub(crate) struct Table<'a> {
     table: &'a toml::Table,
     /// Key path of the table: "" at the top level, `daemon`, `vip[0] (web).health`.
     path: String,
@@ -202,7 +206,7 @@ struct Table<'a> {
 }
 
 impl<'a> Table<'a> {
-    fn key(&self, name: &str) -> String {
+    pub(crate) fn key(&self, name: &str) -> String {
         if self.path.is_empty() {
             name.to_string()
         } else {
@@ -210,7 +214,12 @@ impl<'a> Table<'a> {
         }
     }
 
-    fn child(&self, name: &str, table: &'a toml::Table, header: &'static str) -> Table<'a> {
+    pub(crate) fn child(
+        &self,
+        name: &str,
+        table: &'a toml::Table,
+        header: &'static str,
+    ) -> Table<'a> {
         Table {
             table,
             path: self.key(name),
@@ -219,7 +228,7 @@ impl<'a> Table<'a> {
     }
 
     /// A misspelt key would otherwise be ignored silently and its default used instead.
-    fn reject_unknown(&self, p: &mut Problems, known: &[&str]) {
+    pub(crate) fn reject_unknown(&self, p: &mut Problems, known: &[&str]) {
         for name in self.table.keys() {
             if !known.contains(&name.as_str()) {
                 p.report(
@@ -234,7 +243,7 @@ impl<'a> Table<'a> {
         }
     }
 
-    fn get<T>(
+    pub(crate) fn get<T>(
         &self,
         p: &mut Problems,
         name: &str,
@@ -254,7 +263,7 @@ impl<'a> Table<'a> {
     }
 
     /// A string that `parse` turns into a value or into a problem message.
-    fn parsed<T>(
+    pub(crate) fn parsed<T>(
         &self,
         p: &mut Problems,
         name: &str,
@@ -268,7 +277,7 @@ impl<'a> Table<'a> {
             .map_err(|message| p.report(self.key(name), message))
     }
 
-    fn int<T>(&self, p: &mut Problems, name: &str, range: RangeInclusive<T>) -> Field<T>
+    pub(crate) fn int<T>(&self, p: &mut Problems, name: &str, range: RangeInclusive<T>) -> Field<T>
     where
         T: TryFrom<i64> + Into<i64> + PartialOrd + Copy,
     {
@@ -341,7 +350,12 @@ impl<'a> Table<'a> {
     }
 
     /// A `[name]` sub-table.
-    fn table(&self, p: &mut Problems, name: &str, header: &'static str) -> Field<Table<'a>> {
+    pub(crate) fn table(
+        &self,
+        p: &mut Problems,
+        name: &str,
+        header: &'static str,
+    ) -> Field<Table<'a>> {
         let expected = format!("a table ({header})");
         let table = self.get(p, name, &expected, Value::as_table)?;
         Ok(table.map(|table| self.child(name, table, header)))
@@ -400,6 +414,7 @@ const DAEMON_KEYS: &[&str] = &[
     "hash_seed",
     "ipip_source_v4",
     "ipip_source_v6",
+    "pinned_flows_per_second",
 ];
 const VIP_KEYS: &[&str] = &[
     "name",
@@ -410,6 +425,9 @@ const VIP_KEYS: &[&str] = &[
     "ring_size",
     "health",
     "backend",
+    "allow_sources",
+    "deny_sources",
+    "limits",
 ];
 const HEALTH_KEYS: &[&str] = &[
     "kind",
@@ -475,7 +493,7 @@ fn read_config(root: &toml::Table, p: &mut Problems) -> Result<Config, Reported>
         Ok(t) => {
             t.reject_unknown(p, DAEMON_KEYS);
             let sizes = read_sizes(t, p);
-            (read_daemon(t, sizes, p), read_settings(t, p), sizes)
+            (read_daemon(t, sizes, p), read_settings(t, sizes, p), sizes)
         }
         Err(reported) => (Err(*reported), Err(*reported), Err(*reported)),
     };
@@ -699,8 +717,14 @@ fn check_interface_name(name: &str) -> Result<(), String> {
     ))
 }
 
-fn read_settings(t: &Table, p: &mut Problems) -> Result<DataPathSettings, Reported> {
+fn read_settings(
+    t: &Table,
+    sizes: Result<Sizes, Reported>,
+    p: &mut Problems,
+) -> Result<DataPathSettings, Reported> {
     let defaults = DataPathSettings::default();
+    let flow_table_size = sizes.map_or(lb_common::DEFAULT_FLOW_TABLE_SIZE, |s| s.flow_table_size);
+    let flood = crate::flood::read(t, p, flow_table_size);
     let hash_seed = t
         .int(p, "hash_seed", 0..=u32::MAX)
         .map(|seed| seed.unwrap_or(defaults.hash_seed));
@@ -710,6 +734,7 @@ fn read_settings(t: &Table, p: &mut Problems) -> Result<DataPathSettings, Report
         hash_seed: hash_seed?,
         ipip_source_v4: ipip_source_v4?,
         ipip_source_v6: ipip_source_v6?,
+        flood: flood?,
     })
 }
 
@@ -838,6 +863,8 @@ fn read_vip(
         Err(reported) => vec![Err(*reported)],
     };
     check_backends(&t, forwarding, addr, &backends, p);
+    let acl = crate::acl::read(&t, p);
+    let limits = crate::limits::read(&t, p);
     if let Ok(size) = ring_size {
         check_ring_size(
             &t,
@@ -872,6 +899,8 @@ fn read_vip(
         ring_size: ring_size?,
         health: health?,
         backends: backends?,
+        acl: acl?,
+        limits: limits?,
     })
 }
 
@@ -1388,6 +1417,9 @@ mod tests {
                         addr: Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0).into(),
                         len: 64,
                     },
+                    flood: crate::flood::FloodSpec {
+                        pins_per_second: 31250,
+                    },
                 },
                 vips: vec![
                     VipSpec {
@@ -1418,6 +1450,8 @@ mod tests {
                             mac: Some(Mac([2, 0, 0, 0, 0, 0x11])),
                             health_port: Some(8081),
                         }],
+                        acl: Default::default(),
+                        limits: None,
                     },
                     VipSpec {
                         name: "dns".into(),
@@ -1439,6 +1473,8 @@ mod tests {
                             mac: None,
                             health_port: None,
                         }],
+                        acl: Default::default(),
+                        limits: None,
                     },
                 ],
             },

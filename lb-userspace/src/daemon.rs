@@ -7,8 +7,10 @@ use crate::{
         self, BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport,
         VipStatus,
     },
+    blocklist::{self, Blocklist, BlocklistError},
     config::{self, Config},
     dataplane::{Adoption, Dataplane, Role},
+    flood::PinnedScan,
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
     metrics,
     model::{BackendSpec, Mac, OnAllDown, VipSpec},
@@ -116,6 +118,8 @@ pub struct Daemon {
     dataplane: Dataplane,
     live: Live,
     overrides: Overrides,
+    blocklist: Blocklist,
+    pinned_scan: PinnedScan,
     resolver: HostResolver,
     next_hops: NextHops,
     unresolved: Vec<Unresolved>,
@@ -157,6 +161,9 @@ impl Daemon {
         };
         let resolver = HostResolver::new(&daemon_config.interfaces)?;
         let overrides = Overrides::load(&daemon_config.state_dir)?;
+        let mut blocklist = Blocklist::load(&daemon_config.state_dir)?;
+        // Entries whose time ran out while the daemon was stopped go now.
+        blocklist.expire(blocklist::unix_now());
         let health_metrics = metrics::HealthMetrics::default();
         let observer: CheckObserver = {
             let metrics = health_metrics.clone();
@@ -196,6 +203,8 @@ impl Daemon {
             dataplane,
             live,
             overrides,
+            blocklist,
+            pinned_scan: PinnedScan::default(),
             resolver,
             next_hops,
             unresolved: Vec::new(),
@@ -322,11 +331,12 @@ impl Daemon {
             known: RefCell::new(&mut self.next_hops),
             refresh,
         };
-        let target = state::target(
+        let mut target = state::target(
             &self.config.services,
             |vip, b| statuses[&(vip.name.clone(), b.addr)],
             &resolver,
         )?;
+        target.blocked = self.blocklist.target();
         let (changes, next) = state::plan(&self.live, &target)?;
         if let Err(e) = state::apply(&mut self.dataplane, &changes) {
             // The maps are the truth: re-read them so the next attempt diffs correctly.
@@ -474,8 +484,78 @@ impl Daemon {
                 .flows(vip.as_deref(), backend, limit)
                 .map(Response::Flows),
             Request::Stats => Ok(Response::Stats(self.stats.snapshot().clone())),
+            Request::BlockAdd {
+                prefix,
+                vip,
+                for_s,
+                reason,
+            } => self
+                .vip_name(vip)
+                .and_then(|vip| {
+                    let duration = for_s.map(Duration::from_secs);
+                    let now = blocklist::unix_now();
+                    self.change_blocklist(|b| b.add(prefix, vip, duration, reason, now))
+                })
+                .map(Response::Done),
+            Request::BlockDel { prefix, vip } => self
+                .vip_name(vip)
+                .and_then(|vip| self.change_blocklist(|b| b.remove(prefix, vip)))
+                .map(Response::Done),
+            Request::BlockList => self.block_rows().map(Response::Blocklist),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+    }
+
+    /// The configured name of a VIP given by name or address (`None` stays `None`: every VIP).
+    fn vip_name(&self, vip: Option<String>) -> Result<Option<String>> {
+        vip.map(|v| self.find_vip(&v).map(|spec| spec.name.clone()))
+            .transpose()
+    }
+
+    /// Changes the blocklist, applies it (rolling back if that fails) and saves it.
+    fn change_blocklist(
+        &mut self,
+        change: impl FnOnce(&mut Blocklist) -> Result<String, BlocklistError>,
+    ) -> Result<String> {
+        let before = self.blocklist.clone();
+        let message = change(&mut self.blocklist)?;
+        if let Err(e) = self.apply() {
+            self.blocklist = before;
+            return Err(e);
+        }
+        self.blocklist.save(&self.config.daemon.state_dir)?;
+        Ok(message)
+    }
+
+    /// Removes blocklist entries whose time is up (called every second).
+    fn expire_blocks(&mut self) -> Result<()> {
+        if self.blocklist.expire(blocklist::unix_now()) {
+            self.apply()?;
+            self.blocklist.save(&self.config.daemon.state_dir)?;
+        }
+        Ok(())
+    }
+
+    fn block_rows(&self) -> Result<Vec<blocklist::BlockInfo>> {
+        let counts: HashMap<_, u64> = self
+            .dataplane
+            .blocklist()?
+            .iter()
+            .map(|(key, packets)| (crate::acl::SourceEntry::from_key(key), *packets))
+            .collect();
+        let scope = |vip: &Option<String>| match vip {
+            None => Some(lb_common::SCOPE_ALL_VIPS),
+            Some(name) => self
+                .live
+                .vips
+                .values()
+                .find(|v| &v.name == name)
+                .map(|v| v.meta.vip_id),
+        };
+        Ok(self.blocklist.rows(blocklist::unix_now(), |entry| {
+            let entry_key = crate::acl::SourceEntry::of(&entry.prefix);
+            counts.get(&(scope(&entry.vip)?, entry_key)).copied()
+        }))
     }
 
     /// Reads the flow table when its scan is due: every sample up to [`FLOWS_PER_SCAN_PERIOD`]
@@ -494,6 +574,12 @@ impl Daemon {
         );
         self.flow_scan.entries = flows.len() as u64;
         self.flow_scan.countdown = (flows.len() / FLOWS_PER_SCAN_PERIOD) as u32;
+        self.pinned_scan.run(
+            &mut self.dataplane,
+            &flows,
+            stats::monotonic_seconds(),
+            self.config.daemon.flow_idle_timeout,
+        )?;
         Ok(())
     }
 
@@ -549,6 +635,8 @@ impl Daemon {
                     ring_size: vip.ring_size,
                     available: backends.iter().filter(|b| b.effective_weight > 0).count(),
                     backends,
+                    acl: vip.acl.status(),
+                    limits: vip.limits,
                 }
             })
             .collect();
@@ -930,8 +1018,12 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             }
             _ = resolve_tick.tick() => {
-                if let Err(e) = lock(&daemon).refresh_next_hops() {
+                let mut daemon = lock(&daemon);
+                if let Err(e) = daemon.refresh_next_hops() {
                     error!("refreshing next hops: {e:#}");
+                }
+                if let Err(e) = daemon.expire_blocks() {
+                    error!("expiring blocklist entries: {e:#}");
                 }
             }
             _ = stats_tick.tick() => {

@@ -3,7 +3,10 @@
 //! [`crate::state`], which decides *what* to write.
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -12,8 +15,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
 };
 use lb_common::{
-    counters, map_names, program_names, AddrKey, Backend, FlowKey, FlowValue, LbConfig,
-    TrafficCounters, VipKey, VipMeta, LAYOUT_VERSION, MAX_DECAP_ADDRS, MAX_TX_PORTS,
+    counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
+    SourcePrefix, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, LAYOUT_VERSION,
+    MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_RATE_SOURCES, MAX_TX_PORTS,
 };
 use std::{
     borrow::Cow,
@@ -170,7 +174,17 @@ pub struct Dataplane {
     tx_ports: DevMapHash<MapData>,
     decap_local: HashMap<MapData, AddrKey, u8>,
     decap_vips: HashMap<MapData, AddrKey, u8>,
+    acl: LpmTrie<MapData, SourcePrefix, u8>,
+    blocklist: LpmTrie<MapData, SourcePrefix, u64>,
+    vip_limits: Array<MapData, VipLimits>,
+    vip_drops: PerCpuArray<MapData, VipDrops>,
+    pinned: HashMap<MapData, FlowKey, FlowValue>,
+    pinned_fd: std::os::fd::OwnedFd,
+    flood: Array<MapData, FloodState>,
 }
+
+/// A key of the ACL or blocklist trie.
+pub type SourceKey = Key<SourcePrefix>;
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
@@ -240,6 +254,13 @@ impl Dataplane {
             tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
             decap_local: take(&mut ebpf, map_names::DECAP_LOCAL)?,
             decap_vips: take(&mut ebpf, map_names::DECAP_VIPS)?,
+            acl: take(&mut ebpf, map_names::ACL)?,
+            blocklist: take(&mut ebpf, map_names::BLOCKLIST)?,
+            vip_limits: take(&mut ebpf, map_names::VIP_LIMITS)?,
+            vip_drops: take(&mut ebpf, map_names::VIP_DROPS)?,
+            pinned_fd: duplicate_fd(&ebpf, map_names::PINNED)?,
+            pinned: take(&mut ebpf, map_names::PINNED)?,
+            flood: take(&mut ebpf, map_names::FLOOD)?,
             ebpf,
             role,
             sizes,
@@ -447,11 +468,12 @@ impl Dataplane {
             .map_err(map_err(map_names::BACKEND_COUNTERS))
     }
 
-    /// Zeroes a VIP slot's counters before the slot is given to a new VIP.
+    /// Zeroes a VIP slot's counters (traffic and drops) before the slot is given to a new VIP.
     pub fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()> {
         self.vip_counters
             .set(vip_id, zeroed_per_cpu()?, 0)
-            .map_err(map_err(map_names::VIP_COUNTERS))
+            .map_err(map_err(map_names::VIP_COUNTERS))?;
+        self.clear_vip_drops(vip_id)
     }
 
     /// Registers an egress interface for `XDP_REDIRECT`.
@@ -504,6 +526,98 @@ impl Dataplane {
         }
     }
 
+    pub fn set_acl(&mut self, key: &SourceKey, verdict: u8) -> Result<()> {
+        self.acl
+            .insert(key, verdict, 0)
+            .map_err(map_err(map_names::ACL))
+    }
+
+    pub fn remove_acl(&mut self, key: &SourceKey) -> Result<()> {
+        ignore_missing(self.acl.remove(key)).map_err(map_err(map_names::ACL))
+    }
+
+    /// Every ACL entry with its verdict.
+    pub fn acl(&self) -> Result<Vec<(SourceKey, u8)>> {
+        collect(self.acl.iter()).map_err(map_err(map_names::ACL))
+    }
+
+    /// Adds a blocklist entry (its packet count starts at 0).
+    pub fn add_block(&mut self, key: &SourceKey) -> Result<()> {
+        self.blocklist
+            .insert(key, 0, 0)
+            .map_err(map_err(map_names::BLOCKLIST))
+    }
+
+    pub fn remove_block(&mut self, key: &SourceKey) -> Result<()> {
+        ignore_missing(self.blocklist.remove(key)).map_err(map_err(map_names::BLOCKLIST))
+    }
+
+    /// Every blocklist entry with the packets it dropped.
+    pub fn blocklist(&self) -> Result<Vec<(SourceKey, u64)>> {
+        collect(self.blocklist.iter()).map_err(map_err(map_names::BLOCKLIST))
+    }
+
+    pub fn set_vip_limits(&mut self, vip_id: u32, limits: &VipLimits) -> Result<()> {
+        self.vip_limits
+            .set(vip_id, limits, 0)
+            .map_err(map_err(map_names::VIP_LIMITS))
+    }
+
+    pub fn vip_limits(&self, vip_id: u32) -> Result<VipLimits> {
+        self.vip_limits
+            .get(&vip_id, 0)
+            .map_err(map_err(map_names::VIP_LIMITS))
+    }
+
+    /// A VIP's drops by reason, summed over CPUs.
+    pub fn vip_drops(&self, vip_id: u32) -> Result<VipDrops> {
+        let per_cpu = self
+            .vip_drops
+            .get(&vip_id, 0)
+            .map_err(map_err(map_names::VIP_DROPS))?;
+        Ok(per_cpu.iter().fold(VipDrops::default(), |sum, d| VipDrops {
+            source_denied: sum.source_denied + d.source_denied,
+            blocked: sum.blocked + d.blocked,
+            rate_limited_source: sum.rate_limited_source + d.rate_limited_source,
+            rate_limited_total: sum.rate_limited_total + d.rate_limited_total,
+        }))
+    }
+
+    fn clear_vip_drops(&mut self, vip_id: u32) -> Result<()> {
+        let zero = aya::util::nr_cpus()
+            .map_err(|(_, err)| err)
+            .and_then(|cpus| PerCpuValues::try_from(vec![VipDrops::default(); cpus]))
+            .map_err(DataplaneError::PossibleCpus)?;
+        self.vip_drops
+            .set(vip_id, zero, 0)
+            .map_err(map_err(map_names::VIP_DROPS))
+    }
+
+    pub fn set_flood(&mut self, state: &FloodState) -> Result<()> {
+        self.flood
+            .set(0, state, 0)
+            .map_err(map_err(map_names::FLOOD))
+    }
+
+    pub fn flood(&self) -> Result<FloodState> {
+        self.flood.get(&0, 0).map_err(map_err(map_names::FLOOD))
+    }
+
+    /// Every pinned flow (the flood defence's table), read in batches like [`Self::flows`].
+    pub fn pinned(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        match lookup_batch(&self.pinned_fd) {
+            Ok(flows) => Ok(flows),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                collect(self.pinned.iter()).map_err(map_err(map_names::PINNED))
+            }
+            Err(e) => Err(map_err(map_names::PINNED)(MapError::IoError(e))),
+        }
+    }
+
+    pub fn unpin_flow(&mut self, key: &FlowKey) -> Result<()> {
+        ignore_missing(self.pinned.remove(key)).map_err(map_err(map_names::PINNED))
+    }
+
     /// Decap program: tunnel endpoints that are this host.
     pub fn set_decap_local(&mut self, addrs: &[AddrKey]) -> Result<()> {
         replace_set(&mut self.decap_local, addrs).map_err(map_err(map_names::DECAP_LOCAL))
@@ -528,7 +642,7 @@ struct RingArea {
 fn duplicate_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsFd;
     let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
-    let aya::maps::Map::LruHashMap(data) = map else {
+    let (aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) = map else {
         return Err(DataplaneError::MissingMap(name));
     };
     data.fd()
@@ -537,7 +651,7 @@ fn duplicate_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd>
         .map_err(|e| map_err(name)(MapError::IoError(e)))
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows.
+/// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows (`FLOWS` or `PINNED`).
 fn lookup_batch(fd: &std::os::fd::OwnedFd) -> std::io::Result<Vec<(FlowKey, FlowValue)>> {
     use std::os::fd::AsRawFd;
     /// The `batch` member of `union bpf_attr`.
@@ -722,6 +836,13 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::TX_PORTS, MAX_TX_PORTS),
         (map_names::DECAP_LOCAL, MAX_DECAP_ADDRS),
         (map_names::DECAP_VIPS, MAX_DECAP_ADDRS),
+        (map_names::ACL, MAX_ACL_ENTRIES),
+        (map_names::BLOCKLIST, MAX_BLOCKLIST_ENTRIES),
+        (map_names::VIP_LIMITS, sizes.max_vips),
+        (map_names::SOURCE_RATES, MAX_RATE_SOURCES),
+        (map_names::VIP_DROPS, sizes.max_vips),
+        (map_names::PINNED, sizes.flow_table_size),
+        (map_names::FLOOD, 1),
     ]
 }
 

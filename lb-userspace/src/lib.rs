@@ -7,16 +7,22 @@
 //! * [`net`]: next hops toward backends (routes, neighbours, interfaces).
 //! * [`health`]: health checks and their state machines.
 //! * [`overrides`]: drains and CLI weights, persisted.
+//! * [`acl`], [`blocklist`], [`limits`], [`flood`]: edge protection (source ACLs, the runtime
+//!   blocklist, new-flow limits, the flow table's flood defence).
 //! * [`stats`], [`metrics`]: counters, rates, Prometheus export.
 //! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
 //!   [`cli`], [`watch`]: the command line.
 
+pub mod acl;
 pub mod api;
+pub mod blocklist;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod flood;
 pub mod health;
+pub mod limits;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

@@ -38,7 +38,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// its name (`drop_no_backend` -> `xdplb_packets_dropped_total{reason="no_backend"}`). A new
 /// kernel counter with one of these prefixes is exported without touching this file; a new
 /// prefix fails the `every_global_counter_is_exported` test.
-const GLOBAL_FAMILIES: [GlobalFamily; 5] = [
+const GLOBAL_FAMILIES: [GlobalFamily; 6] = [
     GlobalFamily {
         prefix: "action_",
         family: "xdplb_xdp_actions",
@@ -68,6 +68,13 @@ const GLOBAL_FAMILIES: [GlobalFamily; 5] = [
         family: "xdplb_decap_packets",
         label: "result",
         help: "Tunnel packets seen by the decap program, by result",
+    },
+    GlobalFamily {
+        prefix: "flood_",
+        family: "xdplb_flood_defence_events",
+        label: "event",
+        help:
+            "Flood defence of the flow table: flows pinned, pins deferred or failed, flows restored",
     },
 ];
 
@@ -446,7 +453,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 20] = [
+    const FAMILIES: [(&str, &str); 21] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -463,6 +470,7 @@ mod tests {
         ("xdplb_packets_dropped", "counter"),
         ("xdplb_flow_lookups", "counter"),
         ("xdplb_decap_packets", "counter"),
+        ("xdplb_flood_defence_events", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
         ("xdplb_health_transitions", "counter"),
         ("xdplb_health_check_duration_seconds", "histogram"),
@@ -544,6 +552,7 @@ mod tests {
                     "packets_dropped",
                     "flow_lookups",
                     "decap_packets",
+                    "flood_defence_events",
                 ]
                 .iter()
                 .any(|f| l.starts_with(&format!("xdplb_{f}_total{{")))

@@ -91,8 +91,9 @@ impl FromStr for Mac {
     }
 }
 
-/// An IP prefix, e.g. the pool outer `ipip` sources are taken from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// An IP prefix, e.g. the pool outer `ipip` sources are taken from. Serialized as its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Prefix {
     pub addr: IpAddr,
     pub len: u8,
@@ -117,6 +118,19 @@ impl Prefix {
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl TryFrom<String> for Prefix {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<Prefix> for String {
+    fn from(prefix: Prefix) -> String {
+        prefix.to_string()
     }
 }
 
@@ -177,6 +191,10 @@ pub struct VipSpec {
     pub ring_size: u32,
     pub health: HealthSpec,
     pub backends: Vec<BackendSpec>,
+    /// Source ACL (`allow_sources`, `deny_sources`).
+    pub acl: crate::acl::AclSpec,
+    /// New-flow limits (`[vip.limits]`).
+    pub limits: Option<crate::limits::LimitsSpec>,
 }
 
 /// How backends of a VIP are checked.
@@ -242,6 +260,8 @@ pub struct DataPathSettings {
     pub ipip_source_v4: Prefix,
     /// Pool of outer IPv6 sources for `ipip`.
     pub ipip_source_v6: Prefix,
+    /// Flood defence: the pin budget.
+    pub flood: crate::flood::FloodSpec,
 }
 
 impl Default for DataPathSettings {
@@ -256,6 +276,7 @@ impl Default for DataPathSettings {
                 addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x1b, 0, 0, 0, 0, 0, 0)),
                 len: 96,
             },
+            flood: crate::flood::FloodSpec::default_for(lb_common::DEFAULT_FLOW_TABLE_SIZE),
         }
     }
 }

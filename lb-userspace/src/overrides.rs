@@ -138,6 +138,8 @@ mod tests {
                         health_port: None,
                     })
                     .collect(),
+                acl: Default::default(),
+                limits: None,
             }],
             ..Services::default()
         }

@@ -59,6 +59,7 @@ pub fn settings(hash_seed: u32) -> DataPathSettings {
         hash_seed,
         ipip_source_v4: "172.16.0.0/16".parse::<Prefix>().unwrap(),
         ipip_source_v6: "fd00:1b::/96".parse::<Prefix>().unwrap(),
+        ..DataPathSettings::default()
     }
 }
 

@@ -180,6 +180,8 @@ fn vip(name: &str, port: u16, health: HealthSpec, backends: Vec<BackendSpec>) ->
         ring_size: 251,
         health,
         backends,
+        acl: Default::default(),
+        limits: None,
     }
 }
 

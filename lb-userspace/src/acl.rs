@@ -1,0 +1,326 @@
+//! Per-VIP source ACLs (`allow_sources`, `deny_sources` on a `[[vip]]`): the config model and
+//! its checks, the trie entries the state path writes, and the status rows.
+//!
+//! The data path does one longest-prefix lookup per packet in a trie keyed by (VIP id,
+//! source). Deny wins over allow, so an allow entry inside a deny entry is never written: the
+//! longest match is then always the right verdict, and a source matching nothing is denied
+//! when the VIP has an allow list.
+
+use crate::{
+    config::{Problems, Reported, Table},
+    dataplane::SourceKey,
+    model::Prefix,
+};
+use lb_common::{
+    source_prefix_len, SourcePrefix, ACL_ALLOW, ACL_DENY, FILTER_ACL, FILTER_ALLOW_LIST,
+};
+use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, net::IpAddr};
+use toml::Value;
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct AclSpec {
+    /// `None`: every source not denied is allowed.
+    pub allow: Option<Vec<Prefix>>,
+    pub deny: Vec<Prefix>,
+}
+
+/// A source prefix as the tries store it, without the scope: the key's prefix length (which
+/// counts the 32 scope bits) and the address in [`SourcePrefix`] layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceEntry {
+    pub len: u32,
+    pub addr: [u8; 16],
+}
+
+impl SourceEntry {
+    pub fn of(prefix: &Prefix) -> Self {
+        let (bytes, family) = crate::state::addr_bytes(prefix.addr);
+        Self {
+            len: source_prefix_len(family, prefix.len.into()),
+            addr: SourcePrefix::of_source(0, family, &bytes).addr,
+        }
+    }
+
+    pub fn key(&self, scope: u32) -> SourceKey {
+        SourceKey::new(
+            self.len,
+            SourcePrefix {
+                scope: scope.to_be_bytes(),
+                addr: self.addr,
+            },
+        )
+    }
+
+    /// (scope, entry) of a trie key.
+    pub fn from_key(key: &SourceKey) -> (u32, Self) {
+        let data = key.data();
+        (
+            u32::from_be_bytes(data.scope),
+            Self {
+                len: key.prefix_len(),
+                addr: data.addr,
+            },
+        )
+    }
+}
+
+impl AclSpec {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_none() && self.deny.is_empty()
+    }
+
+    /// The VIP's `FILTER_*` bits for its ACL.
+    pub fn filter_flags(&self) -> u8 {
+        match (&self.allow, self.deny.is_empty()) {
+            (None, true) => 0,
+            (None, false) => FILTER_ACL,
+            (Some(_), _) => FILTER_ACL | FILTER_ALLOW_LIST,
+        }
+    }
+
+    /// Trie entries -> verdict: every deny entry, and the allow entries no deny entry covers.
+    pub fn entries(&self) -> BTreeMap<SourceEntry, u8> {
+        let mut entries: BTreeMap<SourceEntry, u8> = self
+            .allow
+            .iter()
+            .flatten()
+            .filter(|a| !self.deny.iter().any(|d| contains(d, a)))
+            .map(|a| (SourceEntry::of(a), ACL_ALLOW))
+            .collect();
+        entries.extend(self.deny.iter().map(|d| (SourceEntry::of(d), ACL_DENY)));
+        entries
+    }
+
+    pub fn status(&self) -> AclStatus {
+        let texts = |list: &[Prefix]| list.iter().map(Prefix::to_string).collect();
+        AclStatus {
+            allow: self.allow.as_deref().map(texts),
+            deny: texts(&self.deny),
+        }
+    }
+}
+
+/// The ACL in `xdplb status`.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AclStatus {
+    /// `None`: everyone not denied.
+    pub allow: Option<Vec<String>>,
+    pub deny: Vec<String>,
+}
+
+impl AclStatus {
+    /// One line for the status table, or nothing without an ACL.
+    pub fn line(&self) -> Option<String> {
+        const SHOWN: usize = 4;
+        let list = |l: &[String]| {
+            let mut text = l.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+            if l.len() > SHOWN {
+                text.push_str(&format!(" (+{} more)", l.len() - SHOWN));
+            }
+            text
+        };
+        let mut parts = Vec::new();
+        match &self.allow {
+            Some(allow) if allow.is_empty() => parts.push("allow nobody".to_string()),
+            Some(allow) => parts.push(format!("allow {}", list(allow))),
+            None if !self.deny.is_empty() => parts.push("allow everyone".to_string()),
+            None => return None,
+        }
+        if !self.deny.is_empty() {
+            parts.push(format!("deny {}", list(&self.deny)));
+        }
+        Some(format!("sources: {}", parts.join("; ")))
+    }
+}
+
+fn bits(addr: IpAddr) -> (u128, u8) {
+    match addr {
+        IpAddr::V4(a) => ((u32::from(a) as u128) << 96, 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    }
+}
+
+fn mask(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len as u32)
+    }
+}
+
+/// Whether `outer` covers every address of `inner`.
+pub fn contains(outer: &Prefix, inner: &Prefix) -> bool {
+    let ((o, ow), (i, iw)) = (bits(outer.addr), bits(inner.addr));
+    ow == iw && outer.len <= inner.len && (o ^ i) & mask(outer.len) == 0
+}
+
+fn overlaps(a: &Prefix, b: &Prefix) -> bool {
+    contains(a, b) || contains(b, a)
+}
+
+/// Parses a CIDR prefix with no host bits set (a prefix with host bits is usually a typo for
+/// another prefix, or an address meant as /32).
+pub fn parse_network(text: &str) -> Result<Prefix, String> {
+    let prefix: Prefix = text.parse()?;
+    let (addr, _) = bits(prefix.addr);
+    let host = addr & !mask(prefix.len);
+    if host != 0 {
+        let network = match prefix.addr {
+            IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::from(
+                ((addr & mask(prefix.len)) >> 96) as u32,
+            )),
+            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(addr & mask(prefix.len))),
+        };
+        return Err(format!(
+            "{text:?} has host bits set: write {network}/{} for the network, or {}/{} for the one address",
+            prefix.len,
+            prefix.addr,
+            if prefix.addr.is_ipv4() { 32 } else { 128 }
+        ));
+    }
+    Ok(prefix)
+}
+
+/// Reads `allow_sources` and `deny_sources` of a `[[vip]]` table.
+pub(crate) fn read(t: &Table, p: &mut Problems) -> Result<AclSpec, Reported> {
+    let allow = read_list(t, p, "allow_sources");
+    let deny = read_list(t, p, "deny_sources");
+    let (allow, deny) = (allow?, deny?.unwrap_or_default());
+    let mut bad = None;
+    for (i, a) in allow.iter().flatten().enumerate() {
+        if let Some((j, d)) = deny.iter().enumerate().find(|(_, d)| contains(d, a)) {
+            bad = Some(p.report(
+                t.key(&format!("allow_sources[{i}]")),
+                format!(
+                    "{a} lies inside deny_sources[{j}] ({d}) and deny wins, so this entry \
+                     allows nobody: remove one of the two"
+                ),
+            ));
+        }
+    }
+    if let Some(allow) = &allow {
+        for (j, d) in deny.iter().enumerate() {
+            if !allow.iter().any(|a| overlaps(a, d)) {
+                bad = Some(p.report(
+                    t.key(&format!("deny_sources[{j}]")),
+                    format!(
+                        "{d} overlaps no allow_sources entry: sources outside the allow list \
+                         are denied already, so this entry does nothing; remove it"
+                    ),
+                ));
+            }
+        }
+    }
+    match bad {
+        Some(reported) => Err(reported),
+        None => Ok(AclSpec { allow, deny }),
+    }
+}
+
+/// A list of prefixes, each checked; duplicates reported.
+fn read_list(t: &Table, p: &mut Problems, name: &str) -> Result<Option<Vec<Prefix>>, Reported> {
+    let expected = "an array of prefixes such as [\"10.1.0.0/16\", \"2001:db8::/48\"]";
+    let Some(list) = t.get(p, name, expected, Value::as_array)? else {
+        return Ok(None);
+    };
+    let mut out: Vec<Prefix> = Vec::new();
+    let mut bad = None;
+    for (i, value) in list.iter().enumerate() {
+        let key = t.key(&format!("{name}[{i}]"));
+        let parsed = match value.as_str() {
+            Some(text) => parse_network(text),
+            None => Err(format!(
+                "expected a prefix string such as \"10.1.0.0/16\", found {value}"
+            )),
+        };
+        match parsed {
+            Ok(prefix) => match out.iter().position(|o| *o == prefix) {
+                Some(first) => {
+                    bad = Some(p.report(
+                        key,
+                        format!("{prefix} is already {name}[{first}]; list each prefix once"),
+                    ));
+                }
+                None => out.push(prefix),
+            },
+            Err(message) => bad = Some(p.report(key, message)),
+        }
+    }
+    if out.len() > lb_common::MAX_ACL_ENTRIES as usize {
+        bad = Some(p.report(
+            t.key(name),
+            format!(
+                "{} prefixes, more than the {} the data path holds",
+                out.len(),
+                lb_common::MAX_ACL_ENTRIES
+            ),
+        ));
+    }
+    match bad {
+        Some(reported) => Err(reported),
+        None => Ok(Some(out)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix(s: &str) -> Prefix {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn containment_is_per_family_and_bitwise() {
+        assert!(contains(&prefix("10.0.0.0/8"), &prefix("10.1.0.0/16")));
+        assert!(contains(&prefix("10.1.0.0/16"), &prefix("10.1.0.0/16")));
+        assert!(!contains(&prefix("10.1.0.0/16"), &prefix("10.0.0.0/8")));
+        assert!(!contains(&prefix("10.1.0.0/16"), &prefix("10.2.0.0/16")));
+        assert!(contains(&prefix("0.0.0.0/0"), &prefix("192.0.2.1/32")));
+        assert!(!contains(&prefix("::/0"), &prefix("192.0.2.1/32")));
+        assert!(contains(
+            &prefix("2001:db8::/32"),
+            &prefix("2001:db8:1::/48")
+        ));
+    }
+
+    #[test]
+    fn host_bits_are_rejected_with_the_network_suggested() {
+        assert_eq!(parse_network("10.1.0.0/16").unwrap(), prefix("10.1.0.0/16"));
+        let err = parse_network("10.1.2.3/16").unwrap_err();
+        assert!(
+            err.contains("host bits") && err.contains("10.1.0.0/16"),
+            "{err}"
+        );
+        let err = parse_network("2001:db8::1/64").unwrap_err();
+        assert!(err.contains("2001:db8::/64"), "{err}");
+        assert!(parse_network("10.1.0.0/33").is_err());
+        assert!(parse_network("ten/8").is_err());
+    }
+
+    #[test]
+    fn allow_entries_inside_a_deny_entry_are_not_written() {
+        let spec = AclSpec {
+            allow: Some(vec![prefix("10.0.0.0/8"), prefix("10.9.1.0/24")]),
+            deny: vec![prefix("10.9.0.0/16")],
+        };
+        let entries = spec.entries();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert_eq!(entries[&SourceEntry::of(&prefix("10.0.0.0/8"))], ACL_ALLOW);
+        assert_eq!(entries[&SourceEntry::of(&prefix("10.9.0.0/16"))], ACL_DENY);
+        assert_eq!(spec.filter_flags(), FILTER_ACL | FILTER_ALLOW_LIST);
+        assert_eq!(AclSpec::default().filter_flags(), 0);
+    }
+
+    #[test]
+    fn ipv4_entries_are_mapped_into_the_ipv6_space() {
+        let e = SourceEntry::of(&prefix("10.1.0.0/16"));
+        assert_eq!(e.len, 32 + 96 + 16);
+        assert_eq!(&e.addr[10..14], &[0xff, 0xff, 10, 1]);
+        let key = e.key(7);
+        assert_eq!(SourceEntry::from_key(&key), (7, e));
+        let e6 = SourceEntry::of(&prefix("2001:db8::/32"));
+        assert_eq!(e6.len, 64);
+    }
+}

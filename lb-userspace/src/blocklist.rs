@@ -1,0 +1,319 @@
+//! The runtime blocklist (`xdplb block add|del|list`): source prefixes dropped for one VIP or
+//! for every VIP, optionally for a limited time. It is runtime state like drains, so it is
+//! persisted in `state_dir` (temporary file, fsync, rename, fsync of the directory) and
+//! survives restarts; entries added with `--for` expire by themselves (the daemon checks
+//! every second). The state path writes it into the `BLOCKLIST` trie.
+
+use crate::{acl::SourceEntry, model::Prefix};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::BTreeSet,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+pub const FILE_NAME: &str = "blocklist.json";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockEntry {
+    pub prefix: Prefix,
+    /// The VIP it applies to; `None`: every VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Seconds since the Unix epoch (wall clock: it must mean the same after a reboot).
+    pub added: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Blocklist {
+    #[serde(default)]
+    entries: Vec<BlockEntry>,
+}
+
+/// One row of `xdplb block list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockInfo {
+    pub prefix: String,
+    /// VIP name, or `None` for every VIP.
+    pub vip: Option<String>,
+    pub reason: Option<String>,
+    pub age_s: u64,
+    /// Seconds until it expires; `None`: until deleted.
+    pub expires_in_s: Option<u64>,
+    /// Packets it dropped since it was added (or since the daemon adopted it).
+    pub packets: u64,
+    /// False when its VIP is not in the config (kept, not applied).
+    pub applied: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlocklistError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} is not a valid blocklist file ({source}); fix or remove it (the runtime blocklist is stored there)")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{prefix} is not blocked{}; `xdplb block list` shows the entries", scope(.vip))]
+    NotBlocked { prefix: Prefix, vip: Option<String> },
+    #[error("the blocklist holds {max} entries at most: remove some, or block a shorter prefix")]
+    Full { max: u32 },
+}
+
+fn scope(vip: &Option<String>) -> String {
+    match vip {
+        Some(vip) => format!(" for VIP {vip}"),
+        None => " for every VIP".to_string(),
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Blocklist {
+    /// Loads `state_dir/blocklist.json`; a missing file means an empty blocklist.
+    pub fn load(state_dir: &Path) -> Result<Self, BlocklistError> {
+        let path = state_dir.join(FILE_NAME);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|source| BlocklistError::Parse {
+                path: path.clone(),
+                source,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(BlocklistError::Read { path, source }),
+        }
+    }
+
+    /// Writes durably: a temporary file is written and synced, renamed over the old one,
+    /// and the directory synced, so a crash or power loss leaves the old or the new list.
+    pub fn save(&self, state_dir: &Path) -> Result<(), BlocklistError> {
+        let path = state_dir.join(FILE_NAME);
+        let write_err = |source| BlocklistError::Write {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(write_err)?;
+        let tmp = state_dir.join(format!("{FILE_NAME}.tmp"));
+        let text = serde_json::to_string_pretty(self).expect("plain data serializes");
+        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
+        file.write_all(text.as_bytes()).map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        std::fs::rename(&tmp, &path).map_err(write_err)?;
+        std::fs::File::open(state_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(write_err)
+    }
+
+    pub fn entries(&self) -> &[BlockEntry] {
+        &self.entries
+    }
+
+    /// Adds an entry, replacing one for the same prefix and VIP (a new `--for` or reason).
+    pub fn add(
+        &mut self,
+        prefix: Prefix,
+        vip: Option<String>,
+        duration: Option<Duration>,
+        reason: Option<String>,
+        now: u64,
+    ) -> Result<String, BlocklistError> {
+        let max = lb_common::MAX_BLOCKLIST_ENTRIES;
+        self.entries
+            .retain(|e| !(e.prefix == prefix && e.vip == vip));
+        if self.entries.len() >= max as usize {
+            return Err(BlocklistError::Full { max });
+        }
+        let expires = duration.map(|d| now + d.as_secs().max(1));
+        let message = format!(
+            "blocked {prefix}{}{}",
+            scope(&vip),
+            duration
+                .map(|d| format!(" for {}s", d.as_secs().max(1)))
+                .unwrap_or_default()
+        );
+        self.entries.push(BlockEntry {
+            prefix,
+            vip,
+            reason,
+            added: now,
+            expires,
+        });
+        Ok(message)
+    }
+
+    pub fn remove(
+        &mut self,
+        prefix: Prefix,
+        vip: Option<String>,
+    ) -> Result<String, BlocklistError> {
+        let before = self.entries.len();
+        self.entries
+            .retain(|e| !(e.prefix == prefix && e.vip == vip));
+        if self.entries.len() == before {
+            return Err(BlocklistError::NotBlocked { prefix, vip });
+        }
+        Ok(format!("unblocked {prefix}{}", scope(&vip)))
+    }
+
+    /// Drops entries whose time is up; returns whether any went.
+    pub fn expire(&mut self, now: u64) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| e.expires.is_none_or(|t| t > now));
+        self.entries.len() != before
+    }
+
+    /// What the state path writes: (VIP or every VIP, prefix).
+    pub fn target(&self) -> BTreeSet<(Option<String>, SourceEntry)> {
+        self.entries
+            .iter()
+            .map(|e| (e.vip.clone(), SourceEntry::of(&e.prefix)))
+            .collect()
+    }
+
+    /// Rows for `xdplb block list`, given each entry's packet count and whether its VIP exists.
+    pub fn rows(&self, now: u64, packets: impl Fn(&BlockEntry) -> Option<u64>) -> Vec<BlockInfo> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let count = packets(e);
+                BlockInfo {
+                    prefix: e.prefix.to_string(),
+                    vip: e.vip.clone(),
+                    reason: e.reason.clone(),
+                    age_s: now.saturating_sub(e.added),
+                    expires_in_s: e.expires.map(|t| t.saturating_sub(now)),
+                    packets: count.unwrap_or(0),
+                    applied: count.is_some(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// `xdplb block list` as a table.
+pub fn render(rows: &[BlockInfo]) -> String {
+    if rows.is_empty() {
+        return "the blocklist is empty\n".to_string();
+    }
+    let mut table = vec![["PREFIX", "VIP", "PACKETS", "AGE", "EXPIRES IN", "REASON"]
+        .map(String::from)
+        .to_vec()];
+    for r in rows {
+        table.push(vec![
+            r.prefix.clone(),
+            match (&r.vip, r.applied) {
+                (Some(vip), true) => vip.clone(),
+                (Some(vip), false) => format!("{vip} (not configured)"),
+                (None, _) => "*".to_string(),
+            },
+            r.packets.to_string(),
+            format!("{}s", r.age_s),
+            r.expires_in_s.map_or("never".into(), |s| format!("{s}s")),
+            r.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    crate::cli::table(&table, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix(s: &str) -> Prefix {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn survives_a_save_and_load_and_expires_by_itself() {
+        let dir = std::env::temp_dir().join(format!("xdplb-blocklist-{}", std::process::id()));
+        let mut list = Blocklist::default();
+        list.add(
+            prefix("198.51.100.0/24"),
+            None,
+            None,
+            Some("scan".into()),
+            1000,
+        )
+        .unwrap();
+        list.add(
+            prefix("2001:db8::/48"),
+            Some("web".into()),
+            Some(Duration::from_secs(3)),
+            None,
+            1000,
+        )
+        .unwrap();
+        list.save(&dir).unwrap();
+        let mut loaded = Blocklist::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(loaded, list);
+        assert!(!loaded.expire(1002), "3 s not over yet");
+        assert!(loaded.expire(1003));
+        assert_eq!(loaded.entries().len(), 1);
+        assert_eq!(loaded.entries()[0].vip, None);
+    }
+
+    #[test]
+    fn adding_again_replaces_and_removing_names_what_is_missing() {
+        let mut list = Blocklist::default();
+        list.add(
+            prefix("10.0.0.0/8"),
+            None,
+            Some(Duration::from_secs(5)),
+            None,
+            0,
+        )
+        .unwrap();
+        list.add(prefix("10.0.0.0/8"), None, None, None, 7).unwrap();
+        assert_eq!(list.entries().len(), 1);
+        assert_eq!(list.entries()[0].expires, None);
+        let err = list
+            .remove(prefix("10.0.0.0/8"), Some("web".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not blocked for VIP web"), "{err}");
+        assert_eq!(
+            list.remove(prefix("10.0.0.0/8"), None).unwrap(),
+            "unblocked 10.0.0.0/8 for every VIP"
+        );
+    }
+
+    #[test]
+    fn the_table_shows_counts_ages_and_scopes() {
+        let mut list = Blocklist::default();
+        list.add(
+            prefix("198.51.100.0/24"),
+            None,
+            None,
+            Some("scan".into()),
+            1000,
+        )
+        .unwrap();
+        list.add(
+            prefix("203.0.113.7/32"),
+            Some("old".into()),
+            Some(Duration::from_secs(60)),
+            None,
+            1010,
+        )
+        .unwrap();
+        let rows = list.rows(1030, |e| e.vip.is_none().then_some(42));
+        let expected = "\
+PREFIX           VIP                   PACKETS  AGE  EXPIRES IN  REASON
+198.51.100.0/24  *                     42       30s  never       scan
+203.0.113.7/32   old (not configured)  0        20s  40s
+";
+        assert_eq!(render(&rows), expected);
+    }
+}
