@@ -264,11 +264,79 @@ fn read_list(t: &Table, p: &mut Problems, name: &str) -> Result<Option<Vec<Prefi
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn prefix(s: &str) -> Prefix {
         s.parse().unwrap()
+    }
+
+    /// The problems of a config with one VIP carrying `vip_keys`, as `key: message` lines.
+    pub(crate) fn problems(vip_keys: &str) -> Vec<String> {
+        let text = format!(
+            "[daemon]\ninterfaces = [\"eth0\"]\n[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\n{vip_keys}"
+        );
+        match crate::config::parse(&text, "t.toml") {
+            Ok(_) => Vec::new(),
+            Err(crate::config::ConfigError::Invalid { problems, .. }) => problems
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect(),
+            Err(other) => vec![other.to_string()],
+        }
+    }
+
+    fn rejected(vip_keys: &str, key: &str, message: &str) {
+        let problems = problems(vip_keys);
+        assert!(
+            problems.len() == 1
+                && problems[0].starts_with(&format!("{key}: "))
+                && problems[0].contains(message),
+            "expected `{key}: ...{message}...`, got {problems:#?}"
+        );
+    }
+
+    #[test]
+    fn acl_config_is_read_and_checked_with_key_named_messages() {
+        assert!(problems(
+            "allow_sources = [\"10.0.0.0/8\", \"2001:db8::/32\"]\ndeny_sources = [\"10.9.0.0/16\"]\n"
+        )
+        .is_empty());
+        rejected(
+            "allow_sources = [\"10.0.0.0/8\", \"10.1.2.3/16\"]\n",
+            "vip[0] (web).allow_sources[1]",
+            "host bits set: write 10.1.0.0/16",
+        );
+        rejected(
+            "deny_sources = [\"10.0.0.0/33\"]\n",
+            "vip[0] (web).deny_sources[0]",
+            "not a prefix length",
+        );
+        rejected(
+            "deny_sources = [\"10.0.0.0\"]\n",
+            "vip[0] (web).deny_sources[0]",
+            "is not a prefix",
+        );
+        rejected(
+            "deny_sources = \"10.0.0.0/8\"\n",
+            "vip[0] (web).deny_sources",
+            "expected an array of prefixes",
+        );
+        rejected(
+            "deny_sources = [\"10.0.0.0/8\", \"10.0.0.0/8\"]\n",
+            "vip[0] (web).deny_sources[1]",
+            "already deny_sources[0]",
+        );
+        rejected(
+            "allow_sources = [\"10.1.0.0/16\"]\ndeny_sources = [\"10.0.0.0/8\"]\n",
+            "vip[0] (web).allow_sources[0]",
+            "lies inside deny_sources[0] (10.0.0.0/8) and deny wins",
+        );
+        rejected(
+            "allow_sources = [\"10.1.0.0/16\"]\ndeny_sources = [\"192.168.0.0/16\"]\n",
+            "vip[0] (web).deny_sources[0]",
+            "overlaps no allow_sources entry",
+        );
     }
 
     #[test]

@@ -1220,6 +1220,10 @@ impl Config {
             if vip.backends.is_empty() {
                 out += "  (no backends: its packets are dropped)\n";
             }
+            let filter_lines = vip.acl.status().line().into_iter();
+            for filter in filter_lines.chain(vip.limits.map(|l| l.line())) {
+                out += &format!("  {filter}\n");
+            }
             for line in backend_lines.by_ref().take(vip.backends.len()) {
                 out += "  ";
                 out += &line;
@@ -1591,6 +1595,9 @@ mod tests {
             address = "192.0.2.11"
             port = 53
             protocol = "udp"
+            deny_sources = ["203.0.113.0/24"]
+            [vip.limits]
+            new_flows_total = 500
             "#,
         );
         assert_eq!(
@@ -1602,7 +1609,9 @@ mod tests {
              api    [2001:db8::10]:443/tcp  ipip  ring 1009   health tcp port 8443 every 2s\n\
              \x20 2001:db8:1::21  weight 100\n\
              spare  192.0.2.11:53/udp       dsr   ring 65537  health none\n\
-             \x20 (no backends: its packets are dropped)\n"
+             \x20 (no backends: its packets are dropped)\n\
+             \x20 sources: allow everyone; deny 203.0.113.0/24\n\
+             \x20 limits: 500 new flows/s in total\n"
         );
     }
 

@@ -93,6 +93,43 @@ pub(crate) fn read(vip: &Table, p: &mut Problems) -> Result<Option<LimitsSpec>, 
 mod tests {
     use super::*;
 
+    fn rejected(vip_keys: &str, key: &str, message: &str) {
+        let problems = crate::acl::tests::problems(vip_keys);
+        assert!(
+            problems.len() == 1
+                && problems[0].starts_with(&format!("{key}: "))
+                && problems[0].contains(message),
+            "expected `{key}: ...{message}...`, got {problems:#?}"
+        );
+    }
+
+    #[test]
+    fn limits_config_is_read_and_checked_with_key_named_messages() {
+        let ok = "[vip.limits]\nnew_flows_per_source = 10\nnew_flows_burst = 20\nnew_flows_total = 1000\n";
+        assert!(crate::acl::tests::problems(ok).is_empty());
+        rejected(
+            "[vip.limits]\nnew_flows_per_source = 0\n",
+            "vip[0] (web).limits.new_flows_per_source",
+            "0 is too small: use at least 1",
+        );
+        rejected(
+            "[vip.limits]\nnew_flows_total = 0\n",
+            "vip[0] (web).limits.new_flows_total",
+            "too small",
+        );
+        rejected(
+            "[vip.limits]\nnew_flows_burst = 5\n",
+            "vip[0] (web).limits.new_flows_burst",
+            "new_flows_per_source, which is not set",
+        );
+        rejected("[vip.limits]\n", "vip[0] (web).limits", "sets no limit");
+        rejected(
+            "[vip.limits]\nnew_flows_total = 5\nnew_flows = 5\n",
+            "vip[0] (web).limits.new_flows",
+            "unknown key in [vip.limits]",
+        );
+    }
+
     #[test]
     fn rates_become_gcra_intervals() {
         let spec = LimitsSpec {
