@@ -729,6 +729,7 @@ impl Daemon {
                 name: spec.name.clone(),
                 address: spec.vip.to_string(),
                 counters: self.dataplane.vip_counters(live.meta.vip_id)?,
+                drops: self.dataplane.vip_drops(live.meta.vip_id)?.into(),
                 backends,
             });
         }
@@ -738,6 +739,10 @@ impl Daemon {
             global,
             vips,
             flow_table_entries,
+            protection: stats::Protection {
+                blocklist_entries: self.blocklist.entries().len() as u64,
+                pinned_flows: self.pinned_scan.entries,
+            },
         });
         Ok(())
     }

@@ -230,12 +230,17 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
     let mut vip_bytes = Counters::new();
     let mut vip_new_flows = Counters::new();
     let mut vip_dropped = Counters::new();
+    let mut vip_filtered = Counters::new();
     for vip in &snapshot.vips {
         let labels = || vec![("vip", vip.name.clone())];
         vip_packets.push(labels(), ConstCounter::new(vip.totals.packets));
         vip_bytes.push(labels(), ConstCounter::new(vip.totals.bytes));
         vip_new_flows.push(labels(), ConstCounter::new(vip.totals.new_flows));
         vip_dropped.push(labels(), ConstCounter::new(vip.totals.not_forwarded));
+        for (reason, count) in vip.drops.by_reason() {
+            let labels = vec![("vip", vip.name.clone()), ("reason", reason.to_string())];
+            vip_filtered.push(labels, ConstCounter::new(count));
+        }
         for b in &vip.backends {
             let labels = || vec![("vip", vip.name.clone()), ("backend", b.address.clone())];
             backend_packets.push(labels(), ConstCounter::new(b.totals.packets));
@@ -303,6 +308,11 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         "Packets of the VIP not forwarded: dropped (no backend, internal error) or passed to the stack (too big once encapsulated)",
         vip_dropped,
     );
+    registry.register(
+        "xdplb_vip_dropped_packets",
+        "Packets of the VIP dropped by the filter stage, by reason (source_denied, blocked, rate_limited)",
+        vip_filtered,
+    );
 
     for family in &GLOBAL_FAMILIES {
         let mut samples = Counters::new();
@@ -321,6 +331,16 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         "xdplb_flow_table_entries",
         "Entries in the flow table, active or not (LRU: full means the coldest are evicted)",
         gauge(snapshot.flow_table_entries),
+    );
+    registry.register(
+        "xdplb_blocklist_entries",
+        "Entries of the runtime blocklist (xdplb block add)",
+        gauge(snapshot.protection.blocklist_entries),
+    );
+    registry.register(
+        "xdplb_pinned_flows",
+        "Flows in the flood defence's pinned table, which floods cannot flush",
+        gauge(snapshot.protection.pinned_flows),
     );
     let mut transitions = Counters::new();
     for ((vip, backend, to), count) in health.lock_transitions().iter() {
@@ -417,6 +437,10 @@ mod tests {
         Snapshot {
             interval_s: 1.0,
             flow_table_entries: 42,
+            protection: crate::stats::Protection {
+                blocklist_entries: 3,
+                pinned_flows: 17,
+            },
             global: counters::ALL
                 .iter()
                 .enumerate()
@@ -432,6 +456,11 @@ mod tests {
                 active_flows: 40,
                 totals: totals(1000, 64_000, 50, 3),
                 rates: Rates::default(),
+                drops: crate::stats::Drops {
+                    source_denied: 2,
+                    blocked: 1,
+                    rate_limited: 0,
+                },
                 backends: vec![
                     backend("10.0.0.1", 100, false, true, 30, totals(700, 44_800, 35, 0)),
                     backend("10.0.0.2", 0, true, true, 10, totals(297, 19_008, 15, 0)),
@@ -453,7 +482,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 21] = [
+    const FAMILIES: [(&str, &str); 24] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -465,6 +494,7 @@ mod tests {
         ("xdplb_vip_bytes", "counter"),
         ("xdplb_vip_new_flows", "counter"),
         ("xdplb_vip_dropped", "counter"),
+        ("xdplb_vip_dropped_packets", "counter"),
         ("xdplb_xdp_actions", "counter"),
         ("xdplb_packets_passed", "counter"),
         ("xdplb_packets_dropped", "counter"),
@@ -472,6 +502,8 @@ mod tests {
         ("xdplb_decap_packets", "counter"),
         ("xdplb_flood_defence_events", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
+        ("xdplb_blocklist_entries", "gauge"),
+        ("xdplb_pinned_flows", "gauge"),
         ("xdplb_health_transitions", "counter"),
         ("xdplb_health_check_duration_seconds", "histogram"),
         ("xdplb_build", "info"),
@@ -498,6 +530,11 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         for expected in [
             r#"xdplb_backend_packets_total{vip="web",backend="10.0.0.1"} 700"#,
+            r#"xdplb_vip_dropped_packets_total{vip="web",reason="source_denied"} 2"#,
+            r#"xdplb_vip_dropped_packets_total{vip="web",reason="blocked"} 1"#,
+            r#"xdplb_vip_dropped_packets_total{vip="web",reason="rate_limited"} 0"#,
+            "xdplb_blocklist_entries 3",
+            "xdplb_pinned_flows 17",
             r#"xdplb_backend_bytes_total{vip="web",backend="10.0.0.2"} 19008"#,
             r#"xdplb_backend_new_flows_total{vip="web",backend="10.0.0.1"} 35"#,
             r#"xdplb_backend_active_flows{vip="web",backend="10.0.0.1"} 30"#,
