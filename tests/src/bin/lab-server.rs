@@ -4,6 +4,8 @@
 //! TCP protocol, one request line per connection:
 //! * `NAME` -> `<name>\n`, then close.
 //! * `STREAM <bytes> <bytes per second>` -> `<name>\n` then exactly `<bytes>` bytes, then close.
+//! * `ECHO` -> `<name>\n`, then every line back, until the client closes or is silent for
+//!   2 minutes: a connection that can stay idle (no packet toward the VIP) and be probed later.
 //! * HTTP `GET /` -> `<name>\n`; `GET /bytes/<bytes>/<bytes per second>` -> that many bytes
 //!   (paced); any other path (e.g. `/healthz`) -> `<name>\n`. The status is 200, or the number
 //!   in the status file when one is given and exists (so a test can make health checks fail
@@ -51,6 +53,15 @@ fn serve_tcp(stream: TcpStream, name: &str, status_file: Option<&str>) -> std::i
     let mut out = stream;
     let words: Vec<&str> = line.split_whitespace().collect();
     match words[..] {
+        ["ECHO"] => {
+            writeln!(out, "{name}")?;
+            out.set_read_timeout(Some(Duration::from_secs(120)))?;
+            line.clear();
+            while reader.read_line(&mut line)? > 0 {
+                out.write_all(line.as_bytes())?;
+                line.clear();
+            }
+        }
         ["STREAM", bytes, rate] => {
             writeln!(out, "{name}")?;
             paced(
