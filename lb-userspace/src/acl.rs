@@ -286,7 +286,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn rejected(vip_keys: &str, key: &str, message: &str) {
+    /// `vip_keys` cause exactly one problem, at `key`, mentioning `message`.
+    pub(crate) fn rejected(vip_keys: &str, key: &str, message: &str) {
         let problems = problems(vip_keys);
         assert!(
             problems.len() == 1

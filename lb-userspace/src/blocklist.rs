@@ -1,15 +1,13 @@
 //! The runtime blocklist (`xdplb block add|del|list`): source prefixes dropped for one VIP or
 //! for every VIP, optionally for a limited time. It is runtime state like drains, so it is
-//! persisted in `state_dir` (temporary file, fsync, rename, fsync of the directory) and
-//! survives restarts; entries added with `--for` expire by themselves (the daemon checks
+//! persisted in `state_dir` ([`crate::persist`]) and survives restarts; entries added with `--for` expire by themselves (the daemon checks
 //! every second). The state path writes it into the `BLOCKLIST` trie.
 
 use crate::{acl::SourceEntry, model::Prefix};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeSet,
-    io::{self, Write},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -53,15 +51,8 @@ pub struct BlockInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlocklistError {
-    #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("{path} is not a valid blocklist file ({source}); fix or remove it (the runtime blocklist is stored there)")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    File(#[from] crate::persist::PersistError),
     #[error("{prefix} is not blocked{}; `xdplb block list` shows the entries", scope(.vip))]
     NotBlocked { prefix: Prefix, vip: Option<String> },
     #[error("the blocklist holds {max} entries at most: remove some, or block a shorter prefix")]
@@ -84,35 +75,16 @@ pub fn unix_now() -> u64 {
 impl Blocklist {
     /// Loads `state_dir/blocklist.json`; a missing file means an empty blocklist.
     pub fn load(state_dir: &Path) -> Result<Self, BlocklistError> {
-        let path = state_dir.join(FILE_NAME);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|source| BlocklistError::Parse {
-                path: path.clone(),
-                source,
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(BlocklistError::Read { path, source }),
-        }
+        Ok(crate::persist::load(
+            state_dir,
+            FILE_NAME,
+            "the runtime blocklist entries",
+        )?)
     }
 
-    /// Writes durably: a temporary file is written and synced, renamed over the old one,
-    /// and the directory synced, so a crash or power loss leaves the old or the new list.
+    /// Writes durably (see [`crate::persist::save`]).
     pub fn save(&self, state_dir: &Path) -> Result<(), BlocklistError> {
-        let path = state_dir.join(FILE_NAME);
-        let write_err = |source| BlocklistError::Write {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(state_dir).map_err(write_err)?;
-        let tmp = state_dir.join(format!("{FILE_NAME}.tmp"));
-        let text = serde_json::to_string_pretty(self).expect("plain data serializes");
-        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
-        file.write_all(text.as_bytes()).map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
-        std::fs::rename(&tmp, &path).map_err(write_err)?;
-        std::fs::File::open(state_dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(write_err)
+        Ok(crate::persist::save(state_dir, FILE_NAME, self)?)
     }
 
     pub fn entries(&self) -> &[BlockEntry] {
@@ -234,26 +206,22 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// One entry for every VIP (with a reason), one for `vip` that lasts `seconds`.
+    fn two_entries(scoped: &str, vip: &str, seconds: u64, added: (u64, u64)) -> Blocklist {
+        let mut list = Blocklist::default();
+        let reason = Some("scan".to_string());
+        list.add(prefix("198.51.100.0/24"), None, None, reason, added.0)
+            .unwrap();
+        let duration = Some(Duration::from_secs(seconds));
+        list.add(prefix(scoped), Some(vip.into()), duration, None, added.1)
+            .unwrap();
+        list
+    }
+
     #[test]
     fn survives_a_save_and_load_and_expires_by_itself() {
         let dir = std::env::temp_dir().join(format!("xdplb-blocklist-{}", std::process::id()));
-        let mut list = Blocklist::default();
-        list.add(
-            prefix("198.51.100.0/24"),
-            None,
-            None,
-            Some("scan".into()),
-            1000,
-        )
-        .unwrap();
-        list.add(
-            prefix("2001:db8::/48"),
-            Some("web".into()),
-            Some(Duration::from_secs(3)),
-            None,
-            1000,
-        )
-        .unwrap();
+        let list = two_entries("2001:db8::/48", "web", 3, (1000, 1000));
         list.save(&dir).unwrap();
         let mut loaded = Blocklist::load(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -291,23 +259,7 @@ mod tests {
 
     #[test]
     fn the_table_shows_counts_ages_and_scopes() {
-        let mut list = Blocklist::default();
-        list.add(
-            prefix("198.51.100.0/24"),
-            None,
-            None,
-            Some("scan".into()),
-            1000,
-        )
-        .unwrap();
-        list.add(
-            prefix("203.0.113.7/32"),
-            Some("old".into()),
-            Some(Duration::from_secs(60)),
-            None,
-            1010,
-        )
-        .unwrap();
+        let list = two_entries("203.0.113.7/32", "old", 60, (1000, 1010));
         let rows = list.rows(1030, |e| e.vip.is_none().then_some(42));
         let expected = "\
 PREFIX           VIP                   PACKETS  AGE  EXPIRES IN  REASON

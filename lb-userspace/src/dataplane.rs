@@ -508,14 +508,7 @@ impl Dataplane {
     /// Every flow entry, read in batches of thousands per syscall (a million flows take a few
     /// hundred syscalls instead of two million). Reading takes no lock the data path waits on.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        match lookup_batch(&self.flows_fd) {
-            Ok(flows) => Ok(flows),
-            // Kernels without batch ops for this map type: one entry at a time.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                collect(self.flows.iter()).map_err(map_err(map_names::FLOWS))
-            }
-            Err(e) => Err(map_err(map_names::FLOWS)(MapError::IoError(e))),
-        }
+        read_flow_map(&self.flows_fd, &self.flows, map_names::FLOWS)
     }
 
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
@@ -605,13 +598,7 @@ impl Dataplane {
 
     /// Every pinned flow (the flood defence's table), read in batches like [`Self::flows`].
     pub fn pinned(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        match lookup_batch(&self.pinned_fd) {
-            Ok(flows) => Ok(flows),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                collect(self.pinned.iter()).map_err(map_err(map_names::PINNED))
-            }
-            Err(e) => Err(map_err(map_names::PINNED)(MapError::IoError(e))),
-        }
+        read_flow_map(&self.pinned_fd, &self.pinned, map_names::PINNED)
     }
 
     pub fn unpin_flow(&mut self, key: &FlowKey) -> Result<()> {
@@ -649,6 +636,22 @@ fn duplicate_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd>
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| map_err(name)(MapError::IoError(e)))
+}
+
+/// Every entry of a flow map (`FLOWS` or `PINNED`), in batches when the kernel can.
+fn read_flow_map(
+    fd: &std::os::fd::OwnedFd,
+    map: &HashMap<MapData, FlowKey, FlowValue>,
+    name: &'static str,
+) -> Result<Vec<(FlowKey, FlowValue)>> {
+    match lookup_batch(fd) {
+        Ok(flows) => Ok(flows),
+        // Kernels without batch ops for this map type: one entry at a time.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            collect(map.iter()).map_err(map_err(name))
+        }
+        Err(e) => Err(map_err(name)(MapError::IoError(e))),
+    }
 }
 
 /// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows (`FLOWS` or `PINNED`).

@@ -6,7 +6,7 @@
 //! * [`dataplane`]: the kernel object, its maps and programs (the only map writer).
 //! * [`net`]: next hops toward backends (routes, neighbours, interfaces).
 //! * [`health`]: health checks and their state machines.
-//! * [`overrides`]: drains and CLI weights, persisted.
+//! * [`overrides`]: drains and CLI weights, persisted ([`persist`]).
 //! * [`acl`], [`blocklist`], [`limits`], [`flood`]: edge protection (source ACLs, the runtime
 //!   blocklist, new-flow limits, the flow table's flood defence).
 //! * [`stats`], [`metrics`]: counters, rates, Prometheus export.
@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod overrides;
+pub mod persist;
 pub mod state;
 pub mod stats;
 pub mod watch;

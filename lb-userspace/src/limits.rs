@@ -93,15 +93,7 @@ pub(crate) fn read(vip: &Table, p: &mut Problems) -> Result<Option<LimitsSpec>, 
 mod tests {
     use super::*;
 
-    fn rejected(vip_keys: &str, key: &str, message: &str) {
-        let problems = crate::acl::tests::problems(vip_keys);
-        assert!(
-            problems.len() == 1
-                && problems[0].starts_with(&format!("{key}: "))
-                && problems[0].contains(message),
-            "expected `{key}: ...{message}...`, got {problems:#?}"
-        );
-    }
+    use crate::acl::tests::rejected;
 
     #[test]
     fn limits_config_is_read_and_checked_with_key_named_messages() {

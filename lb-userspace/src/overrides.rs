@@ -8,12 +8,7 @@
 
 use crate::model::Services;
 use serde::{Deserialize, Serialize};
-use std::{
-    collections::BTreeMap,
-    io,
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Override {
@@ -30,47 +25,20 @@ pub struct Overrides {
     vips: BTreeMap<String, BTreeMap<IpAddr, Override>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OverridesError {
-    #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("{path} is not a valid overrides file ({source}); fix or remove it (drains and CLI weights are stored there)")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
-}
+/// Errors reading or writing `overrides.json`.
+pub type OverridesError = crate::persist::PersistError;
 
 pub const FILE_NAME: &str = "overrides.json";
 
 impl Overrides {
     /// Loads `state_dir/overrides.json`; a missing file means no overrides.
     pub fn load(state_dir: &Path) -> Result<Self, OverridesError> {
-        let path = state_dir.join(FILE_NAME);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|source| OverridesError::Parse {
-                path: path.clone(),
-                source,
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(OverridesError::Read { path, source }),
-        }
+        crate::persist::load(state_dir, FILE_NAME, "drains and CLI weights")
     }
 
-    /// Writes atomically (temporary file + rename), so a crash never leaves half a file.
+    /// Writes durably (see [`crate::persist::save`]).
     pub fn save(&self, state_dir: &Path) -> Result<(), OverridesError> {
-        let path = state_dir.join(FILE_NAME);
-        let write_err = |source| OverridesError::Write {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(state_dir).map_err(write_err)?;
-        let tmp = state_dir.join(format!("{FILE_NAME}.tmp"));
-        let text = serde_json::to_string_pretty(self).expect("plain data serializes");
-        std::fs::write(&tmp, text).map_err(write_err)?;
-        std::fs::rename(&tmp, &path).map_err(write_err)
+        crate::persist::save(state_dir, FILE_NAME, self)
     }
 
     pub fn get(&self, vip: &str, backend: IpAddr) -> Override {

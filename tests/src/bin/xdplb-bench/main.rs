@@ -3,7 +3,8 @@
 //! `bench/results.svg`.
 //!
 //! Sections (all by default; `--only micro,pps,tcp,control` picks some):
-//! * `micro`: per-packet cost through `BPF_PROG_TEST_RUN` next to a trivial XDP_TX program.
+//! * `micro`: per-packet cost through `BPF_PROG_TEST_RUN` next to a trivial XDP_TX program;
+//!   and what edge protection costs: 10,000 ACL prefixes, new-flow limits, a spoofed flood.
 //! * `pps`: packet rate through the LB attached natively on veth in namespaces, from an XDP
 //!   live-frames generator, next to the trivial program and an nftables DNAT balancer.
 //! * `tcp`: TCP connections per second and request latency through the real daemon (`dsr`)
@@ -15,6 +16,7 @@
 
 mod control;
 mod micro;
+mod micro_protection;
 mod pps;
 mod progs;
 mod report;
@@ -74,6 +76,7 @@ fn run() -> Result<()> {
     let wants = |s: &str| only.iter().any(|o| o == s);
     if wants("micro") {
         micro::run(&mut report)?;
+        micro_protection::run(&mut report)?;
     }
     if wants("pps") {
         pps::run(&mut report)?;
