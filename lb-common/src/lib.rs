@@ -22,7 +22,7 @@
 //! | [`map_names::ACL`] | `LPM_TRIE` | [`MAX_ACL_ENTRIES`] | per-VIP source allow/deny prefixes, key (vip id, address): one longest-prefix lookup decides |
 //! | [`map_names::BLOCKLIST`] | `LPM_TRIE` | [`MAX_BLOCKLIST_ENTRIES`] | runtime blocklist, key (vip id or [`SCOPE_ALL_VIPS`], address); the value counts packets |
 //! | [`map_names::VIP_LIMITS`] | `ARRAY` | `max_vips` | per-VIP new-flow limits ([`VipLimits`]) and the VIP-wide bucket |
-//! | [`map_names::SOURCE_RATES`] | `LRU_HASH` | [`MAX_RATE_SOURCES`] | per-(VIP, client) new-flow bucket; LRU: a source not seen lately needs no state |
+//! | [`map_names::SOURCE_RATES`] | `ARRAY` | [`SOURCE_RATE_SLOTS`] | per-client new-flow buckets, two slots per (VIP, client) by hash ([`source_slots`]): no insert, no eviction, so a spoofed flood of fresh sources costs two array loads, not an LRU insert each |
 //! | [`map_names::VIP_DROPS`] | `PERCPU_ARRAY` | `max_vips` | per-VIP [`VipDrops`] by reason |
 //! | [`map_names::PINNED`] | `HASH` | `flow_table_size` | flows pinned by the flood defence: never evicted by inserts (full = no more pins); the daemon expires idle ones |
 //! | [`map_names::FLOOD`] | `ARRAY` | 1 | the pin budget ([`FloodState`]) |
@@ -80,10 +80,10 @@ pub const MAX_DECAP_ADDRS: u32 = 1024;
 pub const MAX_ACL_ENTRIES: u32 = 1 << 18;
 /// Blocklist entries: what an operator adds by hand or by script during an attack.
 pub const MAX_BLOCKLIST_ENTRIES: u32 = 1 << 16;
-/// Client addresses (IPv6: /64s) whose new-flow rate is tracked at once. A source evicted
-/// from the LRU starts again with a full burst, so this bounds how many distinct sources
-/// are limited exactly; more are still limited by the VIP-wide rate.
-pub const MAX_RATE_SOURCES: u32 = 1 << 16;
+/// Buckets of the per-source new-flow limits (a power of two). Each (VIP, client) uses two,
+/// chosen by hash: a client is limited wrongly only when both of its buckets are shared with
+/// clients that exhaust them.
+pub const SOURCE_RATE_SLOTS: u32 = 1 << 18;
 
 /// Address families, as stored in `family` fields.
 pub const FAMILY_IPV4: u8 = 4;
@@ -354,16 +354,30 @@ pub struct VipLimits {
 }
 const _: () = assert!(core::mem::size_of::<VipLimits>() == 40);
 
-/// `SOURCE_RATES` key: a client of a VIP; IPv6 clients by /64 (the rest is zero).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct SourceKey {
-    pub vip_id: u32,
-    pub family: u8,
-    pub _pad: [u8; 3],
-    pub addr: [u8; 16],
+/// The two `SOURCE_RATES` slots of a client (`src` in the flow key's layout) of a VIP. IPv6
+/// clients count per /64: the last 8 bytes are left out. `seed` is the flow hash's, so the
+/// slots are not predictable from outside.
+#[inline(always)]
+pub fn source_slots(vip_id: u32, family: u8, src: &[u8; 16], seed: u32) -> [u32; 2] {
+    let words = if family == FAMILY_IPV6 { 2 } else { 1 };
+    let mut h = seed ^ vip_id.rotate_left(8) ^ family as u32;
+    let mut i = 0;
+    while i < 4 {
+        let word = if i < words {
+            u32::from_ne_bytes([src[i * 4], src[i * 4 + 1], src[i * 4 + 2], src[i * 4 + 3]])
+        } else {
+            0
+        };
+        h = mix(h, word);
+        i += 1;
+    }
+    let first = fmix(h);
+    let second = fmix(first ^ 0x9e37_79b9);
+    [
+        first & (SOURCE_RATE_SLOTS - 1),
+        second & (SOURCE_RATE_SLOTS - 1),
+    ]
 }
-const _: () = assert!(core::mem::size_of::<SourceKey>() == 24);
 
 /// Per-VIP drops by reason (per CPU; userspace sums them).
 #[repr(C)]
@@ -476,7 +490,6 @@ mod pod {
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for SourcePrefix {}
     unsafe impl aya::Pod for VipLimits {}
-    unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for FloodState {}
 }

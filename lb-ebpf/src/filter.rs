@@ -6,7 +6,7 @@
 use crate::maps::{ACL, BLOCKLIST, SOURCE_RATES, VIP_LIMITS};
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
-    counters, gcra, source_prefix_len, FlowKey, SourceKey, SourcePrefix, VipMeta, ACL_ALLOW,
+    counters, gcra, source_prefix_len, source_slots, FlowKey, SourcePrefix, VipMeta, ACL_ALLOW,
     CONFIG_BLOCK_ALL_VIPS, FAMILY_IPV6, FILTER_ACL, FILTER_ALLOW_LIST, FILTER_BLOCKED,
     FILTER_LIMITS, SCOPE_ALL_VIPS,
 };
@@ -56,10 +56,11 @@ fn blocked(scope: u32, key: &FlowKey) -> bool {
 /// A packet that would start a new flow of `vip`: admitted within the per-source limit
 /// (IPv6 sources per /64), then within the VIP-wide one. `Err` is the drop-reason counter.
 ///
-/// Buckets are updated without atomics: two CPUs admitting at the same instant may both
-/// pass, so a limit can be exceeded by a packet per CPU, never by more.
+/// A source's limit is kept in two buckets chosen by hash (see `lb_common::source_slots`),
+/// and a new flow must fit in both. Buckets are updated without atomics: two CPUs admitting
+/// at the same instant may both pass, so a limit can be exceeded by a flow per CPU.
 #[inline(always)]
-pub fn limit_new_flow(key: &FlowKey, vip: &VipMeta) -> Result<(), u32> {
+pub fn limit_new_flow(key: &FlowKey, vip: &VipMeta, seed: u32) -> Result<(), u32> {
     if vip.filter & FILTER_LIMITS == 0 {
         return Ok(());
     }
@@ -71,28 +72,20 @@ pub fn limit_new_flow(key: &FlowKey, vip: &VipMeta) -> Result<(), u32> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if limits.source_interval_ns != 0 {
-        let mut source = SourceKey {
-            vip_id: vip.vip_id,
-            family: key.family,
-            _pad: [0; 3],
-            addr: key.src,
+        let [a, b] = source_slots(vip.vip_id, key.family, &key.src, seed);
+        let (Some(a), Some(b)) = (SOURCE_RATES.get_ptr_mut(a), SOURCE_RATES.get_ptr_mut(b)) else {
+            return Ok(());
         };
-        if key.family == FAMILY_IPV6 {
-            source.addr[8..].fill(0);
-        }
         let (interval, tolerance) = (limits.source_interval_ns, limits.source_tolerance_ns);
-        match SOURCE_RATES.get_ptr_mut(&source) {
-            // SAFETY: LRU value, a whole u64 written at once.
-            Some(tat) => unsafe {
-                *tat = gcra(*tat, now, interval, tolerance)
-                    .ok_or(counters::DROP_RATE_LIMITED_SOURCE)?;
-            },
-            None => {
-                let tat =
-                    gcra(0, now, interval, tolerance).ok_or(counters::DROP_RATE_LIMITED_SOURCE)?;
-                // A failed insert only forgets this source's history.
-                let _ = SOURCE_RATES.insert(&source, &tat, 0);
-            }
+        // SAFETY: array values, each a whole u64 written at once.
+        unsafe {
+            let next_a = gcra(*a, now, interval, tolerance);
+            let next_b = gcra(*b, now, interval, tolerance);
+            let (Some(next_a), Some(next_b)) = (next_a, next_b) else {
+                return Err(counters::DROP_RATE_LIMITED_SOURCE);
+            };
+            *a = next_a;
+            *b = next_b;
         }
     }
     if limits.total_interval_ns != 0 {

@@ -8,6 +8,7 @@
 use crate::{
     counters,
     maps::{FLOOD, FLOWS, PINNED},
+    parse::Packet,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{counters as idx, gcra, FlowKey, FlowValue, FLOW_PINNED};
@@ -45,9 +46,16 @@ pub fn pin(key: &FlowKey, flow: &mut FlowValue) {
     counters::global(idx::FLOOD_PINNED);
 }
 
-/// A flow missing from `FLOWS` (evicted) but pinned: puts it back and returns its entry.
+/// A flow missing from `FLOWS` (evicted) but pinned: puts it back and returns its entry. A
+/// SYN starts a connection, so it has no established flow to restore: SYNs, and SYN floods,
+/// skip the lookup (a retransmitted SYN of an evicted pinned flow is re-hashed, and pinned
+/// again by its next packet).
 #[inline(always)]
-pub fn restore(key: &FlowKey) -> Option<*mut FlowValue> {
+pub fn restore(pkt: &Packet) -> Option<*mut FlowValue> {
+    if pkt.is_tcp_syn_only() {
+        return None;
+    }
+    let key = &pkt.key;
     // SAFETY: hash value copied out at once.
     let pinned: FlowValue = *unsafe { PINNED.get(key) }?;
     FLOWS.insert(key, &pinned, 0).ok()?;

@@ -91,7 +91,7 @@ pub fn choose_backend(
     let state = state_bits(pkt);
     if let Some(flow) = FLOWS
         .get_ptr_mut(key)
-        .or_else(|| crate::flood::restore(key))
+        .or_else(|| crate::flood::restore(pkt))
     {
         // SAFETY: LRU map value; concurrent writers only ever store whole small fields.
         let flow = unsafe { &mut *flow };

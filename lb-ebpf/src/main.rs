@@ -57,7 +57,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
     }
     let hash = lb_common::flow_hash(&pkt.key, seed);
-    let limit_new = || filter::limit_new_flow(&pkt.key, vip);
+    let limit_new = || filter::limit_new_flow(&pkt.key, vip, seed);
     let choice = match lookup::choose_backend(&pkt, hash, vip, limit_new) {
         Ok(choice) => choice,
         Err(reason) => return counters::vip_drop(vip.vip_id, pkt.l3_len, reason),

@@ -7,10 +7,10 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, SourceKey, SourcePrefix,
+    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, SourcePrefix,
     TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS, MAX_ACL_ENTRIES,
-    MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_RATE_SOURCES, MAX_TX_PORTS, RINGS_MAP_FLAGS,
+    MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS,
 };
 
 #[map]
@@ -63,8 +63,7 @@ pub static BLOCKLIST: LpmTrie<SourcePrefix, SharedCount> =
 pub static VIP_LIMITS: Array<VipLimits> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 #[map]
-pub static SOURCE_RATES: LruHashMap<SourceKey, u64> =
-    LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);
+pub static SOURCE_RATES: Array<u64> = Array::with_max_entries(SOURCE_RATE_SLOTS, 0);
 
 #[map]
 pub static VIP_DROPS: PerCpuArray<VipDrops> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);

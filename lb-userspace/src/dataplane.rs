@@ -17,7 +17,7 @@ use aya::{
 use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
     SourcePrefix, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, LAYOUT_VERSION,
-    MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_RATE_SOURCES, MAX_TX_PORTS,
+    MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS, SOURCE_RATE_SLOTS,
 };
 use std::{
     borrow::Cow,
@@ -842,7 +842,7 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::ACL, MAX_ACL_ENTRIES),
         (map_names::BLOCKLIST, MAX_BLOCKLIST_ENTRIES),
         (map_names::VIP_LIMITS, sizes.max_vips),
-        (map_names::SOURCE_RATES, MAX_RATE_SOURCES),
+        (map_names::SOURCE_RATES, SOURCE_RATE_SLOTS),
         (map_names::VIP_DROPS, sizes.max_vips),
         (map_names::PINNED, sizes.flow_table_size),
         (map_names::FLOOD, 1),

@@ -461,6 +461,20 @@ fn a_pinned_flow_survives_a_flood_that_flushes_the_flow_table() {
         lb.dataplane.flow(&key).unwrap().unwrap().state & FLOW_PINNED,
         0
     );
+    lb.check_all(&[
+        forwarded(
+            "second flow: SYN",
+            &syn4(ALLOWED, WEB4, 46603),
+            0x11,
+            &[(FLOW_MISS, 1)],
+        ),
+        forwarded(
+            "second flow: ACK, pinned",
+            &seg4(ALLOWED, WEB4, 46603, TCP_ACK),
+            0x11,
+            &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
+        ),
+    ]);
     // Drain A: new flows would now go to the other backend, only the flow table keeps A.
     lb.status.insert(
         ("web".into(), a),
@@ -481,10 +495,10 @@ fn a_pinned_flow_survives_a_flood_that_flushes_the_flow_table() {
         None,
         "12,000 SYN+ACK tuples evict the idle flow from the 4,096-entry LRU"
     );
-    assert_eq!(moved(FLOOD_PINNED), 4096 - 1, "the pinned table filled up");
+    assert_eq!(moved(FLOOD_PINNED), 4096 - 2, "the pinned table filled up");
     assert_eq!(
         moved(FLOOD_PIN_FAILED),
-        12_000 - 4095,
+        12_000 - 4094,
         "then pins fail, nothing is evicted"
     );
 
@@ -494,6 +508,12 @@ fn a_pinned_flow_survives_a_flood_that_flushes_the_flow_table() {
             &seg4(ALLOWED, WEB4, 46601, TCP_ACK),
             0x11,
             &[(FLOOD_RESTORED, 1), (FLOW_HIT, 1)],
+        ),
+        forwarded(
+            "a SYN on the evicted, pinned second flow: a new connection, the ring picks B",
+            &syn4(ALLOWED, WEB4, 46603),
+            0x13,
+            &[(FLOW_MISS, 1)],
         ),
         forwarded(
             "a new client after the flood: served (by the ring: B)",
