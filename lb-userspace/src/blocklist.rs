@@ -3,10 +3,11 @@
 //! persisted in `state_dir` ([`crate::persist`]) and survives restarts; entries added with `--for` expire by themselves (the daemon checks
 //! every second). The state path writes it into the `BLOCKLIST` trie.
 
-use crate::{acl::SourceEntry, model::Prefix};
+use crate::{acl::SourceEntry, dataplane::SourceKey, model::Prefix};
+use lb_common::SCOPE_ALL_VIPS;
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -153,19 +154,33 @@ impl Blocklist {
             .collect()
     }
 
-    /// Rows for `xdplb block list`, given each entry's packet count and whether its VIP exists.
-    pub fn rows(&self, now: u64, packets: impl Fn(&BlockEntry) -> Option<u64>) -> Vec<BlockInfo> {
+    /// Rows for `xdplb block list`: `written` is what the data path holds (trie key, packets
+    /// dropped), `vip_id` the id of a configured VIP by name.
+    pub fn rows(
+        &self,
+        now: u64,
+        written: &[(SourceKey, u64)],
+        vip_id: impl Fn(&str) -> Option<u32>,
+    ) -> Vec<BlockInfo> {
+        let counts: HashMap<(u32, SourceEntry), u64> = written
+            .iter()
+            .map(|(key, packets)| (SourceEntry::from_key(key), *packets))
+            .collect();
         self.entries
             .iter()
             .map(|e| {
-                let count = packets(e);
+                let scope = match &e.vip {
+                    None => Some(SCOPE_ALL_VIPS),
+                    Some(name) => vip_id(name),
+                };
+                let count = scope.and_then(|s| counts.get(&(s, SourceEntry::of(&e.prefix))));
                 BlockInfo {
                     prefix: e.prefix.to_string(),
                     vip: e.vip.clone(),
                     reason: e.reason.clone(),
                     age_s: now.saturating_sub(e.added),
                     expires_in_s: e.expires.map(|t| t.saturating_sub(now)),
-                    packets: count.unwrap_or(0),
+                    packets: count.copied().unwrap_or(0),
                     applied: count.is_some(),
                 }
             })
@@ -260,7 +275,9 @@ mod tests {
     #[test]
     fn the_table_shows_counts_ages_and_scopes() {
         let list = two_entries("203.0.113.7/32", "old", 60, (1000, 1010));
-        let rows = list.rows(1030, |e| e.vip.is_none().then_some(42));
+        let every_vip = SourceEntry::of(&prefix("198.51.100.0/24")).key(SCOPE_ALL_VIPS);
+        // "old" is not configured: no id, so its entry is not applied.
+        let rows = list.rows(1030, &[(every_vip, 42)], |_| None);
         let expected = "\
 PREFIX           VIP                   PACKETS  AGE  EXPIRES IN  REASON
 198.51.100.0/24  *                     42       30s  never       scan

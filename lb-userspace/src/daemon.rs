@@ -537,25 +537,12 @@ impl Daemon {
     }
 
     fn block_rows(&self) -> Result<Vec<blocklist::BlockInfo>> {
-        let counts: HashMap<_, u64> = self
-            .dataplane
-            .blocklist()?
-            .iter()
-            .map(|(key, packets)| (crate::acl::SourceEntry::from_key(key), *packets))
-            .collect();
-        let scope = |vip: &Option<String>| match vip {
-            None => Some(lb_common::SCOPE_ALL_VIPS),
-            Some(name) => self
-                .live
-                .vips
-                .values()
-                .find(|v| &v.name == name)
-                .map(|v| v.meta.vip_id),
+        let vip_id = |name: &str| {
+            let vip = self.live.vips.values().find(|v| v.name == name)?;
+            Some(vip.meta.vip_id)
         };
-        Ok(self.blocklist.rows(blocklist::unix_now(), |entry| {
-            let entry_key = crate::acl::SourceEntry::of(&entry.prefix);
-            counts.get(&(scope(&entry.vip)?, entry_key)).copied()
-        }))
+        let written = self.dataplane.blocklist()?;
+        Ok(self.blocklist.rows(blocklist::unix_now(), &written, vip_id))
     }
 
     /// Reads the flow table when its scan is due: every sample up to [`FLOWS_PER_SCAN_PERIOD`]
