@@ -113,7 +113,7 @@ fn reload(daemon: &Daemon, backends: usize, old_keys: &str, new_keys: &str) {
 fn source_acls_apply_per_vip_and_a_reload_changes_them() {
     let (lab, _servers) = lab(1);
     let allow_a = "allow_sources = [\"10.0.0.0/24\"]";
-    let daemon = Daemon::start(&lab, "", &services(1, allow_a)).unwrap();
+    let mut daemon = Daemon::start(&lab, "", &services(1, allow_a)).unwrap();
     wait_ready(&daemon, 1);
     let b = IpAddr::V4(CLIENT_B);
     assert!(served(&lab, CLIENT_A, web()), "allowed subnet: served");
@@ -149,6 +149,26 @@ fn source_acls_apply_per_vip_and_a_reload_changes_them() {
     assert!(
         stats["vips"][0]["drops"]["source_denied"].as_u64() > Some(0),
         "{stats}"
+    );
+
+    // A restart adopts the ACL with the maps: nothing to rewrite, same verdicts.
+    daemon.kill();
+    daemon.restart().unwrap();
+    wait_ready(&daemon, 1);
+    assert!(
+        daemon.log().contains("adopting pinned maps"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        !daemon.log().contains("data path updated"),
+        "the adopted ACL, limits and flood state needed no write:\n{}",
+        daemon.log()
+    );
+    assert!(served(&lab, b, web()), "after a restart: B still served");
+    assert!(
+        !served(&lab, CLIENT_A, web()),
+        "after a restart: A still denied"
     );
 }
 
