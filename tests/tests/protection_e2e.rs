@@ -2,7 +2,8 @@
 //! clients from two source subnets (the client's 10.0.0.10 and a second address 10.0.5.10):
 //! per-VIP source ACLs and their reload, the runtime blocklist (effect within a second,
 //! expiry, persistence across `kill -9`), per-source new-flow limits, and a spoofed flood
-//! against a table of 4,096 flows while a drained backend holds idle connections.
+//! (SYN then ACK, SYN only, ACK only, SYN then ACK with data) against a table of 4,096 flows
+//! while a drained backend holds idle connections.
 
 use socket2::{Domain, Socket, Type};
 use std::{
@@ -17,7 +18,7 @@ use std::{
 };
 use xdplb_tests::{
     lab::{addr, backend4, Daemon, Lab, Process, CLIENT4},
-    packet::{Packet, TCP_ACK, TCP_SYN},
+    packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN},
 };
 
 const WEB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -342,9 +343,17 @@ fn per_source_limit_lets_about_the_limit_through_and_spares_a_slow_client() {
     );
 }
 
+/// The packets of one spoofed tuple, by pattern: (TCP flags, payload length) each.
+const FLOOD_PATTERNS: [&[(u8, usize)]; 4] = [
+    &[(TCP_SYN, 0), (TCP_ACK, 0)],
+    &[(TCP_SYN, 0)],
+    &[(TCP_ACK, 0), (TCP_ACK, 0)],
+    &[(TCP_SYN, 0), (TCP_ACK | TCP_PSH, 100)],
+];
+
 /// Sends spoofed TCP packets to the VIP from the client namespace through a raw socket:
-/// `tuples` sources, SYN then ACK each, then `tuples` more with a SYN only. Bounded in count
-/// and in time (30 s).
+/// `tuples` fresh tuples per pattern of [`FLOOD_PATTERNS`] (SYN then ACK, SYN only, ACK only,
+/// SYN then ACK with data), one pattern after the other. Bounded in count and in time (30 s).
 fn spoofed_flood(tuples: u32) -> io::Result<u64> {
     // SAFETY: plain socket syscalls on a descriptor owned here and closed at the end.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
@@ -361,10 +370,11 @@ fn spoofed_flood(tuples: u32) -> io::Result<u64> {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut sent = 0u64;
-    let packets = (0..tuples)
-        .flat_map(|i| [(i, TCP_SYN), (i, TCP_ACK)])
-        .chain((tuples..2 * tuples).map(|i| (i, TCP_SYN)));
-    for (i, flags) in packets {
+    let packets = FLOOD_PATTERNS.iter().enumerate().flat_map(|(n, pattern)| {
+        let first = n as u32 * tuples;
+        (first..first + tuples).flat_map(move |i| pattern.iter().map(move |p| (i, *p)))
+    });
+    for (i, (flags, payload)) in packets {
         if Instant::now() > deadline {
             break;
         }
@@ -374,6 +384,7 @@ fn spoofed_flood(tuples: u32) -> io::Result<u64> {
             .tcp(1024 + (i & 0xff) as u16, 80)
             .flags(flags)
             .seq(i)
+            .payload(&[0x5a; 100][..payload])
             .build();
         // SAFETY: the buffer and the address outlive the call.
         let n = unsafe {
@@ -440,12 +451,12 @@ fn a_spoofed_flood_does_not_break_idle_connections_of_a_drained_backend() {
         .cli(&["drain", "web", &backend4(0).to_string()])
         .unwrap();
 
-    // Flood: 40,000 tuples with SYN then ACK, 40,000 with a SYN only (~30x the table), while
-    // a new client connects every 100 ms.
+    // Flood: 25,000 tuples of each pattern (100,000 tuples, ~25x the table, 175,000 packets),
+    // while a new client connects every 100 ms.
     let flooding = AtomicBool::new(true);
     let (sent, new_clients) = thread::scope(|scope| {
         let flood = scope.spawn(|| {
-            let sent = lab.client.ns.enter(|| spoofed_flood(40_000));
+            let sent = lab.client.ns.enter(|| spoofed_flood(25_000));
             flooding.store(false, Ordering::Relaxed);
             sent
         });
@@ -462,7 +473,7 @@ fn a_spoofed_flood_does_not_break_idle_connections_of_a_drained_backend() {
         let sent = flood.join().unwrap().unwrap().unwrap();
         (sent, clients.join().unwrap().unwrap())
     });
-    assert!(sent >= 100_000, "only {sent} flood packets were sent");
+    assert!(sent >= 150_000, "only {sent} flood packets were sent");
     let failed: Vec<&String> = new_clients
         .iter()
         .filter_map(|r| r.as_ref().err())
