@@ -523,6 +523,9 @@ fn read_config(root: &toml::Table, p: &mut Problems) -> Result<Config, Reported>
         }
     }
     let vips = vips.into_iter().collect::<Result<Vec<_>, _>>();
+    if let Ok(vips) = &vips {
+        crate::acl::check_total(vips, p);
+    }
     if let (Ok(sizes), Ok(vips)) = (sizes, &vips) {
         // Each VIP's backends get their own ids, so a backend shared by two VIPs counts twice.
         let backends: usize = vips.iter().map(|vip| vip.backends.len()).sum();
