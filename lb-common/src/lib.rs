@@ -19,7 +19,8 @@
 //! | [`map_names::TX_PORTS`] | `DEVMAP_HASH` | [`MAX_TX_PORTS`] | egress interfaces for two-armed set-ups (`XDP_REDIRECT`) |
 //! | [`map_names::DECAP_LOCAL`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: outer destinations that are this host |
 //! | [`map_names::DECAP_VIPS`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: inner destinations served here |
-//! | [`map_names::ACL`] | `LPM_TRIE` | [`MAX_ACL_ENTRIES`] | per-VIP source allow/deny prefixes, key (vip id, address): one longest-prefix lookup decides |
+//! | [`map_names::ACL`] | `LPM_TRIE` | [`MAX_ACL_ENTRIES`] | per-VIP IPv6 source allow/deny prefixes, key (vip_id, address): one longest-prefix lookup decides |
+//! | [`map_names::ACL4`] | `LPM_TRIE` | [`MAX_ACL_ENTRIES`] | the same for IPv4 sources, with 8-byte keys ([`SourcePrefix4`]): the trie compares one word per node instead of five |
 //! | [`map_names::BLOCKLIST`] | `LPM_TRIE` | [`MAX_BLOCKLIST_ENTRIES`] | runtime blocklist, key (vip id or [`SCOPE_ALL_VIPS`], address); the value counts packets |
 //! | [`map_names::VIP_LIMITS`] | `ARRAY` | `max_vips` | per-VIP new-flow limits ([`VipLimits`]) and the VIP-wide bucket |
 //! | [`map_names::SOURCE_RATES`] | `ARRAY` | [`SOURCE_RATE_SLOTS`] | per-client new-flow buckets, two slots per (VIP, client) by hash ([`source_slots`]): no insert, no eviction, so a spoofed flood of fresh sources costs two array loads, not an LRU insert each |
@@ -53,6 +54,7 @@ pub mod map_names {
     pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const ACL: &str = "ACL";
+    pub const ACL4: &str = "ACL4";
     pub const BLOCKLIST: &str = "BLOCKLIST";
     pub const VIP_LIMITS: &str = "VIP_LIMITS";
     pub const SOURCE_RATES: &str = "SOURCE_RATES";
@@ -309,6 +311,16 @@ pub struct SourcePrefix {
 }
 const _: () = assert!(core::mem::size_of::<SourcePrefix>() == 20);
 
+/// LPM-trie key data of `ACL4`: (VIP id, IPv4 source), both big-endian; the prefix length
+/// is 32 + the source prefix's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SourcePrefix4 {
+    pub scope: [u8; 4],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<SourcePrefix4>() == 8);
+
 /// Blocklist scope of entries that cover every VIP.
 pub const SCOPE_ALL_VIPS: u32 = u32::MAX;
 /// `ACL` values.
@@ -489,6 +501,7 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for SourcePrefix {}
+    unsafe impl aya::Pod for SourcePrefix4 {}
     unsafe impl aya::Pod for VipLimits {}
     unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for FloodState {}

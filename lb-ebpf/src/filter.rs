@@ -3,12 +3,12 @@
 //! new flow. Each check is skipped by one flag test when its VIP (or, for the all-VIP
 //! blocklist, the LB) has nothing of that kind.
 
-use crate::maps::{ACL, BLOCKLIST, SOURCE_RATES, VIP_LIMITS};
+use crate::maps::{ACL, ACL4, BLOCKLIST, SOURCE_RATES, VIP_LIMITS};
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
-    counters, gcra, source_prefix_len, source_slots, FlowKey, SourcePrefix, VipMeta, ACL_ALLOW,
-    CONFIG_BLOCK_ALL_VIPS, FAMILY_IPV6, FILTER_ACL, FILTER_ALLOW_LIST, FILTER_BLOCKED,
-    FILTER_LIMITS, SCOPE_ALL_VIPS,
+    counters, gcra, source_prefix_len, source_slots, FlowKey, SourcePrefix, SourcePrefix4, VipMeta,
+    ACL_ALLOW, CONFIG_BLOCK_ALL_VIPS, FAMILY_IPV4, FAMILY_IPV6, FILTER_ACL, FILTER_ALLOW_LIST,
+    FILTER_BLOCKED, FILTER_LIMITS, SCOPE_ALL_VIPS,
 };
 
 /// Blocklist (the VIP's own entries, then those for every VIP), then the ACL. `Err` is the
@@ -23,7 +23,16 @@ pub fn admit(key: &FlowKey, vip: &VipMeta, config_flags: u8) -> Result<(), u32> 
     }
     if vip.filter & FILTER_ACL != 0 {
         // Userspace stores no allow entry inside a deny entry, so the longest match decides.
-        let allowed = match ACL.get(source_key(vip.vip_id, key)) {
+        let verdict = if key.family == FAMILY_IPV4 {
+            let data = SourcePrefix4 {
+                scope: vip.vip_id.to_be_bytes(),
+                addr: [key.src[0], key.src[1], key.src[2], key.src[3]],
+            };
+            ACL4.get(Key::new(64, data))
+        } else {
+            ACL.get(source_key(vip.vip_id, key))
+        };
+        let allowed = match verdict {
             Some(verdict) => *verdict == ACL_ALLOW,
             None => vip.filter & FILTER_ALLOW_LIST == 0,
         };

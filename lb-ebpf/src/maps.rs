@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, SourcePrefix,
-    TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, DEFAULT_FLOW_TABLE_SIZE,
+    SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS, MAX_ACL_ENTRIES,
     MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS,
 };
@@ -54,6 +54,9 @@ pub static DECAP_VIPS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_DECA
 
 #[map]
 pub static ACL: LpmTrie<SourcePrefix, u8> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+
+#[map]
+pub static ACL4: LpmTrie<SourcePrefix4, u8> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
 
 #[map]
 pub static BLOCKLIST: LpmTrie<SourcePrefix, SharedCount> =

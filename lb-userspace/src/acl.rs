@@ -414,7 +414,11 @@ pub(crate) mod tests {
             20_000,
             "every allow entry lies inside 10.0.0.0/8"
         );
-        assert!(problems[0].contains("inside deny_sources["), "{}", problems[0]);
+        assert!(
+            problems[0].contains("inside deny_sources["),
+            "{}",
+            problems[0]
+        );
         let spec = AclSpec {
             allow: Some(prefixes_from(0x0a00_0000, 20_000)),
             deny: prefixes_from(0x0a10_0000, 20_000),

@@ -16,8 +16,9 @@ use aya::{
 };
 use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
-    SourcePrefix, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, LAYOUT_VERSION,
-    MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS, SOURCE_RATE_SLOTS,
+    SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta,
+    LAYOUT_VERSION, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
+    SOURCE_RATE_SLOTS,
 };
 use std::{
     borrow::Cow,
@@ -174,7 +175,9 @@ pub struct Dataplane {
     tx_ports: DevMapHash<MapData>,
     decap_local: HashMap<MapData, AddrKey, u8>,
     decap_vips: HashMap<MapData, AddrKey, u8>,
+    /// IPv6 sources; IPv4 ones are in `acl4` (see [`acl4_key`]).
     acl: LpmTrie<MapData, SourcePrefix, u8>,
+    acl4: LpmTrie<MapData, SourcePrefix4, u8>,
     blocklist: LpmTrie<MapData, SourcePrefix, u64>,
     vip_limits: Array<MapData, VipLimits>,
     vip_drops: PerCpuArray<MapData, VipDrops>,
@@ -185,6 +188,23 @@ pub struct Dataplane {
 
 /// A key of the ACL or blocklist trie.
 pub type SourceKey = Key<SourcePrefix>;
+
+/// The `ACL4` key of an IPv4 prefix given in the IPv4-mapped layout (`::ffff:a.b.c.d`, prefix
+/// length 32 + 96 + len); `None` for an IPv6 prefix.
+fn acl4_key(key: &SourceKey) -> Option<Key<SourcePrefix4>> {
+    let data = key.data();
+    let mapped = data.addr[..10] == [0; 10] && data.addr[10..12] == [0xff, 0xff];
+    (mapped && key.prefix_len() >= 32 + 96).then(|| {
+        let [.., a, b, c, d] = data.addr;
+        Key::new(
+            key.prefix_len() - 96,
+            SourcePrefix4 {
+                scope: data.scope,
+                addr: [a, b, c, d],
+            },
+        )
+    })
+}
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
@@ -255,6 +275,7 @@ impl Dataplane {
             decap_local: take(&mut ebpf, map_names::DECAP_LOCAL)?,
             decap_vips: take(&mut ebpf, map_names::DECAP_VIPS)?,
             acl: take(&mut ebpf, map_names::ACL)?,
+            acl4: take(&mut ebpf, map_names::ACL4)?,
             blocklist: take(&mut ebpf, map_names::BLOCKLIST)?,
             vip_limits: take(&mut ebpf, map_names::VIP_LIMITS)?,
             vip_drops: take(&mut ebpf, map_names::VIP_DROPS)?,
@@ -519,19 +540,41 @@ impl Dataplane {
         }
     }
 
+    /// Writes an ACL entry given in the IPv4-mapped layout of [`SourceKey`]; IPv4 prefixes go
+    /// to the IPv4 trie.
     pub fn set_acl(&mut self, key: &SourceKey, verdict: u8) -> Result<()> {
-        self.acl
-            .insert(key, verdict, 0)
-            .map_err(map_err(map_names::ACL))
+        match acl4_key(key) {
+            Some(key4) => self.acl4.insert(&key4, verdict, 0),
+            None => self.acl.insert(key, verdict, 0),
+        }
+        .map_err(map_err(map_names::ACL))
     }
 
     pub fn remove_acl(&mut self, key: &SourceKey) -> Result<()> {
-        ignore_missing(self.acl.remove(key)).map_err(map_err(map_names::ACL))
+        ignore_missing(match acl4_key(key) {
+            Some(key4) => self.acl4.remove(&key4),
+            None => self.acl.remove(key),
+        })
+        .map_err(map_err(map_names::ACL))
     }
 
-    /// Every ACL entry with its verdict.
+    /// Every ACL entry with its verdict, in the IPv4-mapped layout of [`SourceKey`].
     pub fn acl(&self) -> Result<Vec<(SourceKey, u8)>> {
-        collect(self.acl.iter()).map_err(map_err(map_names::ACL))
+        let mut entries = collect(self.acl.iter()).map_err(map_err(map_names::ACL))?;
+        for entry in self.acl4.iter() {
+            let (key4, verdict) = entry.map_err(map_err(map_names::ACL4))?;
+            let data = key4.data();
+            let prefix = SourcePrefix::of_source(
+                u32::from_be_bytes(data.scope),
+                lb_common::FAMILY_IPV4,
+                &[data.addr, [0; 4], [0; 4], [0; 4]]
+                    .concat()
+                    .try_into()
+                    .expect("16 bytes"),
+            );
+            entries.push((SourceKey::new(key4.prefix_len() + 96, prefix), verdict));
+        }
+        Ok(entries)
     }
 
     /// Adds a blocklist entry (its packet count starts at 0).
@@ -840,6 +883,7 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::DECAP_LOCAL, MAX_DECAP_ADDRS),
         (map_names::DECAP_VIPS, MAX_DECAP_ADDRS),
         (map_names::ACL, MAX_ACL_ENTRIES),
+        (map_names::ACL4, MAX_ACL_ENTRIES),
         (map_names::BLOCKLIST, MAX_BLOCKLIST_ENTRIES),
         (map_names::VIP_LIMITS, sizes.max_vips),
         (map_names::SOURCE_RATES, SOURCE_RATE_SLOTS),

@@ -2,7 +2,7 @@
 //! * a flow hit on a VIP with 10,000 ACL prefixes next to the same hit on a VIP without ACL
 //!   (repeat mode, interleaved in the same runs);
 //! * a new flow on a VIP with new-flow limits (per source and per VIP, never reached) next to
-//!   one without (per call, a fresh source each call: a per-source bucket is inserted too);
+//!   one without (per call, a fresh source each call: cold per-source buckets);
 //! * a spoofed flood (fresh tuples, SYN then ACK each) through a 4,096-entry flow table while
 //!   a pinned flow holds a drained backend: the rate one core absorbs, and the flow checked
 //!   to keep its backend afterwards.
@@ -181,7 +181,7 @@ pub fn run(report: &mut Report) -> Result<()> {
         call[1],
         "ns/pkt",
         &format!(
-            "fresh source each call: a per-source bucket inserted, the VIP bucket advanced (+{:.1} ns); limits never reached",
+            "fresh source each call: its two per-source buckets and the VIP bucket advanced (+{:.1} ns); limits never reached",
             call[1] - call[0]
         ),
     ));
