@@ -299,9 +299,11 @@ pub const CONFIG_HAS_PORT0_VIPS: u8 = 1;
 /// The blocklist has entries for every VIP: look each VIP packet's source up.
 pub const CONFIG_BLOCK_ALL_VIPS: u8 = 2;
 
-/// LPM-trie key data of `ACL` and `BLOCKLIST`: a scope (VIP id, or [`SCOPE_ALL_VIPS`] in the
+/// LPM-trie key data of `BLOCKLIST` and `ACL`: a scope (VIP id, or [`SCOPE_ALL_VIPS`] in the
 /// blocklist) then the source address, IPv4 as `::ffff:a.b.c.d` so both families share one
-/// trie. The prefix length counts the scope's 32 bits: see [`source_prefix_len`].
+/// key space. The prefix length counts the scope's 32 bits: see [`source_prefix_len`]. The
+/// kernel's `ACL` trie holds IPv6 sources only: userspace moves IPv4 entries to `ACL4`
+/// ([`SourcePrefix4`]), whose shorter keys make the lookup cheaper.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct SourcePrefix {
