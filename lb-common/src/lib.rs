@@ -22,6 +22,14 @@
 //! | [`map_names::SCHED_CURSORS`] | `PERCPU_ARRAY` | `max_vips` | round-robin position (least-conn: where the next scan starts, after the last backend chosen) per VIP: per CPU, so no lock or shared cache line on the packet path |
 //! | [`map_names::ACTIVE_CONNS`] | `ARRAY`, mmapable | `max_backends` | least-conn active connections per backend id (`u64`: BPF has no 32-bit atomic add in Rust's core), shared by all CPUs (atomic adds); mapped by the daemon, which reconciles it with the flow table using atomic adds too |
 //! | [`map_names::ICMP_TOO_BIG_RATE`] | `PERCPU_ARRAY` | 1 | next allowed "too big" reply time per CPU (GCRA): a lock-free rate limit |
+//! | [`map_names::ACL`] | `LPM_TRIE` | [`MAX_ACL_ENTRIES`] | per-VIP IPv6 source allow/deny prefixes, key (vip_id, address): one longest-prefix lookup decides |
+//! | [`map_names::ACL4`] | `LPM_TRIE` | [`MAX_ACL_ENTRIES`] | the same for IPv4 sources, with 8-byte keys ([`SourcePrefix4`]): the trie compares one word per node instead of five |
+//! | [`map_names::BLOCKLIST`] | `LPM_TRIE` | [`MAX_BLOCKLIST_ENTRIES`] | runtime blocklist, key (vip id or [`SCOPE_ALL_VIPS`], address); the value counts packets |
+//! | [`map_names::VIP_LIMITS`] | `ARRAY` | `max_vips` | per-VIP new-flow limits ([`VipLimits`]) and the VIP-wide bucket |
+//! | [`map_names::SOURCE_RATES`] | `ARRAY` | [`SOURCE_RATE_SLOTS`] | per-client new-flow buckets, two slots per (VIP, client) by hash ([`source_slots`]): no insert, no eviction, so a spoofed flood of fresh sources costs two array loads, not an LRU insert each |
+//! | [`map_names::VIP_DROPS`] | `PERCPU_ARRAY` | `max_vips` | per-VIP [`VipDrops`] by reason |
+//! | [`map_names::PINNED`] | `HASH` | `flow_table_size` | flows pinned by the flood defence: never evicted by inserts (full = no more pins); the daemon expires idle ones |
+//! | [`map_names::FLOOD`] | `ARRAY` | 1 | the pin budget ([`FloodState`]) |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -56,6 +64,14 @@ pub mod map_names {
     pub const SCHED_CURSORS: &str = "SCHED_CURSORS";
     pub const ACTIVE_CONNS: &str = "ACTIVE_CONNS";
     pub const ICMP_TOO_BIG_RATE: &str = "ICMP_TOO_BIG_RATE";
+    pub const ACL: &str = "ACL";
+    pub const ACL4: &str = "ACL4";
+    pub const BLOCKLIST: &str = "BLOCKLIST";
+    pub const VIP_LIMITS: &str = "VIP_LIMITS";
+    pub const SOURCE_RATES: &str = "SOURCE_RATES";
+    pub const VIP_DROPS: &str = "VIP_DROPS";
+    pub const PINNED: &str = "PINNED";
+    pub const FLOOD: &str = "FLOOD";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -73,6 +89,14 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Local tunnel endpoints plus VIPs a backend's decap program recognises.
 pub const MAX_DECAP_ADDRS: u32 = 1024;
+/// ACL prefixes over all VIPs ("thousands per VIP"); trie nodes are allocated on insert.
+pub const MAX_ACL_ENTRIES: u32 = 1 << 18;
+/// Blocklist entries: what an operator adds by hand or by script during an attack.
+pub const MAX_BLOCKLIST_ENTRIES: u32 = 1 << 16;
+/// Buckets of the per-source new-flow limits (a power of two). Each (VIP, client) uses two,
+/// chosen by hash: a client is limited wrongly only when both of its buckets are shared with
+/// clients that exhaust them.
+pub const SOURCE_RATE_SLOTS: u32 = 1 << 18;
 
 /// Address families, as stored in `family` fields.
 pub const FAMILY_IPV4: u8 = 4;
@@ -140,7 +164,8 @@ pub struct VipMeta {
     pub scheduler: u8,
     /// `AFFINITY_*`: what the ring hash covers.
     pub affinity: u8,
-    pub _pad: [u8; 1],
+    /// `FILTER_*` bits: which filter stages this VIP uses (none: the filter costs nothing).
+    pub filter: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
 
@@ -151,6 +176,15 @@ pub const AFFINITY_CONNECTION: u8 = 0;
 pub const AFFINITY_CLIENT: u8 = 1;
 /// Like [`AFFINITY_CLIENT`], IPv6 clients by their whole /128.
 pub const AFFINITY_CLIENT_V6_HOST: u8 = 2;
+
+/// `VipMeta::filter`: the VIP has ACL entries; look the source up in `ACL`.
+pub const FILTER_ACL: u8 = 1;
+/// The VIP has an allow list: a source matching no ACL entry is denied.
+pub const FILTER_ALLOW_LIST: u8 = 2;
+/// The VIP has blocklist entries of its own (scope = its id).
+pub const FILTER_BLOCKED: u8 = 4;
+/// New flows of the VIP are limited (`VIP_LIMITS[vip_id]`).
+pub const FILTER_LIMITS: u8 = 8;
 
 /// `Backend::flags`.
 pub const BACKEND_PRESENT: u8 = 1;
@@ -285,6 +319,9 @@ pub const FLOW_ACK_SEEN: u8 = 8;
 /// The flow holds one count in `ACTIVE_CONNS` (least-conn): set when counted, cleared when the
 /// count is given back (client FIN or RST, idle expiry by the daemon), so it is given back once.
 pub const FLOW_COUNTED: u8 = 16;
+/// The flow has a copy in `PINNED` (the flood defence), so an eviction from `FLOWS` is undone
+/// by its next packet.
+pub const FLOW_PINNED: u8 = 32;
 
 /// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_ns() / 1e9`);
 /// `last_seen` is only rewritten when the second changes, to keep writes off the hot path.
@@ -322,6 +359,131 @@ const _: () = assert!(core::mem::size_of::<LbConfig>() == 52);
 /// `LbConfig::flags`: some VIP serves all ports of its address. Without it the program skips
 /// the port-0 lookup, so a packet for no VIP costs one hash lookup instead of two.
 pub const CONFIG_HAS_PORT0_VIPS: u8 = 1;
+/// The blocklist has entries for every VIP: look each VIP packet's source up.
+pub const CONFIG_BLOCK_ALL_VIPS: u8 = 2;
+
+/// LPM-trie key data of `BLOCKLIST` and `ACL`: a scope (VIP id, or [`SCOPE_ALL_VIPS`] in the
+/// blocklist) then the source address, IPv4 as `::ffff:a.b.c.d` so both families share one
+/// key space. The prefix length counts the scope's 32 bits: see [`source_prefix_len`]. The
+/// kernel's `ACL` trie holds IPv6 sources only: userspace moves IPv4 entries to `ACL4`
+/// ([`SourcePrefix4`]), whose shorter keys make the lookup cheaper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SourcePrefix {
+    /// Big-endian, so the trie compares it bit by bit like the address.
+    pub scope: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SourcePrefix>() == 20);
+
+/// LPM-trie key data of `ACL4`: (VIP id, IPv4 source), both big-endian; the prefix length
+/// is 32 + the source prefix's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SourcePrefix4 {
+    pub scope: [u8; 4],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<SourcePrefix4>() == 8);
+
+/// Blocklist scope of entries that cover every VIP.
+pub const SCOPE_ALL_VIPS: u32 = u32::MAX;
+/// `ACL` values.
+pub const ACL_ALLOW: u8 = 1;
+pub const ACL_DENY: u8 = 2;
+
+impl SourcePrefix {
+    /// The key data for a packet's source (an address of the flow key's layout).
+    #[inline(always)]
+    pub fn of_source(scope: u32, family: u8, src: &[u8; 16]) -> Self {
+        let mut addr = *src;
+        if family == FAMILY_IPV4 {
+            addr = [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, src[0], src[1], src[2], src[3],
+            ];
+        }
+        Self {
+            scope: scope.to_be_bytes(),
+            addr,
+        }
+    }
+}
+
+/// Prefix length of a [`SourcePrefix`] key for a `len`-bit prefix of `family`.
+#[inline(always)]
+pub fn source_prefix_len(family: u8, len: u32) -> u32 {
+    32 + if family == FAMILY_IPV4 { 96 + len } else { len }
+}
+
+/// New-flow limits of one VIP (`VIP_LIMITS`), as GCRA parameters: a new flow is admitted
+/// when the bucket's theoretical arrival time, advanced by `interval`, stays within
+/// `tolerance` of now; `interval = 1 s / rate`, `tolerance = burst * interval`.
+/// An interval of 0 means no limit of that kind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipLimits {
+    pub source_interval_ns: u64,
+    pub source_tolerance_ns: u64,
+    pub total_interval_ns: u64,
+    pub total_tolerance_ns: u64,
+    /// The VIP-wide bucket (kernel state; userspace writes 0 = full).
+    pub total_tat_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<VipLimits>() == 40);
+
+/// The two `SOURCE_RATES` slots of a client (`src` in the flow key's layout) of a VIP. IPv6
+/// clients count per /64: the last 8 bytes are left out. `seed` is the flow hash's, so the
+/// slots are not predictable from outside.
+#[inline(always)]
+pub fn source_slots(vip_id: u32, family: u8, src: &[u8; 16], seed: u32) -> [u32; 2] {
+    let words = if family == FAMILY_IPV6 { 2 } else { 1 };
+    let mut h = seed ^ vip_id.rotate_left(8) ^ family as u32;
+    let mut i = 0;
+    while i < 4 {
+        let word = if i < words {
+            u32::from_ne_bytes([src[i * 4], src[i * 4 + 1], src[i * 4 + 2], src[i * 4 + 3]])
+        } else {
+            0
+        };
+        h = mix(h, word);
+        i += 1;
+    }
+    let first = fmix(h);
+    let second = fmix(first ^ 0x9e37_79b9);
+    [
+        first & (SOURCE_RATE_SLOTS - 1),
+        second & (SOURCE_RATE_SLOTS - 1),
+    ]
+}
+
+/// Per-VIP drops by reason (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipDrops {
+    pub source_denied: u64,
+    pub blocked: u64,
+    pub rate_limited_source: u64,
+    pub rate_limited_total: u64,
+}
+const _: () = assert!(core::mem::size_of::<VipDrops>() == 32);
+
+/// The flood defence's pin budget (`FLOOD[0]`): GCRA like [`VipLimits`], written by
+/// userspace (`tat_ns` = 0), then advanced by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodState {
+    pub pin_interval_ns: u64,
+    pub pin_tolerance_ns: u64,
+    pub tat_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FloodState>() == 24);
+
+/// GCRA admission: returns the new theoretical arrival time, or `None` when over the limit.
+#[inline(always)]
+pub fn gcra(tat_ns: u64, now_ns: u64, interval_ns: u64, tolerance_ns: u64) -> Option<u64> {
+    let next = if tat_ns > now_ns { tat_ns } else { now_ns } + interval_ns;
+    (next - now_ns <= tolerance_ns).then_some(next)
+}
 
 /// Per-VIP and per-backend traffic counters (per CPU; userspace sums them).
 #[repr(C)]
@@ -383,6 +545,14 @@ pub mod counters {
         PASS_ICMP_NO_BACKEND = 20, "pass_icmp_no_backend", "passed: ICMP error about a VIP's flow, but the VIP has no backend for it";
         ICMP_TOO_BIG_SENT = 21, "icmp_too_big_sent", "too big to encapsulate: ICMP fragmentation needed / packet too big sent to the client";
         DROP_TOO_BIG_RATE_LIMITED = 22, "drop_too_big_rate_limited", "dropped: too big to encapsulate, and the ICMP reply is over its rate limit";
+        DROP_SOURCE_DENIED = 23, "drop_source_denied", "dropped: source denied by the VIP's ACL";
+        DROP_BLOCKED = 24, "drop_blocked", "dropped: source on the blocklist";
+        DROP_RATE_LIMITED_SOURCE = 25, "drop_rate_limited_source", "dropped: new flow over the VIP's per-source limit";
+        DROP_RATE_LIMITED_TOTAL = 26, "drop_rate_limited_total", "dropped: new flow over the VIP's total limit";
+        FLOOD_PINNED = 27, "flood_pinned", "flood defence: flow pinned (copied to the pinned table)";
+        FLOOD_PIN_DEFERRED = 28, "flood_pin_deferred", "flood defence: pin deferred, over the pin rate";
+        FLOOD_PIN_FAILED = 29, "flood_pin_failed", "flood defence: pin failed, the pinned table is full";
+        FLOOD_RESTORED = 30, "flood_restored", "flood defence: flow evicted from the flow table restored from the pinned table";
     }
 }
 
@@ -399,4 +569,9 @@ mod pod {
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for SourcePrefix {}
+    unsafe impl aya::Pod for SourcePrefix4 {}
+    unsafe impl aya::Pod for VipLimits {}
+    unsafe impl aya::Pod for VipDrops {}
+    unsafe impl aya::Pod for FloodState {}
 }

@@ -1,6 +1,6 @@
 //! Per-CPU counters: plain adds, no atomics, userspace sums the CPUs.
 
-use crate::maps::{BACKEND_COUNTERS, GLOBAL_COUNTERS, VIP_COUNTERS};
+use crate::maps::{BACKEND_COUNTERS, GLOBAL_COUNTERS, VIP_COUNTERS, VIP_DROPS};
 use aya_ebpf::bindings::xdp_action;
 use lb_common::{counters, TrafficCounters};
 
@@ -32,6 +32,26 @@ pub fn vip_traffic(vip_id: u32, bytes: u32, traffic: &Traffic) {
         // SAFETY: per-CPU slot.
         unsafe { add(&mut *c, bytes, traffic) }
     }
+}
+
+/// Drops a packet of a VIP for `reason` (a drop counter): counted globally, as not forwarded
+/// by the VIP, and, for the filter's reasons, in the VIP's drops by reason.
+#[inline(always)]
+pub fn vip_drop(vip_id: u32, bytes: u32, reason: u32) -> u32 {
+    global(reason);
+    vip_traffic(vip_id, bytes, &Traffic::NotForwarded);
+    if let Some(d) = VIP_DROPS.get_ptr_mut(vip_id) {
+        // SAFETY: per-CPU slot.
+        let d = unsafe { &mut *d };
+        match reason {
+            counters::DROP_SOURCE_DENIED => d.source_denied += 1,
+            counters::DROP_BLOCKED => d.blocked += 1,
+            counters::DROP_RATE_LIMITED_SOURCE => d.rate_limited_source += 1,
+            counters::DROP_RATE_LIMITED_TOTAL => d.rate_limited_total += 1,
+            _ => {}
+        }
+    }
+    xdp_action::XDP_DROP
 }
 
 #[inline(always)]
@@ -87,5 +107,22 @@ fn add(c: &mut TrafficCounters, bytes: u32, traffic: &Traffic) {
             c.new_flows += *new_flow as u64;
         }
         Traffic::NotForwarded => c.not_forwarded += 1,
+    }
+}
+
+/// A `u64` counter inside a map value shared by every CPU (the blocklist's packet counts).
+#[repr(transparent)]
+pub struct SharedCount(core::cell::UnsafeCell<u64>);
+
+// SAFETY: only ever accessed through `add_one`, whose races are tolerated (see there).
+unsafe impl Sync for SharedCount {}
+
+impl SharedCount {
+    /// Not atomic (Rust has no atomic add for BPF): CPUs counting the same entry at once may
+    /// lose an increment, which an "about how many packets" figure tolerates.
+    #[inline(always)]
+    pub fn add_one(&self) {
+        // SAFETY: the map value stays valid while the program runs.
+        unsafe { *self.0.get() += 1 }
     }
 }

@@ -2,14 +2,14 @@
 //! [`crate::schedule`]).
 
 use crate::{
-    maps::{BACKENDS, FLOWS, RINGS, VIPS},
+    maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS},
     parse::Packet,
 };
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
-    BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN,
-    FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
+    BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_PINNED,
+    FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
 };
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
@@ -64,7 +64,10 @@ pub fn flow_backend(
     vip: &VipMeta,
 ) -> Option<(u32, &'static Backend)> {
     // SAFETY: read-only lookup; the value is copied out at once.
-    if let Some(backend_id) = unsafe { FLOWS.get(key) }.map(|flow| flow.backend_id) {
+    // The pinned copy counts too: a flood may have evicted the flow from `FLOWS`.
+    if let Some(backend_id) =
+        unsafe { FLOWS.get(key).or_else(|| PINNED.get(key)) }.map(|flow| flow.backend_id)
+    {
         if let Some(backend) = backend_of_vip(backend_id, vip) {
             return Some((backend_id, backend));
         }
@@ -117,13 +120,24 @@ fn state_bits(pkt: &Packet) -> u8 {
 
 /// Flow table first: an existing flow keeps its backend while that backend is still part of
 /// the VIP, even drained or re-weighted. Otherwise (a new flow, or one another LB instance
-/// started) the ring decides and the flow is remembered. `Err` is a drop-reason counter.
+/// started) the ring decides and the flow is remembered. A packet that would start a new
+/// connection must first pass `limit_new` (the filter's new-flow limits). An entry evicted
+/// from the flow table but pinned by the flood defence counts as found. `Err` is a
+/// drop-reason counter.
 #[inline(always)]
-pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, u32> {
+pub fn choose_backend(
+    pkt: &Packet,
+    hash: u32,
+    vip: &VipMeta,
+    limit_new: impl FnOnce() -> Result<(), u32>,
+) -> Result<Choice, u32> {
     let key = &pkt.key;
     let now = now_seconds();
     let state = state_bits(pkt);
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+    if let Some(flow) = FLOWS
+        .get_ptr_mut(key)
+        .or_else(|| crate::flood::restore(pkt))
+    {
         // SAFETY: LRU map value; concurrent writers only ever store whole small fields.
         let flow = unsafe { &mut *flow };
         let syn = pkt.is_tcp_syn_only();
@@ -145,6 +159,9 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
                         flow.state |= state;
                     }
                     crate::schedule::established(vip, flow);
+                    if flow.state & FLOW_PINNED == 0 {
+                        crate::flood::pin(key, flow);
+                    }
                     return Ok(Choice {
                         backend_id: flow.backend_id,
                         backend,
@@ -152,6 +169,9 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
                     });
                 }
             }
+        }
+        if reopened {
+            limit_new()?;
         }
         crate::counters::global(counters::FLOW_REHASH);
         let (backend_id, backend) =
@@ -168,6 +188,7 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
         });
     }
     crate::counters::global(counters::FLOW_MISS);
+    limit_new()?;
     let (backend_id, backend) =
         crate::schedule::pick(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
     let value = FlowValue {

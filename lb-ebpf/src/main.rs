@@ -1,8 +1,10 @@
 //! xdplb's XDP programs.
 //!
-//! * `xdplb` (the load balancer): parse -> VIP lookup -> flow table / Maglev ring -> forward
-//!   (`dsr` MAC rewrite or `ipip` encapsulation; too big to encapsulate: ICMP to the client)
-//!   -> count. ICMP errors about a VIP's flow branch off after parse to the flow's backend.
+//! * `xdplb` (the load balancer): parse -> VIP lookup -> filter (blocklist, source ACL) ->
+//!   flow table with flood defence / new-flow limits / scheduler (Maglev ring, round robin,
+//!   least-conn) -> forward (`dsr` MAC rewrite or `ipip` encapsulation; too big to
+//!   encapsulate: ICMP to the client) -> count. ICMP errors about a VIP's flow branch off
+//!   after parse to the flow's backend.
 //! * `xdplb_decap` (on backends): removes the `ipip` outer header for local VIPs.
 //!
 //! Nothing here can abort: every error is a counted `XDP_PASS` or `XDP_DROP`.
@@ -17,6 +19,8 @@
 
 mod counters;
 mod decap;
+mod filter;
+mod flood;
 mod forward;
 mod icmp;
 mod lookup;
@@ -25,7 +29,6 @@ mod parse;
 mod schedule;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use counters::Traffic;
 use lb_common::counters as idx;
 
 #[xdp]
@@ -58,15 +61,15 @@ fn balance(ctx: &XdpContext) -> u32 {
     let Some(vip) = lookup::find_vip(&pkt.key, flags) else {
         return pass(idx::PASS_NOT_VIP);
     };
+    if let Err(reason) = filter::admit(&pkt.key, vip, flags) {
+        return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
+    }
     let hash = lb_common::flow_hash(&pkt.key, seed);
     let ring_hash = lookup::ring_hash(&pkt.key, hash, seed, vip);
-    let choice = match lookup::choose_backend(&pkt, ring_hash, vip) {
+    let limit_new = || filter::limit_new_flow(&pkt.key, vip, seed);
+    let choice = match lookup::choose_backend(&pkt, ring_hash, vip, limit_new) {
         Ok(choice) => choice,
-        Err(reason) => {
-            counters::global(reason);
-            counters::vip_traffic(vip.vip_id, pkt.l3_len, &Traffic::NotForwarded);
-            return xdp_action::XDP_DROP;
-        }
+        Err(reason) => return counters::vip_drop(vip.vip_id, pkt.l3_len, reason),
     };
     match forward::to_backend(ctx, &pkt, vip, choice.backend, hash) {
         Err(idx::PASS_TOO_BIG) => {

@@ -1,14 +1,17 @@
 //! Every map of the object. Types, sizes and the reasons for them are documented in lb-common;
 //! the sizes here are placeholders that userspace overrides at load time.
 
+use crate::counters::SharedCount;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counters, AddrKey, Backend, FlowKey, FlowValue, LbConfig, TrafficCounters, VipKey, VipMeta,
-    ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE,
-    DEFAULT_MAX_VIPS, MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS,
+    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, SourcePrefix,
+    SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, ACTIVE_CONNS_MAP_FLAGS,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS,
+    MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS,
+    SOURCE_RATE_SLOTS,
 };
 
 #[map]
@@ -59,3 +62,29 @@ pub static ACTIVE_CONNS: Array<u64> =
 
 #[map]
 pub static ICMP_TOO_BIG_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static ACL: LpmTrie<SourcePrefix, u8> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+
+#[map]
+pub static ACL4: LpmTrie<SourcePrefix4, u8> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+
+#[map]
+pub static BLOCKLIST: LpmTrie<SourcePrefix, SharedCount> =
+    LpmTrie::with_max_entries(MAX_BLOCKLIST_ENTRIES, 0);
+
+#[map]
+pub static VIP_LIMITS: Array<VipLimits> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+pub static SOURCE_RATES: Array<u64> = Array::with_max_entries(SOURCE_RATE_SLOTS, 0);
+
+#[map]
+pub static VIP_DROPS: PerCpuArray<VipDrops> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+pub static PINNED: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+#[map]
+pub static FLOOD: Array<FloodState> = Array::with_max_entries(1, 0);

@@ -3,6 +3,7 @@
 //! and `decap` is a client of it. The types here are the whole protocol (sozu's model: one
 //! command module shared by both sides).
 
+use crate::{acl::AclStatus, blocklist::BlockInfo, limits::LimitsSpec, model::Prefix};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
@@ -45,6 +46,18 @@ pub enum Request {
         limit: usize,
     },
     Stats,
+    /// `xdplb block add`: `vip` None = every VIP; `for_s` None = until deleted.
+    BlockAdd {
+        prefix: Prefix,
+        vip: Option<String>,
+        for_s: Option<u64>,
+        reason: Option<String>,
+    },
+    BlockDel {
+        prefix: Prefix,
+        vip: Option<String>,
+    },
+    BlockList,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,6 +67,7 @@ pub enum Response {
     Status(StatusReport),
     Flows(FlowList),
     Stats(crate::stats::Snapshot),
+    Blocklist(Vec<BlockInfo>),
     Error(String),
 }
 
@@ -87,6 +101,10 @@ pub struct VipStatus {
     /// Backends that new flows can go to now.
     pub available: usize,
     pub backends: Vec<BackendStatus>,
+    #[serde(default)]
+    pub acl: AclStatus,
+    #[serde(default)]
+    pub limits: Option<LimitsSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@ use crate::{
     api::{self, FlowList, Request, Response, StatusReport},
     config, daemon,
     dataplane::{AttachMode, Dataplane, Role, Sizes},
+    model::Prefix,
     stats,
 };
 use anyhow::{bail, Context as _, Result};
@@ -86,6 +87,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runtime blocklist: drop every packet from source prefixes, for one VIP or all of them.
+    Block {
+        #[command(subcommand)]
+        command: BlockCommand,
+    },
     /// Counters and rates per VIP and backend.
     Stats {
         #[arg(long)]
@@ -111,6 +117,37 @@ pub enum Command {
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BlockCommand {
+    /// Block a source prefix: effective within a second, for established flows too; kept
+    /// across restarts.
+    Add {
+        #[arg(value_parser = crate::acl::parse_network)]
+        prefix: Prefix,
+        /// Only for this VIP (default: every VIP).
+        #[arg(long)]
+        vip: Option<String>,
+        /// Remove the entry after this long, e.g. 30s, 10m, 1h.
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Free text shown by `block list`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove a blocklist entry (the same prefix and --vip it was added with).
+    Del {
+        #[arg(value_parser = crate::acl::parse_network)]
+        prefix: Prefix,
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Entries with the packets each dropped, age and time left.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -213,6 +250,7 @@ pub async fn main(cli: Cli) -> Result<()> {
             print_either(json, &list, render_flows)
         }
         Command::Stats { json, watch } => stats_command(socket, json, watch).await,
+        Command::Block { command } => block_command(socket, command).await,
         Command::Decap {
             interface,
             vips,
@@ -315,6 +353,14 @@ pub fn render_status(report: &StatusReport) -> String {
             vip.available,
             vip.backends.len()
         ));
+        let filter_lines = vip
+            .acl
+            .line()
+            .into_iter()
+            .chain(vip.limits.map(|l| l.line()));
+        for line in filter_lines {
+            out.push_str(&format!("  {line}\n"));
+        }
         // Least-conn VIPs: the count the data path picks by, next to the flow scan's ACTIVE.
         let conns = vip
             .backends
@@ -456,6 +502,33 @@ async fn wait_for_drain(
     }
 }
 
+async fn block_command(socket: &Path, command: BlockCommand) -> Result<()> {
+    match command {
+        BlockCommand::Add {
+            prefix,
+            vip,
+            duration,
+            reason,
+        } => {
+            let for_s = duration.map(|d| d.as_secs().max(1));
+            let request = Request::BlockAdd {
+                prefix,
+                vip,
+                for_s,
+                reason,
+            };
+            done(socket, request).await
+        }
+        BlockCommand::Del { prefix, vip } => done(socket, Request::BlockDel { prefix, vip }).await,
+        BlockCommand::List { json } => {
+            let Response::Blocklist(rows) = call(socket, Request::BlockList).await? else {
+                bail!("unexpected response");
+            };
+            print_either(json, &rows, |rows| crate::blocklist::render(rows))
+        }
+    }
+}
+
 async fn stats_command(socket: &Path, json: bool, watch: bool) -> Result<()> {
     let fetch = || async {
         match call(socket, Request::Stats).await? {
@@ -589,6 +662,15 @@ mod tests {
                     backend("10.1.0.13", 0, Some(50), false, "down", 0),
                     backend("10.1.0.14", 0, None, true, "up", 0),
                 ],
+                acl: crate::acl::AclStatus {
+                    allow: Some(vec!["10.0.0.0/8".into(), "2001:db8::/32".into()]),
+                    deny: vec!["10.9.0.0/16".into()],
+                },
+                limits: Some(crate::limits::LimitsSpec {
+                    per_source: Some(10),
+                    burst: None,
+                    total: Some(1000),
+                }),
             }],
         }
     }
@@ -600,6 +682,8 @@ config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 active flows (counted 8.2 s ago)
 
 web  192.0.2.10:80/tcp  dsr  maglev  affinity client  ring 65537  1/4 backends available
+  sources: allow 10.0.0.0/8, 2001:db8::/32; deny 10.9.0.0/16
+  limits: 10 new flows/s per source (burst 10), 1000 new flows/s in total
   BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
   10.1.0.11  100                     active    up      90s    12      02:00:00:00:00:11 ifindex 2
   10.1.0.12  0 (config 100)          draining  up      90s    3       02:00:00:00:00:11 ifindex 2
@@ -623,6 +707,8 @@ config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 active flows (counted 8.2 s ago)
 
 web  192.0.2.10:80/tcp  dsr  least-conn  affinity connection  ring 65537  1/4 backends available
+  sources: allow 10.0.0.0/8, 2001:db8::/32; deny 10.9.0.0/16
+  limits: 10 new flows/s per source (burst 10), 1000 new flows/s in total
   BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  CONNS  NEXT HOP                     LAST FAILURE
   10.1.0.11  100                     active    up      90s    12      11     02:00:00:00:00:11 ifindex 2
   10.1.0.12  0 (config 100)          draining  up      90s    3       3      02:00:00:00:00:11 ifindex 2

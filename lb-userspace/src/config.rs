@@ -175,16 +175,20 @@ fn syntax_error(text: &str, file: &str, err: &toml::de::Error) -> ConfigError {
 /// Marks a value that was invalid: its problem is already recorded, so callers only skip
 /// whatever depends on it.
 #[derive(Clone, Copy)]
-struct Reported;
+pub(crate) struct Reported;
 
 /// A key's value: `Ok(None)` when the key is absent, `Err` when it is invalid.
-type Field<T> = Result<Option<T>, Reported>;
+pub(crate) type Field<T> = Result<Option<T>, Reported>;
 
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(crate) struct Problems(Vec<Problem>);
 
 impl Problems {
-    fn report(&mut self, key: impl Into<String>, message: impl Into<String>) -> Reported {
+    pub(crate) fn report(
+        &mut self,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Reported {
         self.0.push(Problem {
             key: key.into(),
             message: message.into(),
@@ -194,7 +198,7 @@ impl Problems {
 }
 
 /// One TOML table being read, with the key path its problems are reported under.
-struct Table<'a> {
+pub(crate) struct Table<'a> {
     table: &'a toml::Table,
     /// Key path of the table: "" at the top level, `daemon`, `vip[0] (web).health`.
     path: String,
@@ -203,7 +207,7 @@ struct Table<'a> {
 }
 
 impl<'a> Table<'a> {
-    fn key(&self, name: &str) -> String {
+    pub(crate) fn key(&self, name: &str) -> String {
         if self.path.is_empty() {
             name.to_string()
         } else {
@@ -211,7 +215,12 @@ impl<'a> Table<'a> {
         }
     }
 
-    fn child(&self, name: &str, table: &'a toml::Table, header: &'static str) -> Table<'a> {
+    pub(crate) fn child(
+        &self,
+        name: &str,
+        table: &'a toml::Table,
+        header: &'static str,
+    ) -> Table<'a> {
         Table {
             table,
             path: self.key(name),
@@ -220,7 +229,7 @@ impl<'a> Table<'a> {
     }
 
     /// A misspelt key would otherwise be ignored silently and its default used instead.
-    fn reject_unknown(&self, p: &mut Problems, known: &[&str]) {
+    pub(crate) fn reject_unknown(&self, p: &mut Problems, known: &[&str]) {
         for name in self.table.keys() {
             if !known.contains(&name.as_str()) {
                 p.report(
@@ -235,7 +244,7 @@ impl<'a> Table<'a> {
         }
     }
 
-    fn get<T>(
+    pub(crate) fn get<T>(
         &self,
         p: &mut Problems,
         name: &str,
@@ -255,7 +264,7 @@ impl<'a> Table<'a> {
     }
 
     /// A string that `parse` turns into a value or into a problem message.
-    fn parsed<T>(
+    pub(crate) fn parsed<T>(
         &self,
         p: &mut Problems,
         name: &str,
@@ -269,7 +278,7 @@ impl<'a> Table<'a> {
             .map_err(|message| p.report(self.key(name), message))
     }
 
-    fn int<T>(&self, p: &mut Problems, name: &str, range: RangeInclusive<T>) -> Field<T>
+    pub(crate) fn int<T>(&self, p: &mut Problems, name: &str, range: RangeInclusive<T>) -> Field<T>
     where
         T: TryFrom<i64> + Into<i64> + PartialOrd + Copy,
     {
@@ -342,7 +351,12 @@ impl<'a> Table<'a> {
     }
 
     /// A `[name]` sub-table.
-    fn table(&self, p: &mut Problems, name: &str, header: &'static str) -> Field<Table<'a>> {
+    pub(crate) fn table(
+        &self,
+        p: &mut Problems,
+        name: &str,
+        header: &'static str,
+    ) -> Field<Table<'a>> {
         let expected = format!("a table ({header})");
         let table = self.get(p, name, &expected, Value::as_table)?;
         Ok(table.map(|table| self.child(name, table, header)))
@@ -402,6 +416,7 @@ const DAEMON_KEYS: &[&str] = &[
     "ipip_source_v4",
     "ipip_source_v6",
     "icmp_too_big_rate",
+    "pinned_flows_per_second",
 ];
 const VIP_KEYS: &[&str] = &[
     "name",
@@ -415,6 +430,9 @@ const VIP_KEYS: &[&str] = &[
     "ring_size",
     "health",
     "backend",
+    "allow_sources",
+    "deny_sources",
+    "limits",
 ];
 const HEALTH_KEYS: &[&str] = &[
     "kind",
@@ -489,7 +507,7 @@ fn read_config(root: &toml::Table, p: &mut Problems) -> Result<Config, Reported>
         Ok(t) => {
             t.reject_unknown(p, DAEMON_KEYS);
             let sizes = read_sizes(t, p);
-            (read_daemon(t, sizes, p), read_settings(t, p), sizes)
+            (read_daemon(t, sizes, p), read_settings(t, sizes, p), sizes)
         }
         Err(reported) => (Err(*reported), Err(*reported), Err(*reported)),
     };
@@ -519,6 +537,9 @@ fn read_config(root: &toml::Table, p: &mut Problems) -> Result<Config, Reported>
         }
     }
     let vips = vips.into_iter().collect::<Result<Vec<_>, _>>();
+    if let Ok(vips) = &vips {
+        crate::acl::check_total(vips, p);
+    }
     if let (Ok(sizes), Ok(vips)) = (sizes, &vips) {
         // Each VIP's backends get their own ids, so a backend shared by two VIPs counts twice.
         let backends: usize = vips.iter().map(|vip| vip.backends.len()).sum();
@@ -713,8 +734,14 @@ fn check_interface_name(name: &str) -> Result<(), String> {
     ))
 }
 
-fn read_settings(t: &Table, p: &mut Problems) -> Result<DataPathSettings, Reported> {
+fn read_settings(
+    t: &Table,
+    sizes: Result<Sizes, Reported>,
+    p: &mut Problems,
+) -> Result<DataPathSettings, Reported> {
     let defaults = DataPathSettings::default();
+    let flow_table_size = sizes.map_or(lb_common::DEFAULT_FLOW_TABLE_SIZE, |s| s.flow_table_size);
+    let flood = crate::flood::read(t, p, flow_table_size);
     let hash_seed = t
         .int(p, "hash_seed", 0..=u32::MAX)
         .map(|seed| seed.unwrap_or(defaults.hash_seed));
@@ -728,6 +755,7 @@ fn read_settings(t: &Table, p: &mut Problems) -> Result<DataPathSettings, Report
         ipip_source_v4: ipip_source_v4?,
         ipip_source_v6: ipip_source_v6?,
         icmp_too_big_rate: icmp_too_big_rate?,
+        flood: flood?,
     })
 }
 
@@ -860,6 +888,8 @@ fn read_vip(
         Err(reported) => vec![Err(*reported)],
     };
     check_backends(&t, forwarding, addr, &backends, p);
+    let acl = crate::acl::read(&t, p);
+    let limits = crate::limits::read(&t, p);
     if let Ok(size) = ring_size {
         check_ring_size(
             &t,
@@ -916,6 +946,8 @@ fn read_vip(
         ring_size: ring_size?,
         health: health?,
         backends: backends?,
+        acl: acl?,
+        limits: limits?,
     })
 }
 
@@ -1318,6 +1350,10 @@ impl Config {
             if vip.backends.is_empty() {
                 out += "  (no backends: its packets are dropped)\n";
             }
+            let filter_lines = vip.acl.status().line().into_iter();
+            for filter in filter_lines.chain(vip.limits.map(|l| l.line())) {
+                out += &format!("  {filter}\n");
+            }
             for line in backend_lines.by_ref().take(vip.backends.len()) {
                 out += "  ";
                 out += &line;
@@ -1520,6 +1556,9 @@ mod tests {
                         len: 64,
                     },
                     icmp_too_big_rate: 1000,
+                    flood: crate::flood::FloodSpec {
+                        pins_per_second: 31250,
+                    },
                 },
                 vips: vec![
                     VipSpec {
@@ -1553,6 +1592,8 @@ mod tests {
                             mac: Some(Mac([2, 0, 0, 0, 0, 0x11])),
                             health_port: Some(8081),
                         }],
+                        acl: Default::default(),
+                        limits: None,
                     },
                     VipSpec {
                         name: "dns".into(),
@@ -1576,6 +1617,8 @@ mod tests {
                             mac: None,
                             health_port: None,
                         }],
+                        acl: Default::default(),
+                        limits: None,
                     },
                 ],
             },
@@ -1737,6 +1780,9 @@ mod tests {
             address = "192.0.2.11"
             port = 53
             protocol = "udp"
+            deny_sources = ["203.0.113.0/24"]
+            [vip.limits]
+            new_flows_total = 500
             "#,
         );
         assert_eq!(
@@ -1748,7 +1794,9 @@ mod tests {
              api    [2001:db8::10]:443/tcp  ipip  round-robin  ring 1009   health tcp port 8443 every 2s\n\
              \x20 2001:db8:1::21  weight 100\n\
              spare  192.0.2.11:53/udp       dsr   maglev       ring 65537  health none\n\
-             \x20 (no backends: its packets are dropped)\n"
+             \x20 (no backends: its packets are dropped)\n\
+             \x20 sources: allow everyone; deny 203.0.113.0/24\n\
+             \x20 limits: 500 new flows/s in total\n"
         );
     }
 

@@ -7,6 +7,7 @@
 //! `/metrics` answer during a reload; `/healthz` reads an atomic and never waits.
 
 mod host;
+mod protection;
 mod tasks;
 
 pub use tasks::run;
@@ -16,8 +17,10 @@ use crate::{
         BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport, VipStatus,
     },
     attachments::Attachments,
+    blocklist::{self, Blocklist},
     config::Config,
     dataplane::{Adoption, Dataplane, Role},
+    flood::PinnedScan,
     flowscan::FlowScan,
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
     links, metrics,
@@ -57,6 +60,8 @@ pub struct Daemon {
     dataplane: Dataplane,
     live: Live,
     overrides: Overrides,
+    blocklist: Blocklist,
+    pinned_scan: PinnedScan,
     resolver: HostResolver,
     next_hops: NextHops,
     unresolved: Vec<Unresolved>,
@@ -103,9 +108,13 @@ impl Daemon {
         };
         let resolver = HostResolver::new(&daemon_config.interfaces)?;
         let (overrides, set_aside) = Overrides::load_or_set_aside(&daemon_config.state_dir)?;
-        if let Some(warning) = set_aside {
+        let (mut blocklist, blocklist_set_aside) =
+            Blocklist::load_or_set_aside(&daemon_config.state_dir)?;
+        for warning in set_aside.iter().chain(&blocklist_set_aside) {
             error!("{warning}");
         }
+        // Entries whose time ran out while the daemon was stopped go now.
+        blocklist.expire(blocklist::unix_now());
         let health_metrics = metrics::HealthMetrics::default();
         let observer: CheckObserver = {
             let metrics = health_metrics.clone();
@@ -131,6 +140,8 @@ impl Daemon {
             dataplane,
             live,
             overrides,
+            blocklist,
+            pinned_scan: PinnedScan::default(),
             resolver,
             next_hops,
             unresolved: Vec::new(),
@@ -216,11 +227,12 @@ impl Daemon {
                 statuses.insert((vip.name.clone(), b.addr), self.backend_status(vip, b));
             }
         }
-        let target = state::target(
+        let mut target = state::target(
             &self.config.services,
             |vip, b| statuses[&(vip.name.clone(), b.addr)],
             &self.next_hops,
         )?;
+        target.blocked = self.blocklist.target();
         let (changes, next) = state::plan(&self.live, &target)?;
         if let Err(e) = state::apply(&mut self.dataplane, &changes) {
             // The maps are the truth: re-read them so the next attempt diffs correctly.
@@ -423,6 +435,16 @@ impl Daemon {
                 .flows(vip.as_deref(), backend, limit)
                 .map(Response::Flows),
             Request::Stats => Ok(Response::Stats(self.snapshot())),
+            Request::BlockAdd {
+                prefix,
+                vip,
+                for_s,
+                reason,
+            } => self
+                .block_add(prefix, vip, for_s, reason)
+                .map(Response::Done),
+            Request::BlockDel { prefix, vip } => self.block_del(prefix, vip).map(Response::Done),
+            Request::BlockList => self.block_rows().map(Response::Blocklist),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }
@@ -489,6 +511,8 @@ impl Daemon {
                     ring_size: vip.ring_size,
                     available: backends.iter().filter(|b| b.effective_weight > 0).count(),
                     backends,
+                    acl: vip.acl.status(),
+                    limits: vip.limits,
                 }
             })
             .collect();
@@ -560,14 +584,11 @@ impl Daemon {
             .flow_scan
             .scan_if_due(|| Ok(dataplane.flows()?), idle_timeout)?;
         if let Some(flows) = scanned {
+            let now = stats::monotonic_seconds();
             let idle_timeout_s = u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX);
-            scheduler::settle_counts(
-                &mut self.dataplane,
-                &self.live,
-                &flows,
-                stats::monotonic_seconds(),
-                idle_timeout_s,
-            )?;
+            scheduler::settle_counts(&mut self.dataplane, &self.live, &flows, now, idle_timeout_s)?;
+            self.pinned_scan
+                .run(&mut self.dataplane, &flows, now, idle_timeout)?;
         }
         let global = self.dataplane.global_counters()?;
         let mut vips = Vec::new();
@@ -603,6 +624,7 @@ impl Daemon {
                 address: spec.vip.to_string(),
                 scheduler: spec.scheduler.to_string(),
                 counters: self.dataplane.vip_counters(live.meta.vip_id)?,
+                drops: self.dataplane.vip_drops(live.meta.vip_id)?.into(),
                 backends,
             });
         }
@@ -612,6 +634,10 @@ impl Daemon {
             global,
             vips,
             flow_table_entries,
+            protection: stats::Protection {
+                blocklist_entries: self.blocklist.entries().len() as u64,
+                pinned_flows: self.pinned_scan.entries,
+            },
         });
         Ok(())
     }

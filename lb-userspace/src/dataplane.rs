@@ -3,7 +3,10 @@
 //! [`crate::state`], which decides *what* to write.
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -12,8 +15,10 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
 };
 use lb_common::{
-    counters, map_names, program_names, AddrKey, Backend, FlowKey, FlowValue, LbConfig,
-    TrafficCounters, VipKey, VipMeta, LAYOUT_VERSION, MAX_DECAP_ADDRS, MAX_TX_PORTS,
+    counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
+    SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta,
+    LAYOUT_VERSION, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
+    SOURCE_RATE_SLOTS,
 };
 use std::{
     borrow::Cow,
@@ -172,6 +177,35 @@ pub struct Dataplane {
     tx_ports: DevMapHash<MapData>,
     decap_local: HashMap<MapData, AddrKey, u8>,
     decap_vips: HashMap<MapData, AddrKey, u8>,
+    /// IPv6 sources; IPv4 ones are in `acl4` (see [`acl4_key`]).
+    acl: LpmTrie<MapData, SourcePrefix, u8>,
+    acl4: LpmTrie<MapData, SourcePrefix4, u8>,
+    blocklist: LpmTrie<MapData, SourcePrefix, u64>,
+    vip_limits: Array<MapData, VipLimits>,
+    vip_drops: PerCpuArray<MapData, VipDrops>,
+    pinned: HashMap<MapData, FlowKey, FlowValue>,
+    pinned_fd: std::os::fd::OwnedFd,
+    flood: Array<MapData, FloodState>,
+}
+
+/// A key of the ACL or blocklist trie.
+pub type SourceKey = Key<SourcePrefix>;
+
+/// The `ACL4` key of an IPv4 prefix given in the IPv4-mapped layout (`::ffff:a.b.c.d`, prefix
+/// length 32 + 96 + len); `None` for an IPv6 prefix.
+fn acl4_key(key: &SourceKey) -> Option<Key<SourcePrefix4>> {
+    let data = key.data();
+    let mapped = data.addr[..10] == [0; 10] && data.addr[10..12] == [0xff, 0xff];
+    (mapped && key.prefix_len() >= 32 + 96).then(|| {
+        let [.., a, b, c, d] = data.addr;
+        Key::new(
+            key.prefix_len() - 96,
+            SourcePrefix4 {
+                scope: data.scope,
+                addr: [a, b, c, d],
+            },
+        )
+    })
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -243,6 +277,14 @@ impl Dataplane {
             tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
             decap_local: take(&mut ebpf, map_names::DECAP_LOCAL)?,
             decap_vips: take(&mut ebpf, map_names::DECAP_VIPS)?,
+            acl: take(&mut ebpf, map_names::ACL)?,
+            acl4: take(&mut ebpf, map_names::ACL4)?,
+            blocklist: take(&mut ebpf, map_names::BLOCKLIST)?,
+            vip_limits: take(&mut ebpf, map_names::VIP_LIMITS)?,
+            vip_drops: take(&mut ebpf, map_names::VIP_DROPS)?,
+            pinned_fd: duplicate_fd(&ebpf, map_names::PINNED)?,
+            pinned: take(&mut ebpf, map_names::PINNED)?,
+            flood: take(&mut ebpf, map_names::FLOOD)?,
             ebpf,
             role,
             sizes,
@@ -492,11 +534,12 @@ impl Dataplane {
             .map_err(map_err(map_names::BACKEND_COUNTERS))
     }
 
-    /// Zeroes a VIP slot's counters before the slot is given to a new VIP.
+    /// Zeroes a VIP slot's counters (traffic and drops) before the slot is given to a new VIP.
     pub fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()> {
         self.vip_counters
             .set(vip_id, zeroed_per_cpu()?, 0)
-            .map_err(map_err(map_names::VIP_COUNTERS))
+            .map_err(map_err(map_names::VIP_COUNTERS))?;
+        self.clear_vip_drops(vip_id)
     }
 
     /// Registers an egress interface for `XDP_REDIRECT`.
@@ -531,14 +574,7 @@ impl Dataplane {
     /// Every flow entry, read in batches of thousands per syscall (a million flows take a few
     /// hundred syscalls instead of two million). Reading takes no lock the data path waits on.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        match lookup_batch(&self.flows_fd) {
-            Ok(flows) => Ok(flows),
-            // Kernels without batch ops for this map type: one entry at a time.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                collect(self.flows.iter()).map_err(map_err(map_names::FLOWS))
-            }
-            Err(e) => Err(map_err(map_names::FLOWS)(MapError::IoError(e))),
-        }
+        read_flow_map(&self.flows_fd, &self.flows, map_names::FLOWS)
     }
 
     /// Least-conn active connections of backend `id`, as the data path compares them
@@ -577,6 +613,114 @@ impl Dataplane {
         }
     }
 
+    /// Writes an ACL entry given in the IPv4-mapped layout of [`SourceKey`]; IPv4 prefixes go
+    /// to the IPv4 trie.
+    pub fn set_acl(&mut self, key: &SourceKey, verdict: u8) -> Result<()> {
+        match acl4_key(key) {
+            Some(key4) => self.acl4.insert(&key4, verdict, 0),
+            None => self.acl.insert(key, verdict, 0),
+        }
+        .map_err(map_err(map_names::ACL))
+    }
+
+    pub fn remove_acl(&mut self, key: &SourceKey) -> Result<()> {
+        ignore_missing(match acl4_key(key) {
+            Some(key4) => self.acl4.remove(&key4),
+            None => self.acl.remove(key),
+        })
+        .map_err(map_err(map_names::ACL))
+    }
+
+    /// Every ACL entry with its verdict, in the IPv4-mapped layout of [`SourceKey`].
+    pub fn acl(&self) -> Result<Vec<(SourceKey, u8)>> {
+        let mut entries = collect(self.acl.iter()).map_err(map_err(map_names::ACL))?;
+        for entry in self.acl4.iter() {
+            let (key4, verdict) = entry.map_err(map_err(map_names::ACL4))?;
+            let data = key4.data();
+            let prefix = SourcePrefix::of_source(
+                u32::from_be_bytes(data.scope),
+                lb_common::FAMILY_IPV4,
+                &[data.addr, [0; 4], [0; 4], [0; 4]]
+                    .concat()
+                    .try_into()
+                    .expect("16 bytes"),
+            );
+            entries.push((SourceKey::new(key4.prefix_len() + 96, prefix), verdict));
+        }
+        Ok(entries)
+    }
+
+    /// Adds a blocklist entry (its packet count starts at 0).
+    pub fn add_block(&mut self, key: &SourceKey) -> Result<()> {
+        self.blocklist
+            .insert(key, 0, 0)
+            .map_err(map_err(map_names::BLOCKLIST))
+    }
+
+    pub fn remove_block(&mut self, key: &SourceKey) -> Result<()> {
+        ignore_missing(self.blocklist.remove(key)).map_err(map_err(map_names::BLOCKLIST))
+    }
+
+    /// Every blocklist entry with the packets it dropped.
+    pub fn blocklist(&self) -> Result<Vec<(SourceKey, u64)>> {
+        collect(self.blocklist.iter()).map_err(map_err(map_names::BLOCKLIST))
+    }
+
+    pub fn set_vip_limits(&mut self, vip_id: u32, limits: &VipLimits) -> Result<()> {
+        self.vip_limits
+            .set(vip_id, limits, 0)
+            .map_err(map_err(map_names::VIP_LIMITS))
+    }
+
+    pub fn vip_limits(&self, vip_id: u32) -> Result<VipLimits> {
+        self.vip_limits
+            .get(&vip_id, 0)
+            .map_err(map_err(map_names::VIP_LIMITS))
+    }
+
+    /// A VIP's drops by reason, summed over CPUs.
+    pub fn vip_drops(&self, vip_id: u32) -> Result<VipDrops> {
+        let per_cpu = self
+            .vip_drops
+            .get(&vip_id, 0)
+            .map_err(map_err(map_names::VIP_DROPS))?;
+        Ok(per_cpu.iter().fold(VipDrops::default(), |sum, d| VipDrops {
+            source_denied: sum.source_denied + d.source_denied,
+            blocked: sum.blocked + d.blocked,
+            rate_limited_source: sum.rate_limited_source + d.rate_limited_source,
+            rate_limited_total: sum.rate_limited_total + d.rate_limited_total,
+        }))
+    }
+
+    fn clear_vip_drops(&mut self, vip_id: u32) -> Result<()> {
+        let zero = aya::util::nr_cpus()
+            .map_err(|(_, err)| err)
+            .and_then(|cpus| PerCpuValues::try_from(vec![VipDrops::default(); cpus]))
+            .map_err(DataplaneError::PossibleCpus)?;
+        self.vip_drops
+            .set(vip_id, zero, 0)
+            .map_err(map_err(map_names::VIP_DROPS))
+    }
+
+    pub fn set_flood(&mut self, state: &FloodState) -> Result<()> {
+        self.flood
+            .set(0, state, 0)
+            .map_err(map_err(map_names::FLOOD))
+    }
+
+    pub fn flood(&self) -> Result<FloodState> {
+        self.flood.get(&0, 0).map_err(map_err(map_names::FLOOD))
+    }
+
+    /// Every pinned flow (the flood defence's table), read in batches like [`Self::flows`].
+    pub fn pinned(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        read_flow_map(&self.pinned_fd, &self.pinned, map_names::PINNED)
+    }
+
+    pub fn unpin_flow(&mut self, key: &FlowKey) -> Result<()> {
+        ignore_missing(self.pinned.remove(key)).map_err(map_err(map_names::PINNED))
+    }
+
     /// Decap program: tunnel endpoints that are this host.
     pub fn set_decap_local(&mut self, addrs: &[AddrKey]) -> Result<()> {
         replace_set(&mut self.decap_local, addrs).map_err(map_err(map_names::DECAP_LOCAL))
@@ -603,7 +747,7 @@ struct MappedArray {
 fn duplicate_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsFd;
     let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
-    let aya::maps::Map::LruHashMap(data) = map else {
+    let (aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) = map else {
         return Err(DataplaneError::MissingMap(name));
     };
     data.fd()
@@ -612,7 +756,23 @@ fn duplicate_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd>
         .map_err(|e| map_err(name)(MapError::IoError(e)))
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows.
+/// Every entry of a flow map (`FLOWS` or `PINNED`), in batches when the kernel can.
+fn read_flow_map(
+    fd: &std::os::fd::OwnedFd,
+    map: &HashMap<MapData, FlowKey, FlowValue>,
+    name: &'static str,
+) -> Result<Vec<(FlowKey, FlowValue)>> {
+    match lookup_batch(fd) {
+        Ok(flows) => Ok(flows),
+        // Kernels without batch ops for this map type: one entry at a time.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            collect(map.iter()).map_err(map_err(name))
+        }
+        Err(e) => Err(map_err(name)(MapError::IoError(e))),
+    }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows (`FLOWS` or `PINNED`).
 fn lookup_batch(fd: &std::os::fd::OwnedFd) -> std::io::Result<Vec<(FlowKey, FlowValue)>> {
     use std::os::fd::AsRawFd;
     /// The `batch` member of `union bpf_attr`.
@@ -813,6 +973,14 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::DECAP_VIPS, MAX_DECAP_ADDRS),
         (map_names::SCHED_CURSORS, sizes.max_vips),
         (map_names::ACTIVE_CONNS, sizes.max_backends),
+        (map_names::ACL, MAX_ACL_ENTRIES),
+        (map_names::ACL4, MAX_ACL_ENTRIES),
+        (map_names::BLOCKLIST, MAX_BLOCKLIST_ENTRIES),
+        (map_names::VIP_LIMITS, sizes.max_vips),
+        (map_names::SOURCE_RATES, SOURCE_RATE_SLOTS),
+        (map_names::VIP_DROPS, sizes.max_vips),
+        (map_names::PINNED, sizes.flow_table_size),
+        (map_names::FLOOD, 1),
     ]
 }
 

@@ -10,20 +10,26 @@
 //! * [`links`]: interface events over rtnetlink; [`attachments`]: the program kept on the
 //!   configured interfaces.
 //! * [`health`]: health checks and their state machines.
-//! * [`overrides`]: drains and CLI weights, persisted.
+//! * [`overrides`]: drains and CLI weights, persisted ([`persist`]).
+//! * [`acl`], [`blocklist`], [`limits`], [`flood`]: edge protection (source ACLs, the runtime
+//!   blocklist, new-flow limits, the flow table's flood defence).
 //! * [`stats`], [`metrics`]: counters, rates, Prometheus export; [`flowscan`]: active flows
 //!   per backend, and when a drain is complete.
 //! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
 //!   [`cli`], [`watch`]: the command line.
 
+pub mod acl;
 pub mod api;
 pub mod attachments;
+pub mod blocklist;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod flood;
 pub mod flowscan;
 pub mod health;
+pub mod limits;
 pub mod links;
 pub mod maglev;
 pub mod metrics;
@@ -31,6 +37,7 @@ pub mod model;
 pub mod net;
 pub mod nexthops;
 pub mod overrides;
+pub mod persist;
 pub mod scheduler;
 pub mod state;
 pub mod stats;

@@ -46,7 +46,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// its name (`drop_no_backend` -> `xdplb_packets_dropped_total{reason="no_backend"}`). A new
 /// kernel counter with one of these prefixes is exported without touching this file; a new
 /// prefix fails the `every_global_counter_is_exported` test.
-const GLOBAL_FAMILIES: [GlobalFamily; 6] = [
+const GLOBAL_FAMILIES: [GlobalFamily; 7] = [
     GlobalFamily {
         prefix: "action_",
         family: "xdplb_xdp_actions",
@@ -82,6 +82,13 @@ const GLOBAL_FAMILIES: [GlobalFamily; 6] = [
         family: "xdplb_icmp_packets",
         label: "result",
         help: "ICMP about VIP traffic handled in XDP: errors forwarded to backends, too-big replies sent",
+    },
+    GlobalFamily {
+        prefix: "flood_",
+        family: "xdplb_flood_defence_events",
+        label: "event",
+        help:
+            "Flood defence of the flow table: flows pinned, pins deferred or failed, flows restored",
     },
 ];
 
@@ -240,6 +247,7 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
     let mut vip_bytes = Counters::new();
     let mut vip_new_flows = Counters::new();
     let mut vip_dropped = Counters::new();
+    let mut vip_filtered = Counters::new();
     for vip in &snapshot.vips {
         let labels = || vec![("vip", vip.name.clone())];
         vip_packets.push(labels(), ConstCounter::new(vip.totals.packets));
@@ -253,6 +261,10 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
             ],
             gauge(1),
         );
+        for (reason, count) in vip.drops.by_reason() {
+            let labels = vec![("vip", vip.name.clone()), ("reason", reason.to_string())];
+            vip_filtered.push(labels, ConstCounter::new(count));
+        }
         for b in &vip.backends {
             let labels = || vec![("vip", vip.name.clone()), ("backend", b.address.clone())];
             backend_packets.push(labels(), ConstCounter::new(b.totals.packets));
@@ -339,6 +351,11 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         "Packets of the VIP not forwarded: dropped (no backend, internal error) or passed to the stack (too big once encapsulated)",
         vip_dropped,
     );
+    registry.register(
+        "xdplb_vip_dropped_packets",
+        "Packets of the VIP dropped by the filter stage, by reason (source_denied, blocked, rate_limited)",
+        vip_filtered,
+    );
 
     for family in &GLOBAL_FAMILIES {
         let mut samples = Counters::new();
@@ -365,6 +382,16 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
             ConstGauge::new(age),
         );
     }
+    registry.register(
+        "xdplb_blocklist_entries",
+        "Entries of the runtime blocklist (xdplb block add)",
+        gauge(snapshot.protection.blocklist_entries),
+    );
+    registry.register(
+        "xdplb_pinned_flows",
+        "Flows in the flood defence's pinned table, which floods cannot flush",
+        gauge(snapshot.protection.pinned_flows),
+    );
     let mut transitions = Counters::new();
     for ((vip, backend, to), count) in health.lock_transitions().iter() {
         let labels = vec![
@@ -552,6 +579,10 @@ mod tests {
             interval_s: 1.0,
             flow_table_entries: 42,
             active_flows_age_s: Some(0.25),
+            protection: crate::stats::Protection {
+                blocklist_entries: 3,
+                pinned_flows: 17,
+            },
             global: counters::ALL
                 .iter()
                 .enumerate()
@@ -568,6 +599,11 @@ mod tests {
                 active_flows: 40,
                 totals: totals(1000, 64_000, 50, 3),
                 rates: Rates::default(),
+                drops: crate::stats::Drops {
+                    source_denied: 2,
+                    blocked: 1,
+                    rate_limited: 0,
+                },
                 backends: vec![
                     backend("10.0.0.1", 100, false, true, 30, totals(700, 44_800, 35, 0)),
                     backend("10.0.0.2", 0, true, true, 10, totals(297, 19_008, 15, 0)),
@@ -590,7 +626,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 25] = [
+    const FAMILIES: [(&str, &str); 29] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -605,14 +641,18 @@ mod tests {
         ("xdplb_vip_bytes", "counter"),
         ("xdplb_vip_new_flows", "counter"),
         ("xdplb_vip_dropped", "counter"),
+        ("xdplb_vip_dropped_packets", "counter"),
         ("xdplb_xdp_actions", "counter"),
         ("xdplb_packets_passed", "counter"),
         ("xdplb_packets_dropped", "counter"),
         ("xdplb_flow_lookups", "counter"),
         ("xdplb_decap_packets", "counter"),
         ("xdplb_icmp_packets", "counter"),
+        ("xdplb_flood_defence_events", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
         ("xdplb_active_flows_age_seconds", "gauge"),
+        ("xdplb_blocklist_entries", "gauge"),
+        ("xdplb_pinned_flows", "gauge"),
         ("xdplb_health_transitions", "counter"),
         ("xdplb_health_check_duration_seconds", "histogram"),
         ("xdplb_build", "info"),
@@ -639,6 +679,11 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         for expected in [
             r#"xdplb_backend_packets_total{vip="web",backend="10.0.0.1"} 700"#,
+            r#"xdplb_vip_dropped_packets_total{vip="web",reason="source_denied"} 2"#,
+            r#"xdplb_vip_dropped_packets_total{vip="web",reason="blocked"} 1"#,
+            r#"xdplb_vip_dropped_packets_total{vip="web",reason="rate_limited"} 0"#,
+            "xdplb_blocklist_entries 3",
+            "xdplb_pinned_flows 17",
             r#"xdplb_backend_bytes_total{vip="web",backend="10.0.0.2"} 19008"#,
             r#"xdplb_backend_new_flows_total{vip="web",backend="10.0.0.1"} 35"#,
             r#"xdplb_backend_active_flows{vip="web",backend="10.0.0.1"} 30"#,
@@ -701,6 +746,7 @@ mod tests {
                     "flow_lookups",
                     "decap_packets",
                     "icmp_packets",
+                    "flood_defence_events",
                 ]
                 .iter()
                 .any(|f| l.starts_with(&format!("xdplb_{f}_total{{")))

@@ -123,8 +123,9 @@ impl FromStr for Mac {
     }
 }
 
-/// An IP prefix, e.g. the pool outer `ipip` sources are taken from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// An IP prefix, e.g. the pool outer `ipip` sources are taken from. Serialized as its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Prefix {
     pub addr: IpAddr,
     pub len: u8,
@@ -149,6 +150,19 @@ impl Prefix {
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl TryFrom<String> for Prefix {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<Prefix> for String {
+    fn from(prefix: Prefix) -> String {
+        prefix.to_string()
     }
 }
 
@@ -212,6 +226,10 @@ pub struct VipSpec {
     pub ring_size: u32,
     pub health: HealthSpec,
     pub backends: Vec<BackendSpec>,
+    /// Source ACL (`allow_sources`, `deny_sources`).
+    pub acl: crate::acl::AclSpec,
+    /// New-flow limits (`[vip.limits]`).
+    pub limits: Option<crate::limits::LimitsSpec>,
 }
 
 /// How backends of a VIP are checked.
@@ -299,6 +317,8 @@ pub struct DataPathSettings {
     pub ipip_source_v6: Prefix,
     /// "Too big to encapsulate" ICMP replies per second and CPU; 0 sends none.
     pub icmp_too_big_rate: u32,
+    /// Flood defence: the pin budget.
+    pub flood: crate::flood::FloodSpec,
 }
 
 impl Default for DataPathSettings {
@@ -314,6 +334,7 @@ impl Default for DataPathSettings {
                 len: 96,
             },
             icmp_too_big_rate: 1000,
+            flood: crate::flood::FloodSpec::default_for(lb_common::DEFAULT_FLOW_TABLE_SIZE),
         }
     }
 }

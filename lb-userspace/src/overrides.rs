@@ -8,12 +8,7 @@
 
 use crate::model::Services;
 use serde::{Deserialize, Serialize};
-use std::{
-    collections::BTreeMap,
-    io,
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Override {
@@ -30,85 +25,31 @@ pub struct Overrides {
     vips: BTreeMap<String, BTreeMap<IpAddr, Override>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OverridesError {
-    #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("{path} is not a valid overrides file ({source}); fix or remove it (drains and CLI weights are stored there)")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
-}
+/// Errors reading or writing `overrides.json`.
+pub type OverridesError = crate::persist::PersistError;
 
 pub const FILE_NAME: &str = "overrides.json";
 
 impl Overrides {
     /// Loads `state_dir/overrides.json`; a missing file means no overrides.
     pub fn load(state_dir: &Path) -> Result<Self, OverridesError> {
-        let path = state_dir.join(FILE_NAME);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|source| OverridesError::Parse {
-                path: path.clone(),
-                source,
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(OverridesError::Read { path, source }),
-        }
+        crate::persist::load(state_dir, FILE_NAME, "drains and CLI weights")
     }
 
-    /// Like [`load`](Self::load), but a file that cannot be read or parsed (a power loss
-    /// before this version synced its writes, a disk error, a hand edit) must not keep the
-    /// load balancer down: it is renamed to `overrides.json.unreadable-<unix time>` for the
-    /// operator to inspect, and the daemon starts without overrides. Returns what happened,
-    /// for a loud log line; fails only when the file cannot even be moved aside.
+    /// Like [`load`](Self::load), but an unreadable file is moved aside instead of keeping
+    /// the daemon down (see [`crate::persist::load_or_set_aside`]).
     pub fn load_or_set_aside(state_dir: &Path) -> Result<(Self, Option<String>), OverridesError> {
-        let error = match Self::load(state_dir) {
-            Ok(overrides) => return Ok((overrides, None)),
-            Err(error) => error,
-        };
-        let path = state_dir.join(FILE_NAME);
-        let seconds = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let aside = state_dir.join(format!("{FILE_NAME}.unreadable-{seconds}"));
-        std::fs::rename(&path, &aside).map_err(|source| OverridesError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        Ok((
-            Self::default(),
-            Some(format!(
-                "{error}; moved it to {} and starting WITHOUT drains or CLI weights: \
-                 re-apply them (`xdplb drain`, `xdplb weight`)",
-                aside.display()
-            )),
-        ))
+        crate::persist::load_or_set_aside(
+            state_dir,
+            FILE_NAME,
+            "drains and CLI weights",
+            "drains or CLI weights: re-apply them (`xdplb drain`, `xdplb weight`)",
+        )
     }
 
-    /// Writes crash-safely: a temporary file, fsynced, renamed over the old one, then the
-    /// directory fsynced. Without the syncs a power loss can leave an empty file (the rename
-    /// reaches the disk before the data).
+    /// Writes durably (see [`crate::persist::save`]).
     pub fn save(&self, state_dir: &Path) -> Result<(), OverridesError> {
-        use std::io::Write as _;
-        let path = state_dir.join(FILE_NAME);
-        let write_err = |source| OverridesError::Write {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(state_dir).map_err(write_err)?;
-        let tmp = state_dir.join(format!("{FILE_NAME}.tmp"));
-        let text = serde_json::to_string_pretty(self).expect("plain data serializes");
-        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
-        file.write_all(text.as_bytes()).map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
-        drop(file);
-        std::fs::rename(&tmp, &path).map_err(write_err)?;
-        std::fs::File::open(state_dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(write_err)
+        crate::persist::save(state_dir, FILE_NAME, self)
     }
 
     pub fn get(&self, vip: &str, backend: IpAddr) -> Override {
@@ -178,6 +119,8 @@ mod tests {
                         health_port: None,
                     })
                     .collect(),
+                acl: Default::default(),
+                limits: None,
             }],
             ..Services::default()
         }

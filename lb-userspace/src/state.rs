@@ -10,17 +10,19 @@
 //!    re-hash. Backends that stay keep their id, so established flows keep their backend.
 
 use crate::{
+    acl::SourceEntry,
     dataplane::{Dataplane, DataplaneError, Sizes},
     maglev::MaglevBackend,
     model::{BackendSpec, Mac, Prefix, Services, VipAddr, VipSpec},
     scheduler::{self, Scheduler, SchedulerError},
 };
 use lb_common::{
-    AddrKey, Backend, LbConfig, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT,
-    CONFIG_HAS_PORT0_VIPS, FAMILY_IPV4, FAMILY_IPV6,
+    AddrKey, Backend, FloodState, LbConfig, VipKey, VipLimits, VipMeta, BACKEND_DOWN,
+    BACKEND_PRESENT, CONFIG_BLOCK_ALL_VIPS, CONFIG_HAS_PORT0_VIPS, FAMILY_IPV4, FAMILY_IPV6,
+    FILTER_BLOCKED, FILTER_LIMITS, SCOPE_ALL_VIPS,
 };
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
 };
 
@@ -77,6 +79,11 @@ pub struct Target {
     pub vips: BTreeMap<VipKey, TargetVip>,
     /// Backends left out because their next hop is unknown yet (retried later).
     pub unresolved: Vec<Unresolved>,
+    /// Blocklist entries: (VIP name, or `None` for every VIP; prefix). Runtime state, filled
+    /// in by the caller from [`crate::blocklist`]; entries of unknown VIPs are not written.
+    pub blocked: BTreeSet<(Option<String>, SourceEntry)>,
+    /// The flood defence's pin budget.
+    pub flood: FloodState,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +101,12 @@ pub struct TargetVip {
     pub affinity: u8,
     pub ring_size: u32,
     pub backends: BTreeMap<IpAddr, TargetBackend>,
+    /// `FILTER_*` bits from the VIP's config (the blocklist's bit is added by [`plan`]).
+    pub filter: u8,
+    /// ACL trie entries -> verdict.
+    pub acl: BTreeMap<SourceEntry, u8>,
+    /// Written while `filter` has `FILTER_LIMITS`.
+    pub limits: VipLimits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,6 +227,14 @@ pub fn target(
                 affinity: spec.affinity.code(),
                 ring_size: spec.ring_size,
                 backends,
+                filter: spec.acl.filter_flags()
+                    | if spec.limits.is_some() {
+                        FILTER_LIMITS
+                    } else {
+                        0
+                    },
+                acl: spec.acl.entries(),
+                limits: spec.limits.map(|l| l.vip_limits()).unwrap_or_default(),
             },
         );
     }
@@ -221,6 +242,8 @@ pub fn target(
         config,
         vips,
         unresolved,
+        blocked: BTreeSet::new(),
+        flood: settings.flood.state(),
     })
 }
 
@@ -255,6 +278,12 @@ pub struct Live {
     backend_ids: IdPool,
     /// Present backend entries that no VIP owns (found when adopting): cleared by [`plan`].
     orphans: Vec<u32>,
+    /// ACL entries of no VIP (found when adopting): removed by [`plan`].
+    orphan_acl: Vec<(u32, SourceEntry)>,
+    /// Blocklist entries: (scope, prefix).
+    blocked: BTreeSet<(u32, SourceEntry)>,
+    /// The pin budget's parameters (its running state zeroed).
+    flood: Option<FloodState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,6 +296,9 @@ pub struct LiveVip {
     /// The half `meta.ring_base` points to.
     active: usize,
     pub backends: BTreeMap<IpAddr, LiveBackend>,
+    acl: BTreeMap<SourceEntry, u8>,
+    /// What `VIP_LIMITS` holds for the VIP (meaningful while `meta.filter` has the bit).
+    limits: VipLimits,
 }
 
 impl LiveVip {
@@ -296,6 +328,9 @@ impl Live {
             vip_ids: IdPool::new(sizes.max_vips),
             backend_ids: IdPool::new(sizes.max_backends),
             orphans: Vec::new(),
+            orphan_acl: Vec::new(),
+            blocked: BTreeSet::new(),
+            flood: None,
         }
     }
 
@@ -327,6 +362,14 @@ impl Live {
                 .map(|slot| dataplane.ring_slot(slot))
                 .collect::<Result<_, _>>()?;
             let backends = by_vip.remove(&meta.vip_id).unwrap_or_default();
+            let limits = if meta.filter & FILTER_LIMITS != 0 {
+                VipLimits {
+                    total_tat_ns: 0,
+                    ..dataplane.vip_limits(meta.vip_id)?
+                }
+            } else {
+                VipLimits::default()
+            };
             live.vips.insert(
                 key,
                 LiveVip {
@@ -335,9 +378,29 @@ impl Live {
                     halves,
                     active,
                     backends,
+                    acl: BTreeMap::new(),
+                    limits,
                 },
             );
         }
+        for (key, verdict) in dataplane.acl()? {
+            let (scope, entry) = SourceEntry::from_key(&key);
+            match live.vips.values_mut().find(|v| v.meta.vip_id == scope) {
+                Some(vip) => {
+                    vip.acl.insert(entry, verdict);
+                }
+                None => live.orphan_acl.push((scope, entry)),
+            }
+        }
+        live.blocked = dataplane
+            .blocklist()?
+            .iter()
+            .map(|(key, _)| SourceEntry::from_key(key))
+            .collect();
+        live.flood = Some(FloodState {
+            tat_ns: 0,
+            ..dataplane.flood()?
+        });
         let used_vips: Vec<u32> = live.vips.values().map(|v| v.meta.vip_id).collect();
         live.vip_ids.free.retain(|id| !used_vips.contains(id));
         let used_backends: Vec<u32> = live
@@ -377,7 +440,15 @@ pub enum Change {
     SetBackend(u32, Backend),
     /// Ring slot writes `(slot, backend id)`, all inside a half no packet reads.
     WriteRing(Vec<(u32, u32)>),
+    /// ACL entry (VIP id, prefix) -> verdict; written before the VIP's flags use it.
+    SetAcl(u32, SourceEntry, u8),
+    SetLimits(u32, VipLimits),
     SetVip(VipKey, VipMeta),
+    /// Removed only once the VIP's flags no longer need it.
+    RemoveAcl(u32, SourceEntry),
+    AddBlock(u32, SourceEntry),
+    RemoveBlock(u32, SourceEntry),
+    SetFlood(FloodState),
 }
 
 /// The changes that turn `live` into `target`, and the live state after them. Pure.
@@ -387,13 +458,24 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
     let mut next = live.clone();
     let mut changes = Vec::new();
 
-    if next.config != Some(target.config) {
-        changes.push(Change::SetConfig(target.config));
-        next.config = Some(target.config);
+    let mut config = target.config;
+    if target.blocked.iter().any(|(vip, _)| vip.is_none()) {
+        config.flags |= CONFIG_BLOCK_ALL_VIPS;
+    }
+    if next.config != Some(config) {
+        changes.push(Change::SetConfig(config));
+        next.config = Some(config);
+    }
+    if next.flood != Some(target.flood) {
+        changes.push(Change::SetFlood(target.flood));
+        next.flood = Some(target.flood);
     }
 
     for id in std::mem::take(&mut next.orphans) {
         changes.push(Change::ClearBackend(id));
+    }
+    for (scope, entry) in std::mem::take(&mut next.orphan_acl) {
+        changes.push(Change::RemoveAcl(scope, entry));
     }
 
     let removed: Vec<VipKey> = live
@@ -405,6 +487,9 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
     for key in removed {
         let vip = next.vips.remove(&key).expect("listed above");
         changes.push(Change::RemoveVip(key));
+        for entry in vip.acl.keys() {
+            changes.push(Change::RemoveAcl(vip.meta.vip_id, *entry));
+        }
         for backend in vip.backends.values() {
             changes.push(Change::ClearBackend(backend.id));
             next.backend_ids.give_back(backend.id);
@@ -417,6 +502,10 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
     // over in the same plan.
     let mut freed = Vec::new();
     for (key, want) in &target.vips {
+        let blocked = target
+            .blocked
+            .iter()
+            .any(|(vip, _)| vip.as_ref() == Some(&want.name));
         plan_vip(
             &mut next,
             &mut changes,
@@ -424,12 +513,37 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
             key,
             want,
             target.config.hash_seed,
+            blocked,
         )?;
     }
     for id in freed {
         next.backend_ids.give_back(id);
     }
+    plan_blocklist(&mut next, &mut changes, target);
     Ok((changes, next))
+}
+
+/// Blocklist entries of known VIPs and of every VIP, added or removed. No order matters: a
+/// scope's flag without entries, or entries without the flag, block nothing.
+fn plan_blocklist(next: &mut Live, changes: &mut Vec<Change>, target: &Target) {
+    let want: BTreeSet<(u32, SourceEntry)> = target
+        .blocked
+        .iter()
+        .filter_map(|(vip, entry)| {
+            let scope = match vip {
+                None => SCOPE_ALL_VIPS,
+                Some(name) => next.vips.values().find(|v| &v.name == name)?.meta.vip_id,
+            };
+            Some((scope, *entry))
+        })
+        .collect();
+    for (scope, entry) in want.difference(&next.blocked) {
+        changes.push(Change::AddBlock(*scope, *entry));
+    }
+    for (scope, entry) in next.blocked.difference(&want) {
+        changes.push(Change::RemoveBlock(*scope, *entry));
+    }
+    next.blocked = want;
 }
 
 fn check_capacity(sizes: &Sizes, target: &Target) -> Result<(), StateError> {
@@ -467,6 +581,7 @@ fn plan_vip(
     key: &VipKey,
     want: &TargetVip,
     seed: u32,
+    blocked: bool,
 ) -> Result<(), StateError> {
     let sizes = next.sizes;
     let is_new = !next.vips.contains_key(key);
@@ -484,11 +599,13 @@ fn plan_vip(
                     mode: want.mode,
                     scheduler: want.scheduler.code(),
                     affinity: want.affinity,
-                    _pad: [0; 1],
+                    filter: 0,
                 },
                 halves: [Vec::new(), Vec::new()],
                 active: 0,
                 backends: BTreeMap::new(),
+                acl: BTreeMap::new(),
+                limits: VipLimits::default(),
             }
         }
     };
@@ -566,10 +683,21 @@ fn plan_vip(
             max: sizes.max_ring_size,
         });
     }
+    // Filter state the new flags rely on is in place before the flags.
+    for (entry, verdict) in &want.acl {
+        if vip.acl.get(entry) != Some(verdict) {
+            changes.push(Change::SetAcl(vip_id, *entry, *verdict));
+        }
+    }
+    if want.filter & FILTER_LIMITS != 0 && want.limits != vip.limits {
+        changes.push(Change::SetLimits(vip_id, want.limits));
+        vip.limits = want.limits;
+    }
     let mut meta = VipMeta {
         mode: want.mode,
         scheduler: want.scheduler.code(),
         affinity: want.affinity,
+        filter: want.filter | if blocked { FILTER_BLOCKED } else { 0 },
         ..vip.meta
     };
     if table.is_empty() {
@@ -601,6 +729,10 @@ fn plan_vip(
         changes.push(Change::SetVip(*key, meta));
         vip.meta = meta;
     }
+    for entry in vip.acl.keys().filter(|e| !want.acl.contains_key(e)) {
+        changes.push(Change::RemoveAcl(vip_id, *entry));
+    }
+    vip.acl = want.acl.clone();
 
     for addr in gone {
         let backend = vip.backends.remove(&addr).expect("listed above");
@@ -634,6 +766,14 @@ pub fn apply(dataplane: &mut Dataplane, changes: &[Change]) -> Result<(), Datapl
             Change::SetBackend(id, entry) => dataplane.set_backend(*id, entry)?,
             Change::WriteRing(writes) => dataplane.write_ring(writes)?,
             Change::SetVip(key, meta) => dataplane.set_vip(key, meta)?,
+            Change::SetAcl(scope, entry, verdict) => {
+                dataplane.set_acl(&entry.key(*scope), *verdict)?
+            }
+            Change::RemoveAcl(scope, entry) => dataplane.remove_acl(&entry.key(*scope))?,
+            Change::SetLimits(vip_id, limits) => dataplane.set_vip_limits(*vip_id, limits)?,
+            Change::AddBlock(scope, entry) => dataplane.add_block(&entry.key(*scope))?,
+            Change::RemoveBlock(scope, entry) => dataplane.remove_block(&entry.key(*scope))?,
+            Change::SetFlood(state) => dataplane.set_flood(state)?,
         }
     }
     Ok(())
@@ -692,6 +832,8 @@ mod tests {
                     health_port: None,
                 })
                 .collect(),
+            acl: Default::default(),
+            limits: None,
         }
     }
 
@@ -726,6 +868,12 @@ mod tests {
                 Change::SetBackend(..) => "set-backend",
                 Change::WriteRing(_) => "ring",
                 Change::SetVip(..) => "set-vip",
+                Change::SetAcl(..) => "set-acl",
+                Change::RemoveAcl(..) => "remove-acl",
+                Change::SetLimits(..) => "set-limits",
+                Change::AddBlock(..) => "add-block",
+                Change::RemoveBlock(..) => "remove-block",
+                Change::SetFlood(_) => "flood",
             })
             .collect()
     }
@@ -747,6 +895,74 @@ mod tests {
     }
 
     #[test]
+    fn acl_entries_are_written_before_the_flags_use_them_and_removed_after() {
+        use crate::acl::AclSpec;
+        use lb_common::{FILTER_ACL, FILTER_ALLOW_LIST};
+        let mut web = vip("web", 10, &[(1, 100)]);
+        web.acl = AclSpec {
+            allow: Some(vec!["10.0.0.0/8".parse().unwrap()]),
+            deny: vec!["10.9.0.0/16".parse().unwrap()],
+        };
+        let (changes, live) = plan_for(&Live::empty(SIZES), &services(vec![web.clone()]));
+        let k = kinds(&changes);
+        let set_acls = k.iter().filter(|c| **c == "set-acl").count();
+        assert_eq!(set_acls, 2, "{k:?}");
+        let last_acl = k.iter().rposition(|c| *c == "set-acl").unwrap();
+        assert!(last_acl < k.iter().position(|c| *c == "set-vip").unwrap());
+        assert_eq!(set_vip(&changes).filter, FILTER_ACL | FILTER_ALLOW_LIST);
+
+        let (again, _) = plan_for(&live, &services(vec![web.clone()]));
+        assert!(again.is_empty(), "unchanged ACL, no writes: {again:?}");
+
+        web.acl = AclSpec::default();
+        let (changes, _) = plan_for(&live, &services(vec![web]));
+        assert_eq!(kinds(&changes), ["set-vip", "remove-acl", "remove-acl"]);
+        assert_eq!(set_vip(&changes).filter, 0);
+    }
+
+    #[test]
+    fn blocklist_entries_go_to_their_vip_or_to_every_vip() {
+        use lb_common::{CONFIG_BLOCK_ALL_VIPS, FILTER_BLOCKED};
+        let web = services(vec![vip("web", 10, &[(1, 100)])]);
+        let (_, live) = plan_for(&Live::empty(SIZES), &web);
+        let mut want = target(&web, |_, _| BackendStatus::default(), &Macs).unwrap();
+        let entry = SourceEntry::of(&"198.51.100.0/24".parse().unwrap());
+        want.blocked = [
+            (Some("web".to_string()), entry),
+            (None, entry),
+            (Some("not-configured".to_string()), entry),
+        ]
+        .into();
+        let (changes, next) = plan(&live, &want).unwrap();
+        let vip_id = set_vip(&changes).vip_id;
+        assert_eq!(
+            changes,
+            [
+                Change::SetConfig(LbConfig {
+                    flags: CONFIG_BLOCK_ALL_VIPS,
+                    ..want.config
+                }),
+                Change::SetVip(
+                    *want.vips.keys().next().unwrap(),
+                    VipMeta {
+                        filter: FILTER_BLOCKED,
+                        ..set_vip(&changes)
+                    }
+                ),
+                Change::AddBlock(vip_id, entry),
+                Change::AddBlock(SCOPE_ALL_VIPS, entry),
+            ]
+        );
+        want.blocked.clear();
+        let (changes, _) = plan(&next, &want).unwrap();
+        assert_eq!(
+            kinds(&changes),
+            ["config", "set-vip", "remove-block", "remove-block"]
+        );
+        assert_eq!(set_vip(&changes).filter, 0);
+    }
+
+    #[test]
     fn a_new_vip_writes_backends_then_ring_then_vip() {
         let (changes, live) = plan_for(
             &Live::empty(SIZES),
@@ -756,6 +972,7 @@ mod tests {
             kinds(&changes),
             [
                 "config",
+                "flood",
                 "clear-vip-counters",
                 "clear-backend",
                 "set-backend",

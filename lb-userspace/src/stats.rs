@@ -25,6 +25,46 @@ pub struct Sample {
     pub global: Vec<u64>,
     pub vips: Vec<VipSample>,
     pub flow_table_entries: u64,
+    pub protection: Protection,
+}
+
+/// Edge-protection state that is not per VIP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protection {
+    /// Entries of the runtime blocklist (applied or not).
+    pub blocklist_entries: u64,
+    /// Flows in the flood defence's pinned table (at the last scan).
+    pub pinned_flows: u64,
+}
+
+/// A VIP's packets dropped by the filter stage, by reason (kernel totals).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drops {
+    pub source_denied: u64,
+    pub blocked: u64,
+    /// Over `new_flows_per_source` or `new_flows_total`.
+    pub rate_limited: u64,
+}
+
+impl From<lb_common::VipDrops> for Drops {
+    fn from(d: lb_common::VipDrops) -> Self {
+        Self {
+            source_denied: d.source_denied,
+            blocked: d.blocked,
+            rate_limited: d.rate_limited_source + d.rate_limited_total,
+        }
+    }
+}
+
+impl Drops {
+    /// (reason label, count), the `reason` values of `xdplb_vip_dropped_packets_total`.
+    pub fn by_reason(&self) -> [(&'static str, u64); 3] {
+        [
+            ("source_denied", self.source_denied),
+            ("blocked", self.blocked),
+            ("rate_limited", self.rate_limited),
+        ]
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +76,7 @@ pub struct VipSample {
     /// "maglev", "round-robin" or "least-conn".
     pub scheduler: String,
     pub counters: TrafficCounters,
+    pub drops: Drops,
     pub backends: Vec<BackendSample>,
 }
 
@@ -92,6 +133,8 @@ pub struct Snapshot {
     /// snapshot was served (`None`: no scan yet). Scans are paced on large tables.
     #[serde(default)]
     pub active_flows_age_s: Option<f64>,
+    #[serde(default)]
+    pub protection: Protection,
     /// Global counters in [`lb_common::counters::ALL`] order.
     pub global: Vec<GlobalStat>,
     pub vips: Vec<VipStats>,
@@ -114,6 +157,9 @@ pub struct VipStats {
     pub active_flows: u64,
     pub totals: Totals,
     pub rates: Rates,
+    /// Filter drops by reason (also counted in `totals.not_forwarded`).
+    #[serde(default)]
+    pub drops: Drops,
     pub backends: Vec<BackendStats>,
 }
 
@@ -321,6 +367,7 @@ impl Stats {
                     active_flows: backend_stats.iter().map(|b| b.active_flows).sum(),
                     totals,
                     rates,
+                    drops: vip.drops,
                     backends: backend_stats,
                 }
             })
@@ -332,6 +379,7 @@ impl Stats {
             interval_s,
             flow_table_entries: sample.flow_table_entries,
             active_flows_age_s: None,
+            protection: sample.protection,
             global,
             vips: vip_stats,
         };
@@ -442,6 +490,16 @@ pub fn render_table(snapshot: &Snapshot) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
+    for vip in snapshot.vips.iter().filter(|v| v.drops != Drops::default()) {
+        let reasons: Vec<String> = vip
+            .drops
+            .by_reason()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(reason, n)| format!("{} {reason}", human(*n as f64)))
+            .collect();
+        let _ = writeln!(out, "{} filtered: {}", vip.name, reasons.join(", "));
+    }
     let dropped: u64 = snapshot.vips.iter().map(|v| v.totals.not_forwarded).sum();
     let age = scan_age(snapshot.active_flows_age_s);
     let _ = writeln!(
@@ -549,9 +607,11 @@ mod tests {
                 address: "192.0.2.10:80/tcp".into(),
                 scheduler: "maglev".into(),
                 counters: vip,
+                drops: Drops::default(),
                 backends: vec![backend("10.0.0.1", backend_counters)],
             }],
             flow_table_entries: 0,
+            protection: Protection::default(),
         }
     }
 
@@ -733,6 +793,7 @@ mod tests {
             interval_s: 1.0,
             flow_table_entries: 1523,
             active_flows_age_s: Some(0.5),
+            protection: Protection::default(),
             global: vec![],
             vips: vec![
                 VipStats {
@@ -742,6 +803,11 @@ mod tests {
                     active_flows: 1500,
                     totals: totals(123_456_789, 98_765_432_100, 54_321, 12),
                     rates: rates(12_345.0, 9_876_543.0, 120.5),
+                    drops: Drops {
+                        source_denied: 12,
+                        blocked: 0,
+                        rate_limited: 1_500,
+                    },
                     backends: vec![
                         BackendStats {
                             address: "10.0.0.1".into(),
@@ -791,6 +857,7 @@ mod tests {
                     active_flows: 7,
                     totals: totals(999, 64_000, 7, 0),
                     rates: rates(0.5, 32.0, 0.5),
+                    drops: Drops::default(),
                     backends: vec![BackendStats {
                         address: "2001:db8::1:53".into(),
                         weight: 1,
@@ -820,6 +887,7 @@ web 192.0.2.10:80/tcp                            1500  12.3k    9.9MB  120.5   1
   -> 10.0.0.3              down          0/50       0      0       0B      0        0      0B
 dns [2001:db8::53]:53/udp                           7    0.5      32B    0.5      999  64.0kB
   -> 2001:db8::1:53        unknown          1       7    0.5      32B    0.5      999  64.0kB
+web filtered: 12 source_denied, 1.5k rate_limited
 flow table: 1523 entries; not forwarded: 12 packets; rates over 1.0 s
 ";
         assert_eq!(table, expected, "\n{table}");

@@ -8,11 +8,15 @@ use crate::packet::hex_diff;
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::counters;
 use lb_userspace::{
+    acl::SourceEntry,
     dataplane::{Dataplane, Role, Sizes},
     model::{BackendSpec, Mac, Services, VipSpec},
     state::{self, BackendStatus, Live, NextHop, Resolve},
 };
-use std::{collections::BTreeMap, fmt};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 /// The LB's own MAC in fixtures (source of every forwarded frame).
 pub const LB_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -100,6 +104,8 @@ pub struct Harness {
     pub dataplane: Dataplane,
     live: Live,
     pub status: BTreeMap<(String, std::net::IpAddr), BackendStatus>,
+    /// Blocklist entries (VIP name or every VIP, prefix) the next apply writes.
+    pub blocked: BTreeSet<(Option<String>, SourceEntry)>,
 }
 
 impl Harness {
@@ -110,6 +116,7 @@ impl Harness {
             dataplane,
             live: Live::empty(FIXTURE_SIZES),
             status: BTreeMap::new(),
+            blocked: BTreeSet::new(),
         }
     }
 
@@ -126,7 +133,8 @@ impl Harness {
                 .copied()
                 .unwrap_or_default()
         };
-        let target = state::target(services, status, resolver).expect("target");
+        let mut target = state::target(services, status, resolver).expect("target");
+        target.blocked = self.blocked.clone();
         let (changes, next) = state::plan(&self.live, &target).expect("plan");
         state::apply(&mut self.dataplane, &changes).expect("apply");
         self.live = next;
@@ -261,5 +269,7 @@ pub fn vip_spec(
                 health_port: None,
             })
             .collect(),
+        acl: Default::default(),
+        limits: None,
     }
 }

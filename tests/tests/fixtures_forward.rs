@@ -284,11 +284,11 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() {
     );
     lb.check_all(&[
         Fixture {
-            description: "same flow's ACK after the ring changed: still A",
+            description: "same flow's ACK after the ring changed: still A (and pinned)",
             input: from_client(&ack),
             action: Action::Tx,
             output: Some(framed(LB_MAC, mac(0x11), &ack.build())),
-            counters: &[(FLOW_HIT, 1)],
+            counters: &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
         },
         Fixture {
             description: "a new flow goes to B",

@@ -2,7 +2,7 @@
 //! headers, IPv4 options, VLAN tags and Ethernet padding under `ipip`, backends going down or
 //! drained, flow-table contents, weighted spread and determinism across instances.
 
-use lb_common::{counters::*, AddrKey, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_SYN_SEEN};
+use lb_common::{counters::*, AddrKey, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_PINNED, FLOW_SYN_SEEN};
 use lb_userspace::{
     dataplane::Role,
     model::{Forwarding, Protocol, Services},
@@ -545,18 +545,18 @@ fn udp_flow_leaves_a_down_backend_tcp_flow_stays() {
             counters: &[(FLOW_REHASH, 1)],
         },
         Fixture {
-            description: "the same UDP flow again: stays on B",
+            description: "the same UDP flow again: stays on B (and pinned)",
             input: from_client(&query),
             action: Action::Tx,
             output: Some(framed(LB_MAC, mac(0x32), &query.build())),
-            counters: &[(FLOW_HIT, 1)],
+            counters: &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
         },
         Fixture {
-            description: "established TCP flow whose backend is down: stays on A",
+            description: "established TCP flow whose backend is down: stays on A (and pinned)",
             input: from_client(&ack),
             action: Action::Tx,
             output: Some(framed(LB_MAC, mac(0x33), &ack.build())),
-            counters: &[(FLOW_HIT, 1)],
+            counters: &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
         },
         Fixture {
             description: "new TCP flow the ring used to give A: B",
@@ -623,8 +623,8 @@ fn reopened_connection_goes_to_the_ring_not_the_drained_backend() {
         to(
             mac(0x33),
             TCP_SYN,
-            "SYN retransmitted, connection not ended: still A",
-            &[(FLOW_HIT, 1)],
+            "SYN retransmitted, connection not ended: still A (second packet: pinned)",
+            &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
         ),
         to(mac(0x33), TCP_FIN | TCP_ACK, "FIN: A", &[(FLOW_HIT, 1)]),
         to(mac(0x33), TCP_RST, "RST: A", &[(FLOW_HIT, 1)]),
@@ -634,14 +634,19 @@ fn reopened_connection_goes_to_the_ring_not_the_drained_backend() {
             "new SYN on the ended connection's tuple: the ring's choice, B",
             &[(FLOW_REHASH, 1)],
         ),
-        to(mac(0x34), TCP_ACK, "its ACK: B", &[(FLOW_HIT, 1)]),
+        to(
+            mac(0x34),
+            TCP_ACK,
+            "its ACK: B (pinned again, with B)",
+            &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
+        ),
     ]);
     let key = flow_key(IpAddr::V4(CLIENT4), IpAddr::V4(WEB4), sport, 80, 6);
     let entry = lb.dataplane.flow(&key).unwrap().expect("flow entry");
     assert_eq!(entry.backend_id, backend_id(&lb, "web", web_b));
     assert_eq!(
         entry.state,
-        FLOW_SYN_SEEN | FLOW_ACK_SEEN,
+        FLOW_SYN_SEEN | FLOW_ACK_SEEN | FLOW_PINNED,
         "state restarts with the new connection: its SYN and ACK, no FIN or RST"
     );
 }
@@ -659,7 +664,11 @@ fn flow_entry_records_state_backend_and_times() {
     let fin = from_client(&tcp4(WEB4, 45501, 80, TCP_FIN | TCP_ACK));
     assert_eq!(lb.run(&fin).action, Action::Tx as u32);
     let entry = lb.dataplane.flow(&key).unwrap().expect("entry after FIN");
-    assert_eq!(entry.state, FLOW_SYN_SEEN | FLOW_ACK_SEEN | FLOW_FIN_SEEN);
+    assert_eq!(
+        entry.state,
+        FLOW_SYN_SEEN | FLOW_ACK_SEEN | FLOW_FIN_SEEN | FLOW_PINNED,
+        "its second packet pinned it"
+    );
     assert_eq!(entry.backend_id, backend_id(&lb, "web4", v4(10, 1, 0, 11)));
     assert_eq!(entry.created, after_syn.created, "created is kept");
     assert!(entry.created > 0, "seconds of CLOCK_MONOTONIC");

@@ -238,6 +238,9 @@ pub async fn run(options: Options) -> Result<()> {
                 if let Err(e) = resolve_then_apply(&shared, Daemon::refresh_slice).await {
                     error!("refreshing next hops: {e:#}");
                 }
+                if let Err(e) = shared.lock().expire_blocks() {
+                    error!("expiring blocklist entries: {e:#}");
+                }
             }
             _ = stats_tick.tick() => {
                 if let Err(e) = shared.lock().sample() {

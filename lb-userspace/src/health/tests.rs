@@ -183,6 +183,8 @@ fn vip(name: &str, port: u16, health: HealthSpec, backends: Vec<BackendSpec>) ->
         ring_size: 251,
         health,
         backends,
+        acl: Default::default(),
+        limits: None,
     }
 }
 

@@ -5,6 +5,8 @@
 //! * `NAME` -> `<name>\n`, then close.
 //! * `STREAM <bytes> <bytes per second>` -> `<name>\n` then exactly `<bytes>` bytes, then close.
 //! * `SINK <bytes>` then up to `<bytes>` bytes -> `<name> <bytes read>\n` (an upload).
+//! * `ECHO` -> `<name>\n`, then every line back, until the client closes or is silent for
+//!   2 minutes: a connection that can stay idle (no packet toward the VIP) and be probed later.
 //! * HTTP `GET /` -> `<name>\n`; `GET /bytes/<bytes>/<bytes per second>` -> that many bytes
 //!   (paced); any other path (e.g. `/healthz`) -> `<name>\n`. The status is 200, or the number
 //!   in the status file when one is given and exists (so a test can make health checks fail
@@ -56,13 +58,28 @@ fn http_status(status_file: Option<&str>) -> u16 {
         .unwrap_or(200)
 }
 
-/// Answers one request on `stream` (plain TCP or TLS).
-fn serve(stream: impl Read + Write, name: &str, status_file: Option<&str>) -> std::io::Result<()> {
+/// Answers one request on `stream` (plain TCP or TLS over `socket`, whose timeouts a request
+/// may change).
+fn serve(
+    stream: impl Read + Write,
+    socket: &TcpStream,
+    name: &str,
+    status_file: Option<&str>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let words: Vec<&str> = line.split_whitespace().collect();
     match words[..] {
+        ["ECHO"] => {
+            writeln!(reader.get_mut(), "{name}")?;
+            socket.set_read_timeout(Some(Duration::from_secs(120)))?;
+            line.clear();
+            while reader.read_line(&mut line)? > 0 {
+                reader.get_mut().write_all(line.as_bytes())?;
+                line.clear();
+            }
+        }
         ["STREAM", bytes, rate] => {
             let out = reader.get_mut();
             writeln!(out, "{name}")?;
@@ -118,13 +135,14 @@ fn handle(
         return Ok(());
     }
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let socket = stream.try_clone()?;
     match tls {
-        None => serve(stream, name, status_file),
+        None => serve(stream, &socket, name, status_file),
         Some(config) => {
             let connection =
                 ServerConnection::new(config.clone()).map_err(std::io::Error::other)?;
             let mut tls = StreamOwned::new(connection, stream);
-            serve(&mut tls, name, status_file)?;
+            serve(&mut tls, &socket, name, status_file)?;
             tls.conn.send_close_notify();
             tls.flush()
         }

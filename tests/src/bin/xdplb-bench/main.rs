@@ -2,8 +2,9 @@
 //! a table saying what each figure measures, and writes `bench/results.json` and
 //! `bench/results.svg`.
 //!
-//! Sections (all by default; `--only micro,sched,pps,tcp,control` picks some):
-//! * `micro`: per-packet cost through `BPF_PROG_TEST_RUN` next to a trivial XDP_TX program.
+//! Sections (all by default; `--only micro,sched,pps,tcp,control,reload` picks some):
+//! * `micro`: per-packet cost through `BPF_PROG_TEST_RUN` next to a trivial XDP_TX program;
+//!   and what edge protection costs: 10,000 ACL prefixes, new-flow limits, a spoofed flood.
 //! * `sched`: the new-flow path of round-robin and least-conn VIPs next to Maglev's.
 //! * `pps`: packet rate through the LB attached natively on veth in namespaces, from an XDP
 //!   live-frames generator, next to the trivial program and an nftables DNAT balancer.
@@ -17,6 +18,7 @@
 
 mod control;
 mod micro;
+mod micro_protection;
 mod pps;
 mod progs;
 mod report;
@@ -77,6 +79,7 @@ fn run() -> Result<()> {
     let wants = |s: &str| only.iter().any(|o| o == s);
     if wants("micro") {
         micro::run(&mut report)?;
+        micro_protection::run(&mut report)?;
     }
     if wants("sched") {
         sched::run(&mut report)?;

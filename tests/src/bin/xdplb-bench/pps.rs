@@ -381,11 +381,17 @@ struct Measured {
     trivial: Runs,
     hit: Runs,
     new: Runs,
+    /// Fresh 5-tuples with ACK set: the spoofed-flood pattern that also looks in the pinned
+    /// table (a SYN skips it).
+    flood: Runs,
     nft_hit: Runs,
     nft_new: Runs,
     /// xdplb's global counters moved over all its windows.
     moved: Vec<u64>,
     flows_at_end: usize,
+    /// Flows in the flood defence's pinned table at the end (the hit flow, pinned on its
+    /// second packet, must still be there after every flood window).
+    pinned_at_end: usize,
 }
 
 fn measure_all(lab: &mut Lab) -> Result<Measured> {
@@ -408,27 +414,35 @@ fn measure_all(lab: &mut Lab) -> Result<Measured> {
         trivial: Runs::default(),
         hit: Runs::default(),
         new: Runs::default(),
+        flood: Runs::default(),
         nft_hit: Runs::default(),
         nft_new: Runs::default(),
         moved: Vec::new(),
         flows_at_end: 0,
+        pinned_at_end: 0,
     };
     for round in 0..ROUNDS {
         println!("  round {}/{ROUNDS}", round + 1);
         let trivial = progs::program(&mut trivial_obj, "bench_tx")?;
         m.trivial
             .push(attached(lab, trivial, |lab| lab.blast(TCP_ACK, false))?);
-        let (hit, new) = attached(lab, dataplane.program(), |lab| {
-            Ok((lab.blast(TCP_ACK, false)?, lab.blast(TCP_SYN, true)?))
+        let (hit, new, flood) = attached(lab, dataplane.program(), |lab| {
+            Ok((
+                lab.blast(TCP_ACK, false)?,
+                lab.blast(TCP_SYN, true)?,
+                lab.blast(TCP_ACK, true)?,
+            ))
         })?;
         m.hit.push(hit);
         m.new.push(new);
+        m.flood.push(flood);
         m.nft_hit.push(lab.blast(TCP_ACK, false)?);
         m.nft_new.push(lab.blast(TCP_SYN, true)?);
     }
     let after = dataplane.global_counters()?;
     m.moved = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     m.flows_at_end = dataplane.flows()?.len();
+    m.pinned_at_end = dataplane.pinned()?.len();
     Ok(m)
 }
 
@@ -438,7 +452,11 @@ fn check(m: &Measured) -> Result<()> {
         t[0] > 0 && t[1..].iter().all(|n| *n < t[0] / 1000),
         "the trivial program's frames must come back to the generator only: {t:?}"
     );
-    for (runs, what) in [(&m.hit, "flow hits"), (&m.new, "new flows")] {
+    for (runs, what) in [
+        (&m.hit, "flow hits"),
+        (&m.new, "new flows"),
+        (&m.flood, "ACK flood"),
+    ] {
         let r = runs.totals();
         ensure!(
             r[0] < runs.delivered() / 1000 && runs.delivered() > 0,
@@ -447,10 +465,14 @@ fn check(m: &Measured) -> Result<()> {
     }
     // The LB sent (XDP_TX) at least what the backends counted.
     let tx = m.moved[counters::ACTION_TX as usize];
-    let delivered = m.hit.delivered() + m.new.delivered();
+    let delivered = m.hit.delivered() + m.new.delivered() + m.flood.delivered();
     ensure!(
         tx >= delivered,
         "backends counted {delivered} frames but xdplb sent only {tx}"
+    );
+    ensure!(
+        m.pinned_at_end >= 1,
+        "the pinned flow of the hit windows is gone after the floods"
     );
     let new = m.new.totals();
     ensure!(
@@ -482,6 +504,10 @@ pub fn run(report: &mut Report) -> Result<()> {
         ),
         (&m.hit, "xdplb, flow hits (one 5-tuple)"),
         (&m.new, "xdplb, new flows (fresh 5-tuple per packet)"),
+        (
+            &m.flood,
+            "xdplb, ACK flood (fresh 5-tuple per packet, ACK set)",
+        ),
         (&m.nft_hit, "nftables DNAT, one 5-tuple"),
         (&m.nft_new, "nftables DNAT, new flows"),
     ] {
@@ -500,10 +526,12 @@ pub fn run(report: &mut Report) -> Result<()> {
         trivial,
         hit,
         new,
+        flood,
         nft_hit,
         nft_new,
         moved,
         flows_at_end,
+        pinned_at_end,
     } = m;
 
     let section = report.section("Packet rate (native XDP on veth, namespaces)");
@@ -550,6 +578,18 @@ pub fn run(report: &mut Report) -> Result<()> {
             &format!("xdplb/nftables = {new_vs_nft:.2}x, >= 3x"),
             new_vs_nft >= 3.0,
         ),
+    );
+    section.push(
+        Figure::new(
+            "pps.xdplb_flood",
+            "xdplb dsr, spoofed ACK flood",
+            flood.mpps(),
+            "Mpps",
+            &measures(&format!(
+                "a fresh 5-tuple with ACK set every packet: miss, pinned-table lookup, LRU insert; the pinned flow of the hit windows survived ({pinned_at_end} pinned at the end)"
+            )),
+        )
+        .ratio(flood.mpps() / trivial.mpps(), "trivial"),
     );
     section.push(Figure::new(
         "pps.nft_hit",
@@ -626,6 +666,7 @@ pub fn run(report: &mut Report) -> Result<()> {
             "frame_bytes": 64,
             "runs": [
                 trivial.json("trivial"), hit.json("xdplb_hit"), new.json("xdplb_new"),
+                flood.json("xdplb_flood"),
                 nft_hit.json("nft_hit"), nft_new.json("nft_new"),
             ],
             "xdplb_flow_entries_at_end": flows_at_end,
