@@ -89,7 +89,10 @@ fn to_backend(
 }
 
 const NEW: &[(u32, u64)] = &[(FLOW_MISS, 1)];
-const HIT: &[(u32, u64)] = &[(FLOW_HIT, 1)];
+/// A flow's first hit (its second packet) also pins it (the flood defence).
+const HIT: &[(u32, u64)] = &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)];
+/// Later hits of a pinned flow.
+const PINNED_HIT: &[(u32, u64)] = &[(FLOW_HIT, 1)];
 
 #[test]
 fn round_robin_takes_backends_in_weighted_turn() {
@@ -253,7 +256,7 @@ fn least_conn_picks_the_least_loaded_and_counts_on_the_packet_path() {
             43001,
             TCP_FIN | TCP_ACK,
             0x21,
-            HIT,
+            PINNED_HIT,
         ),
         to_backend(
             "least-conn: a retransmitted FIN gives nothing more",
@@ -261,7 +264,7 @@ fn least_conn_picks_the_least_loaded_and_counts_on_the_packet_path() {
             43001,
             TCP_FIN | TCP_ACK,
             0x21,
-            HIT,
+            PINNED_HIT,
         ),
         to_backend(
             "least-conn: the client's RST gives the count back",

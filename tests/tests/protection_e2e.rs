@@ -498,12 +498,13 @@ fn a_spoofed_flood_does_not_break_idle_connections_of_a_drained_backend() {
         "new clients go to the backend in service"
     );
 
-    // The flood evicted the idle flows from the LRU flow table...
+    // The flood evicted idle flows from the LRU flow table (the kernel's LRU may spare a few
+    // on a loaded machine: one evicted flow is enough to show the restore)...
     let b0 = backend4(0).to_string();
-    assert_eq!(
-        flows_on(&daemon, &b0),
-        0,
-        "the flood did not evict the idle flows of b0 from the flow table: make it larger"
+    let evicted = 5 - flows_on(&daemon, &b0);
+    assert!(
+        evicted >= 1,
+        "the flood evicted none of b0's idle flows from the flow table: make it larger"
     );
     lab.client
         .ns
@@ -517,7 +518,7 @@ fn a_spoofed_flood_does_not_break_idle_connections_of_a_drained_backend() {
     assert_eq!(flows_on(&daemon, &b0), 5, "the idle flows are back on b0");
     assert!(served(&lab, CLIENT_A, web()), "new clients after the flood");
     eprintln!(
-        "flood: {sent} packets sent; {} new clients served during it, all by b1; the 5 idle flows of the drained b0 evicted, restored, echoing",
+        "flood: {sent} packets sent; {} new clients served during it, all by b1; {evicted} of the 5 idle flows of the drained b0 evicted, all restored, echoing",
         new_clients.len()
     );
 }
