@@ -37,7 +37,7 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.

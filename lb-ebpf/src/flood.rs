@@ -11,7 +11,9 @@ use crate::{
     parse::Packet,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{counters as idx, gcra, FlowKey, FlowValue, FLOW_PINNED};
+use lb_common::{
+    counters as idx, gcra, FlowKey, FlowValue, FLOW_FIN_SEEN, FLOW_PINNED, FLOW_RST_SEEN,
+};
 
 /// Pins a flow seen for the second time (or later, after a deferred pin), within the budget.
 #[inline(always)]
@@ -30,14 +32,15 @@ pub fn pin(key: &FlowKey, flow: &mut FlowValue) {
         budget.pin_tolerance_ns,
     ) else {
         counters::global(idx::FLOOD_PIN_DEFERRED);
+        // A copy left by an earlier connection on this tuple (evicted before it closed) must
+        // not outlive this one: overwriting an existing entry takes no room, so no budget.
+        if PINNED.insert(key, &pinned_copy(flow), BPF_EXIST).is_ok() {
+            flow.state |= FLOW_PINNED;
+        }
         return;
     };
     budget.tat_ns = tat;
-    let pinned = FlowValue {
-        state: flow.state | FLOW_PINNED,
-        ..*flow
-    };
-    if PINNED.insert(key, &pinned, 0).is_err() {
+    if PINNED.insert(key, &pinned_copy(flow), 0).is_err() {
         // Full: the budget spent on it bounds how often this is tried.
         counters::global(idx::FLOOD_PIN_FAILED);
         return;
@@ -46,10 +49,33 @@ pub fn pin(key: &FlowKey, flow: &mut FlowValue) {
     counters::global(idx::FLOOD_PINNED);
 }
 
+/// `BPF_EXIST`: update an existing entry only.
+const BPF_EXIST: u64 = 2;
+
+#[inline(always)]
+fn pinned_copy(flow: &FlowValue) -> FlowValue {
+    FlowValue {
+        state: flow.state | FLOW_PINNED,
+        ..*flow
+    }
+}
+
+/// A pinned flow's backend or state bits changed (a re-pick, FIN, RST, least-conn's count):
+/// the copy follows, so a restore never brings back an old backend or an old count. Updating
+/// an existing entry takes no budget. A copy the daemon expired meanwhile is gone: the flow
+/// is pinned again by its next packet.
+#[inline(always)]
+pub fn sync(key: &FlowKey, flow: &mut FlowValue) {
+    if PINNED.insert(key, &*flow, BPF_EXIST).is_err() {
+        flow.state &= !FLOW_PINNED;
+    }
+}
+
 /// A flow missing from `FLOWS` (evicted) but pinned: puts it back and returns its entry. A
 /// SYN starts a connection, so it has no established flow to restore: SYNs, and SYN floods,
 /// skip the lookup (a retransmitted SYN of an evicted pinned flow is re-hashed, and pinned
-/// again by its next packet).
+/// again by its next packet). Nor is a connection that ended (FIN or RST seen) restored: the
+/// daemon expires such copies soon, and a new connection on the tuple must not inherit it.
 #[inline(always)]
 pub fn restore(pkt: &Packet) -> Option<*mut FlowValue> {
     if pkt.is_tcp_syn_only() {
@@ -58,6 +84,9 @@ pub fn restore(pkt: &Packet) -> Option<*mut FlowValue> {
     let key = &pkt.key;
     // SAFETY: hash value copied out at once.
     let pinned: FlowValue = *unsafe { PINNED.get(key) }?;
+    if pinned.state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0 {
+        return None;
+    }
     FLOWS.insert(key, &pinned, 0).ok()?;
     counters::global(idx::FLOOD_RESTORED);
     FLOWS.get_ptr_mut(key)

@@ -154,6 +154,7 @@ pub fn choose_backend(
                     backend.flags & BACKEND_DOWN != 0 && (key.proto == PROTO_UDP || syn);
                 if !leave_down {
                     crate::counters::global(counters::FLOW_HIT);
+                    let before = flow.state;
                     if flow.last_seen != now || flow.state | state != flow.state {
                         flow.last_seen = now;
                         flow.state |= state;
@@ -161,6 +162,8 @@ pub fn choose_backend(
                     crate::schedule::established(vip, flow);
                     if flow.state & FLOW_PINNED == 0 {
                         crate::flood::pin(key, flow);
+                    } else if flow.state != before {
+                        crate::flood::sync(key, flow);
                     }
                     return Ok(Choice {
                         backend_id: flow.backend_id,
@@ -177,10 +180,14 @@ pub fn choose_backend(
         let (backend_id, backend) =
             crate::schedule::pick(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
         crate::schedule::close(flow.state, flow.backend_id);
+        let pinned = flow.state & FLOW_PINNED;
         flow.backend_id = backend_id;
         flow.created = now;
         flow.last_seen = now;
-        flow.state = state | crate::schedule::open(vip, backend_id);
+        flow.state = state | pinned | crate::schedule::open(vip, backend_id, state);
+        if pinned != 0 {
+            crate::flood::sync(key, flow);
+        }
         return Ok(Choice {
             backend_id,
             backend,
@@ -195,7 +202,7 @@ pub fn choose_backend(
         backend_id,
         created: now,
         last_seen: now,
-        state: state | crate::schedule::open(vip, backend_id),
+        state: state | crate::schedule::open(vip, backend_id, state),
         _pad: [0; 3],
     };
     if FLOWS.insert(key, &value, 0).is_err() {

@@ -117,11 +117,13 @@ fn add(backend_id: u32, delta: u64) {
     }
 }
 
-/// A flow of `vip` starts on `backend_id`: counts it when the VIP is least-conn. Returns the
-/// state bit to store with the flow.
+/// A flow of `vip` starts on `backend_id` with `state`: counts it when the VIP is least-conn
+/// and the first packet does not already close it (a FIN or RST on a fresh tuple, as a
+/// spoofed flood sends, would hold a count nothing gives back). Returns the state bit to
+/// store with the flow.
 #[inline(always)]
-pub fn open(vip: &VipMeta, backend_id: u32) -> u8 {
-    if vip.scheduler != SCHED_LEAST_CONN {
+pub fn open(vip: &VipMeta, backend_id: u32, state: u8) -> u8 {
+    if vip.scheduler != SCHED_LEAST_CONN || state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0 {
         return 0;
     }
     add(backend_id, 1);
@@ -149,6 +151,6 @@ pub fn established(vip: &VipMeta, flow: &mut FlowValue) {
             close(FLOW_COUNTED, flow.backend_id);
         }
     } else if vip.scheduler == SCHED_LEAST_CONN && !closed {
-        flow.state |= open(vip, flow.backend_id);
+        flow.state |= open(vip, flow.backend_id, flow.state);
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     blocklist::{self, Blocklist},
     config::Config,
     dataplane::{Adoption, Dataplane, Role},
-    flood::PinnedScan,
+    flood::{self, PinnedScan},
     flowscan::FlowScan,
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
     links, metrics,
@@ -580,15 +580,20 @@ impl Daemon {
     fn sample(&mut self) -> Result<()> {
         let dataplane = &self.dataplane;
         let idle_timeout = self.config.daemon.flow_idle_timeout;
-        let scanned = self
-            .flow_scan
-            .scan_if_due(|| Ok(dataplane.flows()?), idle_timeout)?;
+        let mut pinned = Vec::new();
+        let scanned = self.flow_scan.scan_if_due(
+            || {
+                pinned = dataplane.pinned()?;
+                Ok(flood::with_pinned_only(dataplane.flows()?, &pinned))
+            },
+            idle_timeout,
+        )?;
         if let Some(flows) = scanned {
             let now = stats::monotonic_seconds();
             let idle_timeout_s = u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX);
             scheduler::settle_counts(&mut self.dataplane, &self.live, &flows, now, idle_timeout_s)?;
             self.pinned_scan
-                .run(&mut self.dataplane, &flows, now, idle_timeout)?;
+                .run(&mut self.dataplane, &pinned, &flows, now, idle_timeout)?;
         }
         let global = self.dataplane.global_counters()?;
         let mut vips = Vec::new();

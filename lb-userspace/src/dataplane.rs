@@ -17,8 +17,8 @@ use aya::{
 use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
     SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta,
-    LAYOUT_VERSION, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
-    SOURCE_RATE_SLOTS,
+    FLOW_PINNED, LAYOUT_VERSION, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS,
+    MAX_TX_PORTS, SOURCE_RATE_SLOTS,
 };
 use std::{
     borrow::Cow,
@@ -717,8 +717,21 @@ impl Dataplane {
         read_flow_map(&self.pinned_fd, &self.pinned, map_names::PINNED)
     }
 
+    /// Removes a flow's pinned copy and clears `FLOW_PINNED` on its flow-table entry (if it
+    /// has one), so the data path pins it again should it become active: a flow that keeps
+    /// the bit without a copy could never be restored after an eviction.
     pub fn unpin_flow(&mut self, key: &FlowKey) -> Result<()> {
-        ignore_missing(self.pinned.remove(key)).map_err(map_err(map_names::PINNED))
+        ignore_missing(self.pinned.remove(key)).map_err(map_err(map_names::PINNED))?;
+        if let Some(flow) = self.flow(key)? {
+            if flow.state & FLOW_PINNED != 0 {
+                let unpinned = FlowValue {
+                    state: flow.state & !FLOW_PINNED,
+                    ..flow
+                };
+                self.update_flow(key, &unpinned)?;
+            }
+        }
+        Ok(())
     }
 
     /// Decap program: tunnel endpoints that are this host.

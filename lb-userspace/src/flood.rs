@@ -7,7 +7,10 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
 };
 use lb_common::{FloodState, FlowKey, FlowValue, FLOW_FIN_SEEN, FLOW_RST_SEEN};
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// A closed flow (FIN or RST seen) stays pinned this long after its last packet, for the
@@ -82,19 +85,31 @@ pub struct PinnedScan {
     pub expired_total: u64,
 }
 
+/// The flows a scan counts: the flow table's entries, plus pinned flows a flood evicted from
+/// it (their next packet restores them, so they are as alive as the others: active flows,
+/// drains and least-conn counts must see them).
+pub fn with_pinned_only(
+    mut flows: Vec<(FlowKey, FlowValue)>,
+    pinned: &[(FlowKey, FlowValue)],
+) -> Vec<(FlowKey, FlowValue)> {
+    let in_table: HashSet<FlowKey> = flows.iter().map(|(key, _)| *key).collect();
+    flows.extend(pinned.iter().filter(|(key, _)| !in_table.contains(key)));
+    flows
+}
+
 impl PinnedScan {
-    /// Reads the pinned table and unpins what [`expired`] says, given the flow table just
-    /// read by the flow scan.
+    /// Unpins what [`expired`] says of `pinned` (the pinned table), given `flows` (the
+    /// flow scan's entries).
     pub fn run(
         &mut self,
         dataplane: &mut Dataplane,
+        pinned: &[(FlowKey, FlowValue)],
         flows: &[(FlowKey, FlowValue)],
         now_s: u32,
         idle_timeout: Duration,
     ) -> Result<(), DataplaneError> {
-        let pinned = dataplane.pinned()?;
         let flows: HashMap<FlowKey, FlowValue> = flows.iter().copied().collect();
-        let gone = expired(&pinned, &flows, now_s, idle_timeout);
+        let gone = expired(pinned, &flows, now_s, idle_timeout);
         for key in &gone {
             dataplane.unpin_flow(key)?;
         }
@@ -142,6 +157,23 @@ mod tests {
         .into();
         let gone = expired(&pinned, &flows, now, Duration::from_secs(300));
         assert_eq!(gone, vec![flow(2), flow(4)]);
+    }
+
+    #[test]
+    fn a_scan_counts_pinned_flows_the_flow_table_lost() {
+        let flows = vec![(flow(1), value(990, FLOW_ACK_SEEN))];
+        let pinned = vec![
+            (flow(1), value(900, FLOW_ACK_SEEN)),
+            (flow(2), value(950, FLOW_ACK_SEEN)),
+        ];
+        // Flow 1 is in the table (its entry wins); flow 2 was evicted but comes back.
+        assert_eq!(
+            with_pinned_only(flows, &pinned),
+            vec![
+                (flow(1), value(990, FLOW_ACK_SEEN)),
+                (flow(2), value(950, FLOW_ACK_SEEN)),
+            ]
+        );
     }
 
     #[test]

@@ -637,8 +637,8 @@ fn reopened_connection_goes_to_the_ring_not_the_drained_backend() {
         to(
             mac(0x34),
             TCP_ACK,
-            "its ACK: B (pinned again, with B)",
-            &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
+            "its ACK: B (the pinned copy followed the re-pick: no new pin)",
+            &[(FLOW_HIT, 1)],
         ),
     ]);
     let key = flow_key(IpAddr::V4(CLIENT4), IpAddr::V4(WEB4), sport, 80, 6);
@@ -649,6 +649,10 @@ fn reopened_connection_goes_to_the_ring_not_the_drained_backend() {
         FLOW_SYN_SEEN | FLOW_ACK_SEEN | FLOW_PINNED,
         "state restarts with the new connection: its SYN and ACK, no FIN or RST"
     );
+    // An eviction now would restore B, not the ended connection's A.
+    let pinned = lb.dataplane.pinned().unwrap();
+    let copy = pinned.iter().find(|(k, _)| *k == key).expect("pinned copy").1;
+    assert_eq!(copy, entry, "the pinned copy is the flow-table entry");
 }
 
 #[test]
