@@ -651,7 +651,11 @@ fn reopened_connection_goes_to_the_ring_not_the_drained_backend() {
     );
     // An eviction now would restore B, not the ended connection's A.
     let pinned = lb.dataplane.pinned().unwrap();
-    let copy = pinned.iter().find(|(k, _)| *k == key).expect("pinned copy").1;
+    let copy = pinned
+        .iter()
+        .find(|(k, _)| *k == key)
+        .expect("pinned copy")
+        .1;
     assert_eq!(copy, entry, "the pinned copy is the flow-table entry");
 }
 
