@@ -302,6 +302,9 @@ pub fn render_status(report: &StatusReport) -> String {
             vip.available,
             vip.backends.len()
         ));
+        if let Some(announce) = &vip.announce {
+            out.push_str(&format!("  {announce}\n"));
+        }
         let mut rows = vec![[
             "BACKEND",
             "WEIGHT",
@@ -486,6 +489,7 @@ mod tests {
                 forwarding: "dsr".into(),
                 ring_size: 65537,
                 available: 1,
+                announce: Some("announced: 1 backend up".into()),
                 backends: vec![
                     backend("10.1.0.11", 100, None, false, "up", 12),
                     backend("10.1.0.12", 0, None, true, "up", 3),
@@ -501,6 +505,7 @@ mod tests {
 config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 
 web  192.0.2.10:80/tcp  dsr  ring 65537  1/3 backends available
+  announced: 1 backend up
   BACKEND    WEIGHT                  STATE    HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
   10.1.0.11  100                     active   up      90s    12      02:00:00:00:00:11 ifindex 2
   10.1.0.12  0 (config 100)          drained  up      90s    3       02:00:00:00:00:11 ifindex 2

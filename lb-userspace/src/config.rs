@@ -14,11 +14,12 @@
 //! mistake does not turn into a cascade of messages.
 
 use crate::{
+    announce::AnnounceConfig,
     dataplane::{AttachMode, Sizes},
     maglev::{self, MaglevError},
     model::{
-        BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown, Prefix,
-        Protocol, Services, VipAddr, VipSpec,
+        Announce, BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown,
+        Prefix, Protocol, Services, VipAddr, VipSpec,
     },
 };
 use std::{
@@ -58,6 +59,8 @@ pub struct DaemonConfig {
     pub flow_idle_timeout: Duration,
     /// How often counters are read from the maps.
     pub stats_interval: Duration,
+    /// `[daemon.announce]`: VIP routes for a BGP daemon; off when absent.
+    pub announce: Option<AnnounceConfig>,
 }
 
 /// One thing wrong with the file.
@@ -400,7 +403,9 @@ const DAEMON_KEYS: &[&str] = &[
     "hash_seed",
     "ipip_source_v4",
     "ipip_source_v6",
+    "announce",
 ];
+const ANNOUNCE_KEYS: &[&str] = &["table", "withdraw_grace"];
 const VIP_KEYS: &[&str] = &[
     "name",
     "address",
@@ -410,6 +415,7 @@ const VIP_KEYS: &[&str] = &[
     "ring_size",
     "health",
     "backend",
+    "announce",
 ];
 const HEALTH_KEYS: &[&str] = &[
     "kind",
@@ -430,6 +436,11 @@ const XDP_MODES: [AttachMode; 3] = [AttachMode::Auto, AttachMode::Native, Attach
 const PROTOCOLS: [(&str, Protocol); 2] = [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 const FORWARDINGS: [(&str, Forwarding); 2] = [("dsr", Forwarding::Dsr), ("ipip", Forwarding::Ipip)];
 const ON_ALL_DOWN: [(&str, OnAllDown); 2] = [("keep", OnAllDown::Keep), ("drop", OnAllDown::Drop)];
+const ANNOUNCE_MODES: [(&str, Announce); 3] = [
+    ("healthy", Announce::Healthy),
+    ("always", Announce::Always),
+    ("never", Announce::Never),
+];
 
 /// `[vip.health] kind`, read before the keys that depend on it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -628,6 +639,9 @@ fn read_daemon(
     let stats_interval = t
         .duration(p, "stats_interval")
         .map(|d| d.unwrap_or(Duration::from_secs(1)));
+    let announce = t
+        .table(p, "announce", "[daemon.announce]")
+        .and_then(|announce| announce.map(|a| read_announce(&a, p)).transpose());
     Ok(DaemonConfig {
         interfaces: interfaces?,
         xdp_mode: xdp_mode?,
@@ -638,6 +652,47 @@ fn read_daemon(
         metrics_listen: metrics_listen?,
         flow_idle_timeout: flow_idle_timeout?,
         stats_interval: stats_interval?,
+        announce: announce?,
+    })
+}
+
+/// Tables the kernel itself uses: writing VIP routes there would change how the host routes.
+const RESERVED_TABLES: [(u32, &str); 4] = [
+    (0, "unspec"),
+    (253, "default"),
+    (254, "main"),
+    (255, "local"),
+];
+
+fn read_announce(t: &Table, p: &mut Problems) -> Result<AnnounceConfig, Reported> {
+    t.reject_unknown(p, ANNOUNCE_KEYS);
+    let table = t
+        .int(p, "table", 0..=u32::MAX)
+        .and_then(|table| match table {
+            Some(table) => match RESERVED_TABLES.iter().find(|(id, _)| *id == table) {
+                Some((_, name)) => Err(p.report(
+                    t.key("table"),
+                    format!(
+                        "{table} is the kernel's {name} table: use a table of its own that no \
+                     `ip rule` looks up (e.g. 4242), so the routes only feed the BGP daemon"
+                    ),
+                )),
+                None => Ok(Some(table)),
+            },
+            None => Ok(None),
+        });
+    let table = t.require(
+        table,
+        p,
+        "table",
+        "add e.g. table = 4242 (the kernel table the BGP daemon exports)",
+    );
+    let withdraw_grace = t
+        .duration(p, "withdraw_grace")
+        .map(|d| d.unwrap_or(AnnounceConfig::DEFAULT_WITHDRAW_GRACE));
+    Ok(AnnounceConfig {
+        table: table?,
+        withdraw_grace: withdraw_grace?,
     })
 }
 
@@ -823,6 +878,10 @@ fn read_vip(
             None => Ok(HealthSpec::default()),
         });
 
+    let announce = t
+        .choice(p, "announce", &ANNOUNCE_MODES)
+        .map(Option::unwrap_or_default);
+
     let backend_tables = t.tables(p, "backend", "[[vip.backend]]");
     let backends: Vec<Result<BackendSpec, Reported>> = match &backend_tables {
         Ok(list) => list
@@ -872,6 +931,7 @@ fn read_vip(
         ring_size: ring_size?,
         health: health?,
         backends: backends?,
+        announce: announce?,
     })
 }
 
@@ -1319,6 +1379,10 @@ mod tests {
             ipip_source_v4 = "10.255.0.0/16"
             ipip_source_v6 = "fd00:2::/64"
 
+            [daemon.announce]
+            table = 4242
+            withdraw_grace = "5s"
+
             [[vip]]
             name = "web"
             address = "192.0.2.10"
@@ -1326,6 +1390,7 @@ mod tests {
             protocol = "tcp"
             forwarding = "dsr"
             ring_size = 1009
+            announce = "always"
 
             [vip.health]
             kind = "http"
@@ -1376,6 +1441,10 @@ mod tests {
                 metrics_listen: Some("[::1]:9650".parse().unwrap()),
                 flow_idle_timeout: Duration::from_secs(300),
                 stats_interval: Duration::from_millis(500),
+                announce: Some(AnnounceConfig {
+                    table: 4242,
+                    withdraw_grace: Duration::from_secs(5),
+                }),
             },
             services: Services {
                 settings: DataPathSettings {
@@ -1418,6 +1487,7 @@ mod tests {
                             mac: Some(Mac([2, 0, 0, 0, 0, 0x11])),
                             health_port: Some(8081),
                         }],
+                        announce: Announce::Always,
                     },
                     VipSpec {
                         name: "dns".into(),
@@ -1439,6 +1509,7 @@ mod tests {
                             mac: None,
                             health_port: None,
                         }],
+                        announce: Announce::Healthy,
                     },
                 ],
             },
@@ -1466,7 +1537,17 @@ mod tests {
                 metrics_listen: None,
                 flow_idle_timeout: Duration::from_secs(300),
                 stats_interval: Duration::from_secs(1),
+                announce: None,
             }
+        );
+        assert_eq!(
+            valid(&format!("{DAEMON}[daemon.announce]\ntable = 300\n"))
+                .daemon
+                .announce,
+            Some(AnnounceConfig {
+                table: 300,
+                withdraw_grace: AnnounceConfig::DEFAULT_WITHDRAW_GRACE,
+            })
         );
         assert_eq!(config.services.settings, DataPathSettings::default());
         let vip = &config.services.vips[0];
@@ -1474,6 +1555,7 @@ mod tests {
         assert_eq!(vip.forwarding, Forwarding::Dsr);
         assert_eq!(vip.ring_size, 65537);
         assert_eq!(vip.health, HealthSpec::default());
+        assert_eq!(vip.announce, Announce::Healthy);
         assert_eq!(
             vip.backends,
             [BackendSpec {
@@ -1815,6 +1897,50 @@ mod tests {
         for (keys, key, message) in cases {
             assert_rejected(&format!("{DAEMON}{keys}\n"), key, message);
         }
+        let cases = [
+            (
+                "",
+                "daemon.announce.table",
+                "missing; add e.g. table = 4242",
+            ),
+            (
+                "table = 254",
+                "daemon.announce.table",
+                "254 is the kernel's main table: use a table of its own that no `ip rule` looks up",
+            ),
+            (
+                "table = 0",
+                "daemon.announce.table",
+                "0 is the kernel's unspec table",
+            ),
+            (
+                "table = -1",
+                "daemon.announce.table",
+                "-1 is too small: use at least 0",
+            ),
+            (
+                "table = 10\nwithdraw_grace = \"0s\"",
+                "daemon.announce.withdraw_grace",
+                "must be longer than zero",
+            ),
+            (
+                "table = 10\ngrace = \"1s\"",
+                "daemon.announce.grace",
+                "unknown key in [daemon.announce]; the keys there are: table, withdraw_grace",
+            ),
+        ];
+        for (keys, key, message) in cases {
+            assert_rejected(
+                &format!("{DAEMON}[daemon.announce]\n{keys}\n"),
+                key,
+                message,
+            );
+        }
+        assert_rejected(
+            &format!("{DAEMON}{WEB}announce = \"sometimes\"\n"),
+            "vip[0] (web).announce",
+            "\"sometimes\" is not one of \"healthy\", \"always\", \"never\"",
+        );
     }
 
     #[test]

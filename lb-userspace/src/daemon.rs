@@ -3,6 +3,7 @@
 //! health -> target -> plan -> map writes.
 
 use crate::{
+    announce::{self, Announcer},
     api::{
         self, BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport,
         VipStatus,
@@ -127,6 +128,9 @@ pub struct Daemon {
     last_healthy: BTreeMap<String, BTreeSet<IpAddr>>,
     stats: Stats,
     health_metrics: metrics::HealthMetrics,
+    /// VIP routes for a BGP daemon (`[daemon.announce]`); none when off, and until the
+    /// programs are attached.
+    announcer: Option<Announcer>,
     /// Held while the daemon runs: a second `xdplb run` on the same state would take over the
     /// links and the admin socket of this one.
     _instance_lock: std::fs::File,
@@ -205,6 +209,7 @@ impl Daemon {
             last_healthy: BTreeMap::new(),
             stats: Stats::default(),
             health_metrics,
+            announcer: None,
             _instance_lock: instance_lock,
         };
         daemon.sync_health();
@@ -221,6 +226,10 @@ impl Daemon {
             .detach_others(&daemon.config.daemon.interfaces)?
         {
             info!(%iface, "XDP program detached: the interface is no longer in daemon.interfaces");
+        }
+        if let Some(config) = daemon.config.daemon.announce.clone() {
+            daemon.announcer = Some(Announcer::start(config)?);
+            daemon.sync_announcements()?;
         }
         Ok(daemon)
     }
@@ -343,7 +352,61 @@ impl Daemon {
         }
         self.live = next;
         self.unresolved = target.unresolved;
+        self.sync_announcements()
+    }
+
+    /// Announces or withdraws each VIP's route to match what it can serve now.
+    fn sync_announcements(&mut self) -> Result<()> {
+        if self.announcer.is_none() {
+            return Ok(());
+        }
+        let program = self.dataplane.program_id()?;
+        let host = announce::HostFacts {
+            not_attached: crate::net::not_attached(&self.config.daemon.interfaces, program),
+            stopping: false,
+        };
+        let vips: Vec<announce::VipFacts> = self
+            .config
+            .services
+            .vips
+            .iter()
+            .map(|vip| announce::VipFacts {
+                name: &vip.name,
+                addr: vip.vip.addr,
+                mode: vip.announce,
+                backends: vip
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let cli = self.overrides.get(&vip.name, b.addr);
+                        announce::BackendFacts {
+                            health: self.health.status(vip, b).state,
+                            drained: cli.drained,
+                            weight_zero: cli.weight.unwrap_or(b.weight) == 0,
+                            unresolved: self
+                                .unresolved
+                                .iter()
+                                .any(|u| u.vip == vip.name && u.backend == b.addr),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        if let Some(announcer) = &mut self.announcer {
+            announcer.sync(&host, &vips)?;
+        }
         Ok(())
+    }
+
+    /// SIGTERM: withdraws every VIP; returns how long to keep forwarding before exiting.
+    fn withdraw_all(&mut self) -> Duration {
+        let Some(announcer) = &mut self.announcer else {
+            return Duration::ZERO;
+        };
+        if let Err(e) = announcer.withdraw_all() {
+            error!("withdrawing the VIP routes: {e}");
+        }
+        announcer.withdraw_grace()
     }
 
     fn remember_healthy_sets(&mut self) {
@@ -548,6 +611,11 @@ impl Daemon {
                     forwarding: vip.forwarding.to_string(),
                     ring_size: vip.ring_size,
                     available: backends.iter().filter(|b| b.effective_weight > 0).count(),
+                    announce: self
+                        .announcer
+                        .as_ref()
+                        .and_then(|a| a.announcement(&vip.name))
+                        .map(|a| a.state),
                     backends,
                 }
             })
@@ -655,7 +723,12 @@ impl Daemon {
     }
 
     fn metrics_text(&self) -> String {
-        metrics::render(self.stats.snapshot(), &self.health_metrics)
+        let announced = self
+            .announcer
+            .as_ref()
+            .map(Announcer::announced)
+            .unwrap_or_default();
+        metrics::render(self.stats.snapshot(), &self.health_metrics, &announced)
     }
 
     /// Drops metric series of VIPs and backends the new config no longer has.
@@ -749,6 +822,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             o.stats_interval != n.stats_interval,
             "daemon.stats_interval",
         ),
+        (o.announce != n.announce, "daemon.announce"),
     ]
     .into_iter()
     .filter_map(|(changed, key)| changed.then_some(key))
@@ -930,6 +1004,7 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             }
             _ = resolve_tick.tick() => {
+                // Also re-checks the attachments the announcements depend on.
                 if let Err(e) = lock(&daemon).refresh_next_hops() {
                     error!("refreshing next hops: {e:#}");
                 }
@@ -940,6 +1015,13 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             }
         }
+    }
+    // Routers move the traffic while the data path still forwards; status and metrics
+    // stay up meanwhile.
+    let grace = lock(&daemon).withdraw_all();
+    if !grace.is_zero() {
+        info!("VIPs withdrawn; forwarding for withdraw_grace ({grace:?}) before exiting");
+        tokio::time::sleep(grace).await;
     }
     api_task.abort();
     if let Some(task) = metrics_task {

@@ -266,6 +266,16 @@ impl Dataplane {
             .expect("checked at load")
     }
 
+    /// The kernel id of the loaded program: what an interface it is attached to reports.
+    pub fn program_id(&mut self) -> Result<u32> {
+        let name = self.role.program_name();
+        let info = self
+            .program()
+            .info()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(info.id())
+    }
+
     /// Attaches the program to `iface`.
     ///
     /// When pinning, the attachment is a bpf_link pinned next to the maps: it outlives this

@@ -4,13 +4,16 @@
 //! * [`maglev`]: consistent-hashing tables (pure).
 //! * [`state`]: desired state -> diff -> ordered map writes (the only place state changes).
 //! * [`dataplane`]: the kernel object, its maps and programs (the only map writer).
-//! * [`net`]: next hops toward backends (routes, neighbours, interfaces).
+//! * [`net`]: next hops toward backends (routes, neighbours, interfaces); [`netlink`]: the
+//!   rtnetlink requests behind it.
+//! * [`announce`]: VIP routes for a BGP daemon, gated by health.
 //! * [`health`]: health checks and their state machines.
 //! * [`overrides`]: drains and CLI weights, persisted.
 //! * [`stats`], [`metrics`]: counters, rates, Prometheus export.
 //! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
 //!   [`cli`], [`watch`]: the command line.
 
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -21,6 +24,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod netlink;
 pub mod overrides;
 pub mod state;
 pub mod stats;

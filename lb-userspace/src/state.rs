@@ -661,6 +661,7 @@ mod tests {
             forwarding: Forwarding::Dsr,
             ring_size: 13,
             health: HealthSpec::default(),
+            announce: Default::default(),
             backends: backends
                 .iter()
                 .map(|(b, weight)| BackendSpec {

@@ -233,6 +233,7 @@ pub fn vip_spec(
         forwarding,
         ring_size,
         health: Default::default(),
+        announce: Default::default(),
         backends: backends
             .iter()
             .map(|(addr, mac, weight)| BackendSpec {

@@ -180,6 +180,7 @@ fn vip(name: &str, port: u16, health: HealthSpec, backends: Vec<BackendSpec>) ->
         ring_size: 251,
         health,
         backends,
+        announce: Default::default(),
     }
 }
 
