@@ -51,8 +51,8 @@ struct FlowScan {
 /// How often unresolved next hops are retried and some resolved ones refreshed.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Next hops re-resolved per tick, unresolved ones first: with 1,000 backends each is
-/// refreshed about every 30 s, and the cost stays bounded (an `ip` process is about 1.7 ms of
-/// CPU, so at most ~5 % of a core).
+/// refreshed about every 30 s (for route changes; neighbour changes arrive as netlink
+/// notifications, see [`Daemon::neighbours_changed`]), at a bounded cost.
 const REFRESH_PER_TICK: usize = 32;
 
 pub struct Options {
@@ -63,7 +63,7 @@ pub struct Options {
 }
 
 /// Next hops toward backends, resolved as rarely as possible: resolving costs a route and a
-/// neighbour lookup (an `ip` process each), so a known answer, good or bad, is reused unless
+/// neighbour lookup (a netlink request each), so a known answer, good or bad, is reused unless
 /// the backend is in `refresh` (the periodic tick retries failures every second). The last
 /// good answer also outlives a neighbour entry that briefly disappears, so a flapping ARP
 /// entry never pulls a backend out of its ring.
@@ -423,6 +423,32 @@ impl Daemon {
                 warn!(vip = %vip.name, "every backend is down: on_all_down = \"keep\" keeps the last healthy set in the ring");
             }
         }
+    }
+
+    /// Re-resolves the backends whose neighbour (the backend or its gateway) now has another
+    /// MAC, or none (failed, deleted: resolving again restarts ARP/ND; the last good MAC is
+    /// kept meanwhile, see [`Remembering`]).
+    fn neighbours_changed(&mut self, changes: &[crate::net::NeighbourChange]) -> Result<()> {
+        let refresh: BTreeSet<IpAddr> = changes
+            .iter()
+            .flat_map(|change| {
+                let known = &self.next_hops.good;
+                self.resolver
+                    .backends_via(change.addr)
+                    .into_iter()
+                    .filter(move |b| {
+                        change.mac.is_none() || known.get(b).map(|hop| hop.dst_mac) != change.mac
+                    })
+            })
+            .collect();
+        if refresh.is_empty() {
+            return Ok(());
+        }
+        info!(
+            backends = refresh.len(),
+            "neighbour change: resolving again"
+        );
+        self.apply_refreshing(&refresh)
     }
 
     /// Re-reads the config file. A file that fails validation, or that changes settings only
@@ -933,6 +959,8 @@ pub async fn run(options: Options) -> Result<()> {
     let metrics_listen = daemon.config.daemon.metrics_listen;
     let stats_interval = daemon.config.daemon.stats_interval;
     let daemon = Arc::new(Mutex::new(daemon));
+    let mut neighbours =
+        crate::net::watch_neighbours().context("subscribing to neighbour changes (netlink)")?;
 
     let listener = api::bind(&socket)
         .with_context(|| format!("binding the admin socket {}", socket.display()))?;
@@ -1001,6 +1029,15 @@ pub async fn run(options: Options) -> Result<()> {
                 }
                 if let Err(e) = daemon.apply() {
                     error!("applying a health change: {e:#}");
+                }
+            }
+            Some(change) = neighbours.recv() => {
+                let mut changes = vec![change];
+                while let Ok(change) = neighbours.try_recv() {
+                    changes.push(change);
+                }
+                if let Err(e) = lock(&daemon).neighbours_changed(&changes) {
+                    error!("applying a neighbour change: {e:#}");
                 }
             }
             _ = resolve_tick.tick() => {

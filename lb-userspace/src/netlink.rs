@@ -16,7 +16,10 @@ use rtnetlink::{
         address::{AddressAttribute, AddressMessage, AddressScope},
         link::{LinkAttribute, LinkMessage, LinkXdp},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+        route::{
+            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+            RouteType,
+        },
         AddressFamily, RouteNetlinkMessage,
     },
     sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
@@ -25,6 +28,7 @@ use rtnetlink::{
 use std::{io, net::IpAddr};
 
 /// One rtnetlink socket in the namespace of the thread that opened it.
+#[derive(Debug)]
 pub struct Netlink {
     socket: Socket,
     sequence: u32,
@@ -110,10 +114,16 @@ impl Netlink {
 
     /// The route the kernel picks for packets to `dst` from this host.
     pub fn route_to(&mut self, dst: IpAddr) -> io::Result<RouteTo> {
-        let query = RouteMessageBuilder::<IpAddr>::new()
+        let mut query = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst, full_length(dst))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
             .build();
+        // With strict checking the kernel refuses a lookup that names a table, protocol,
+        // scope or type (the builder's defaults are those of a route to add).
+        query.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        query.header.protocol = RouteProtocol::Unspec;
+        query.header.scope = RouteScope::Universe;
+        query.header.kind = RouteType::Unspec;
         let replies = self.request(RouteNetlinkMessage::GetRoute(query), 0)?;
         let route = replies
             .into_iter()
@@ -226,9 +236,11 @@ impl Netlink {
     pub fn host_routes(&mut self, table: u32, protocol: u8) -> io::Result<Vec<IpAddr>> {
         let mut found = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            // Table, protocol and type filter the dump in the kernel (strict checking).
             let mut query = RouteMessageBuilder::<IpAddr>::new()
                 .table_id(table)
                 .protocol(RouteProtocol::from(protocol))
+                .kind(RouteType::BlackHole)
                 .build();
             query.header.address_family = family;
             let replies = self.request(RouteNetlinkMessage::GetRoute(query), NLM_F_DUMP)?;

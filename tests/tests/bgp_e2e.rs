@@ -10,7 +10,8 @@
 //! 4. every backend failing its checks (on both LBs): withdrawn everywhere; back: announced;
 //! 5. `announce = "never"` and `"always"` do what they say;
 //!
-//! and `kill -9` leaves the announcement to the next daemon, which takes it over.
+//! and `kill -9` leaves the announcement to the next daemon, which takes it over; a VIP
+//! removed from the config is withdrawn.
 //!
 //! The failover figures are printed (`-- --nocapture`) for the closing note.
 
@@ -413,10 +414,28 @@ fn two_lbs_announce_over_bgp_and_fail_over_without_loss() {
         lb_hops.into(),
         "the restart withdrew LB1"
     );
+    assert!(
+        lb1.log()
+            .contains("taking over the announce routes of the previous run"),
+        "{}",
+        lb1.log()
+    );
     lb1.wait_status("LB1 deciding from its own checks", |s| {
         s["vips"][0]["announce"] == "announced: 3 backends up"
     })
     .unwrap();
+    assert_eq!(router_hops(router, WEB), lb_hops.into());
+
+    // A VIP removed from the config (reload) is withdrawn; the others stay.
+    let config = std::fs::read_to_string(&lb1.config).unwrap();
+    let without_always = config
+        .split("[[vip]]")
+        .filter(|vip| !vip.contains("name = \"always\""))
+        .collect::<Vec<_>>()
+        .join("[[vip]]");
+    std::fs::write(&lb1.config, without_always).unwrap();
+    lb1.cli(&["reload"]).unwrap();
+    wait_hops(router, ALWAYS, &[lb2.ip4], Duration::from_secs(5));
     assert_eq!(router_hops(router, WEB), lb_hops.into());
     drop(health_servers);
 }
