@@ -439,3 +439,18 @@ fn two_lbs_announce_over_bgp_and_fail_over_without_loss() {
     assert_eq!(router_hops(router, WEB), lb_hops.into());
     drop(health_servers);
 }
+
+/// docs/ha.md shows the BIRD configs this lab runs, verbatim.
+#[test]
+fn the_ha_doc_shows_the_lab_bird_configs() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/ha.md")).unwrap();
+    for config in [bird::lb_config(), bird::router_config()] {
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(
+            doc.contains(&format!("```text\n{text}```")),
+            "docs/ha.md does not show {} as it is",
+            config.display()
+        );
+    }
+}
