@@ -566,6 +566,21 @@ impl Daemon {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs `xdplb <args> --json` against this daemon and parses its answer.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut args = args.to_vec();
+        args.push("--json");
+        Ok(serde_json::from_str(&self.cli(&args)?)?)
+    }
+
+    /// The entries of `xdplb flows VIP --json` (client, backend, state, age_s, ...).
+    pub fn flows(&self, vip: &str) -> Result<Vec<serde_json::Value>> {
+        match self.cli_json(&["flows", vip])?["flows"].take() {
+            serde_json::Value::Array(flows) => Ok(flows),
+            other => bail!("xdplb flows: no list of flows in {other}"),
+        }
+    }
+
     /// SIGTERM (`systemctl stop`): the daemon withdraws its VIPs, waits `withdraw_grace`, exits.
     /// Returns at once; poll [`exited`](Self::exited).
     pub fn terminate(&self) -> Result<()> {

@@ -17,19 +17,21 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     thread,
     time::{Duration, Instant},
 };
 use xdplb_tests::{
     bird::{self, Bird, ANNOUNCE_TABLE},
-    lab::{addr, backend4, stream, who, Daemon, Host, Lab, Process, LAB_SIZES},
+    lab::{addr, backend4, backend6, stream, who, Daemon, Host, Lab, Process, LAB_SIZES},
 };
 
 const WEB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const NEVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
 const ALWAYS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
+/// IPv6 routes go into the announce table too (the lab's BIRD exports IPv4 only).
+const ALWAYS6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x12);
 /// Health checks of `web` go to this port, so failing them leaves port 80 serving.
 const HEALTH_PORT: u16 = 8080;
 const GRACE: Duration = Duration::from_secs(3);
@@ -58,6 +60,11 @@ fn services() -> String {
             "always",
             ALWAYS,
             &format!("announce = \"always\"\n{}", checks(8081)),
+        ),
+        format!(
+            "[[vip]]\nname = \"always6\"\naddress = \"{ALWAYS6}\"\nport = 80\n\
+             ring_size = 1021\nannounce = \"always\"\n[[vip.backend]]\naddress = \"{}\"\n",
+            backend6(0)
         ),
     ]
     .concat()
@@ -97,24 +104,26 @@ fn wait_hops(router: &Host, vip: Ipv4Addr, want: &[Ipv4Addr], within: Duration) 
 
 /// The VIP's announce line in `xdplb status --json`.
 fn announce_state(daemon: &Daemon, vip: &str) -> String {
-    let status: serde_json::Value =
-        serde_json::from_str(&daemon.cli(&["status", "--json"]).unwrap()).unwrap();
-    status["vips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == vip)
-        .and_then(|v| v["announce"].as_str())
+    let status = daemon.cli_json(&["status"]).unwrap();
+    named(&status["vips"], vip)["announce"]
+        .as_str()
         .unwrap_or_default()
         .to_string()
 }
 
+/// The entry of `list` (a JSON array) named `name`; null when there is none.
+fn named<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == name)
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 /// `web`'s flows in the LB's flow table: (client, state, age in seconds).
 fn flows(daemon: &Daemon) -> Vec<(String, String, u64)> {
-    let json: serde_json::Value =
-        serde_json::from_str(&daemon.cli(&["flows", "web", "--json"]).unwrap()).unwrap();
-    json["flows"]
-        .as_array()
+    daemon
+        .flows("web")
         .unwrap()
         .iter()
         .map(|f| {
@@ -129,14 +138,10 @@ fn flows(daemon: &Daemon) -> Vec<(String, String, u64)> {
 
 /// `web`'s new-flow total on one LB (from its last stats sample).
 fn new_flows(daemon: &Daemon) -> u64 {
-    let json: serde_json::Value =
-        serde_json::from_str(&daemon.cli(&["stats", "--json"]).unwrap()).unwrap();
-    json["vips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "web")
-        .map_or(0, |v| v["totals"]["new_flows"].as_u64().unwrap_or(0))
+    let stats = daemon.cli_json(&["stats"]).unwrap();
+    named(&stats["vips"], "web")["totals"]["new_flows"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// Waits (bounded) until `web` has taken `more` new flows on `daemon` since `before`.
@@ -377,6 +382,18 @@ fn two_lbs_announce_over_bgp_and_fail_over_without_loss() {
     assert_eq!(
         announce_state(&lb2_daemon, "always"),
         "announced: announce = \"always\""
+    );
+    let table6 = lab
+        .lb
+        .ns
+        .exec(&format!("ip -6 route show table {ANNOUNCE_TABLE}"))
+        .unwrap();
+    assert!(
+        table6
+            .lines()
+            .any(|route| route.starts_with(&format!("blackhole {ALWAYS6} "))
+                && route.contains(" proto 250 ")),
+        "LB1's IPv6 announce table:\n{table6}"
     );
     // The LB's own routing is untouched: the VIP routes live only in the announce table.
     let main = lab.lb.ns.exec("ip route show table main").unwrap();
