@@ -219,11 +219,17 @@ impl Announcer {
     }
 
     /// Decides every VIP and makes the table match: a route per address with an announced
-    /// VIP, none for the others (VIPs no longer configured included).
-    pub fn sync(&mut self, host: &HostFacts, vips: &[VipFacts]) -> Result<(), AnnounceError> {
+    /// VIP, none for the others (VIPs no longer configured included). `program` is the id
+    /// of the daemon's XDP program, which must be attached on every one of `interfaces`.
+    pub fn sync(
+        &mut self,
+        interfaces: &[String],
+        program: u32,
+        vips: &[VipFacts],
+    ) -> Result<(), AnnounceError> {
         let host = &HostFacts {
-            stopping: host.stopping || self.stopping,
-            ..host.clone()
+            not_attached: self.not_attached(interfaces, program),
+            stopping: self.stopping,
         };
         let decisions: BTreeMap<String, (IpAddr, Decision)> = vips
             .iter()
@@ -251,6 +257,21 @@ impl Announcer {
         self.write(&wanted)
     }
 
+    /// Those of `interfaces` without XDP program `program` attached (or missing), as the
+    /// kernel reports them now; all of them when it cannot be asked.
+    fn not_attached(&mut self, interfaces: &[String], program: u32) -> Vec<String> {
+        interfaces
+            .iter()
+            .filter(|name| {
+                let attached = crate::net::interface_index(name)
+                    .ok()
+                    .and_then(|index| self.netlink.xdp_program(index).ok().flatten());
+                attached != Some(program)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Withdraws every route (SIGTERM), whatever the decisions.
     pub fn withdraw_all(&mut self) -> Result<(), AnnounceError> {
         self.stopping = true;
@@ -268,14 +289,16 @@ impl Announcer {
             addr: addr.to_string(),
             source,
         };
-        for addr in wanted.difference(&self.installed.clone()) {
+        let add: Vec<IpAddr> = wanted.difference(&self.installed).copied().collect();
+        let remove: Vec<IpAddr> = self.installed.difference(wanted).copied().collect();
+        for addr in &add {
             self.netlink
                 .replace_host_route(table, ROUTE_PROTOCOL, *addr)
                 .map_err(|e| error("adding", addr, e))?;
             self.installed.insert(*addr);
             info!(%addr, table, "VIP announced");
         }
-        for addr in self.installed.clone().difference(wanted) {
+        for addr in &remove {
             self.netlink
                 .delete_host_route(table, ROUTE_PROTOCOL, *addr)
                 .map_err(|e| error("removing", addr, e))?;
@@ -292,6 +315,10 @@ impl Announcer {
         let mut state = describe(decision);
         // Another VIP on the same address keeps the route, or a hold keeps the last state.
         match decision {
+            Decision::Announce(why) if !announced => {
+                state =
+                    format!("withdrawn: {why}, but the route could not be written (see the log)")
+            }
             Decision::Withdraw(_) if announced => {
                 state.push_str(" (the address stays announced for another VIP on it)")
             }

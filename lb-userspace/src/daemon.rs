@@ -229,7 +229,7 @@ impl Daemon {
         }
         if let Some(config) = daemon.config.daemon.announce.clone() {
             daemon.announcer = Some(Announcer::start(config)?);
-            daemon.sync_announcements()?;
+            daemon.sync_announcements();
         }
         Ok(daemon)
     }
@@ -352,18 +352,23 @@ impl Daemon {
         }
         self.live = next;
         self.unresolved = target.unresolved;
-        self.sync_announcements()
+        // The maps are written: a failed route write is the announcer's to report and retry
+        // (every second), not a reason to undo this change.
+        self.sync_announcements();
+        Ok(())
     }
 
     /// Announces or withdraws each VIP's route to match what it can serve now.
-    fn sync_announcements(&mut self) -> Result<()> {
+    fn sync_announcements(&mut self) {
         if self.announcer.is_none() {
-            return Ok(());
+            return;
         }
-        let program = self.dataplane.program_id()?;
-        let host = announce::HostFacts {
-            not_attached: crate::net::not_attached(&self.config.daemon.interfaces, program),
-            stopping: false,
+        let program = match self.dataplane.program_id() {
+            Ok(id) => id,
+            Err(e) => {
+                error!("announce: reading the XDP program's id: {e}");
+                return;
+            }
         };
         let vips: Vec<announce::VipFacts> = self
             .config
@@ -393,9 +398,10 @@ impl Daemon {
             })
             .collect();
         if let Some(announcer) = &mut self.announcer {
-            announcer.sync(&host, &vips)?;
+            if let Err(e) = announcer.sync(&self.config.daemon.interfaces, program, &vips) {
+                error!("announce: {e}");
+            }
         }
-        Ok(())
     }
 
     /// SIGTERM: withdraws every VIP; returns how long to keep forwarding before exiting.

@@ -272,24 +272,6 @@ fn usable_mac(entry: &Neighbour) -> Option<Mac> {
     usable.then_some(Mac(mac))
 }
 
-/// Those of `interfaces` that do not have XDP program `program` attached (or are missing),
-/// as the kernel reports them now; all of them if netlink cannot be asked.
-pub fn not_attached(interfaces: &[String], program: u32) -> Vec<String> {
-    let Ok(mut netlink) = Netlink::open() else {
-        return interfaces.to_vec();
-    };
-    interfaces
-        .iter()
-        .filter(|name| {
-            let attached = interface_index(name)
-                .ok()
-                .and_then(|index| netlink.xdp_program(index).ok().flatten());
-            attached != Some(program)
-        })
-        .cloned()
-        .collect()
-}
-
 /// The global (non-link-local) addresses of an interface: where tunnels to this host end.
 pub fn interface_addresses(name: &str) -> Result<Vec<IpAddr>, String> {
     let index = interface_index(name).map_err(|e| e.to_string())?;
