@@ -1593,6 +1593,8 @@ mod tests {
         );
         assert!(web.vip.addr.is_ipv4());
         assert!(matches!(web.health.kind, CheckKind::Http { .. }));
+        assert_eq!(web.announce, Announce::Healthy);
+        assert_eq!(config.daemon.announce.map(|a| a.table), Some(4242));
         assert_eq!(
             (api.name.as_str(), api.forwarding, api.health.kind.clone()),
             ("api", Forwarding::Ipip, CheckKind::Tcp)
