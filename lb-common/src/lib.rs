@@ -19,6 +19,8 @@
 //! | [`map_names::TX_PORTS`] | `DEVMAP_HASH` | [`MAX_TX_PORTS`] | egress interfaces for two-armed set-ups (`XDP_REDIRECT`) |
 //! | [`map_names::DECAP_LOCAL`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: outer destinations that are this host |
 //! | [`map_names::DECAP_VIPS`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: inner destinations served here |
+//! | [`map_names::SCHED_CURSORS`] | `PERCPU_ARRAY` | `max_vips` | round-robin position (least-conn: where the next scan starts, after the last backend chosen) per VIP: per CPU, so no lock or shared cache line on the packet path |
+//! | [`map_names::ACTIVE_CONNS`] | `ARRAY`, mmapable | `max_backends` | least-conn active connections per backend id (`u64`: BPF has no 32-bit atomic add in Rust's core), shared by all CPUs (atomic adds); mapped by the daemon, which reconciles it with the flow table using atomic adds too |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -26,11 +28,16 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
 pub const RINGS_MAP_FLAGS: u32 = 1 << 10;
+
+/// `ACTIVE_CONNS` is mmapable too: the daemon corrects its counts with atomic adds on the
+/// mapping, which cannot lose a concurrent increment from the data path the way a map update
+/// could.
+pub const ACTIVE_CONNS_MAP_FLAGS: u32 = RINGS_MAP_FLAGS;
 
 /// Map names, shared so the loader and the kernel program cannot disagree.
 pub mod map_names {
@@ -45,6 +52,8 @@ pub mod map_names {
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const SCHED_CURSORS: &str = "SCHED_CURSORS";
+    pub const ACTIVE_CONNS: &str = "ACTIVE_CONNS";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -77,6 +86,19 @@ pub const PROTO_IPV6: u8 = 41;
 pub const MODE_DSR: u8 = 0;
 pub const MODE_IPIP: u8 = 1;
 
+/// Schedulers ([`VipMeta::scheduler`]): what the VIP's ring area holds and how a new flow
+/// reads it.
+/// Maglev: a consistent-hash table of backend ids; slot = flow hash % `ring_size`.
+pub const SCHED_MAGLEV: u8 = 0;
+/// Round robin: the weighted sequence of backend ids (smooth weighted round robin, one period
+/// of `sum(weights) / gcd` slots); a per-CPU cursor walks it.
+pub const SCHED_ROUND_ROBIN: u8 = 1;
+/// Least connections: `(backend id, weight)` pairs (`ring_size` = 2 x backends); a new flow
+/// takes the backend with the fewest [`map_names::ACTIVE_CONNS`] per weight.
+pub const SCHED_LEAST_CONN: u8 = 2;
+/// Most backends a least-conn VIP may have: the per-new-flow scan is bounded by it.
+pub const MAX_LEAST_CONN_BACKENDS: u32 = 64;
+
 /// Ring slot value meaning "no backend" (never a valid backend id).
 pub const NO_BACKEND: u32 = u32::MAX;
 
@@ -107,10 +129,14 @@ pub struct VipMeta {
     pub vip_id: u32,
     /// First slot of the active Maglev table in `RINGS`.
     pub ring_base: u32,
-    /// Table size (a prime); 0 = no backend available, packets are dropped and counted.
+    /// Slots of the active half in use: the Maglev table size (a prime), the round-robin
+    /// turn's length, or 2 x least-conn backends. 0 = no backend available, packets are
+    /// dropped and counted.
     pub ring_size: u32,
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// `SCHED_*`: how new flows pick a backend (0 = Maglev, the layout before schedulers).
+    pub scheduler: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
 
@@ -223,6 +249,9 @@ pub const FLOW_RST_SEEN: u8 = 4;
 /// A segment with ACK and without SYN: the handshake completed (or the flow was picked up
 /// mid-stream).
 pub const FLOW_ACK_SEEN: u8 = 8;
+/// The flow holds one count in `ACTIVE_CONNS` (least-conn): set when counted, cleared when the
+/// count is given back (client FIN or RST, idle expiry by the daemon), so it is given back once.
+pub const FLOW_COUNTED: u8 = 16;
 
 /// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_ns() / 1e9`);
 /// `last_seen` is only rewritten when the second changes, to keep writes off the hot path.

@@ -1,4 +1,5 @@
-//! VIP match, flow table and Maglev ring: which backend serves this packet.
+//! VIP match, flow table and Maglev ring: which backend serves this packet (new flows ask
+//! [`crate::schedule`]).
 
 use crate::{
     maps::{BACKENDS, FLOWS, RINGS, VIPS},
@@ -47,14 +48,14 @@ fn now_seconds() -> u32 {
 }
 
 #[inline(always)]
-fn backend_of_vip(backend_id: u32, vip: &VipMeta) -> Option<&'static Backend> {
+pub fn backend_of_vip(backend_id: u32, vip: &VipMeta) -> Option<&'static Backend> {
     let backend = BACKENDS.get(backend_id)?;
     (backend.flags & BACKEND_PRESENT != 0 && backend.vip_id == vip.vip_id).then_some(backend)
 }
 
 /// Maglev table lookup in the VIP's active half.
 #[inline(always)]
-fn from_ring(vip: &VipMeta, hash: u32) -> Option<(u32, &'static Backend)> {
+pub fn from_ring(vip: &VipMeta, hash: u32) -> Option<(u32, &'static Backend)> {
     if vip.ring_size == 0 {
         return None;
     }
@@ -102,6 +103,7 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
                         flow.last_seen = now;
                         flow.state |= state;
                     }
+                    crate::schedule::established(vip, flow);
                     return Ok(Choice {
                         backend_id: flow.backend_id,
                         backend,
@@ -111,11 +113,13 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
             }
         }
         crate::counters::global(counters::FLOW_REHASH);
-        let (backend_id, backend) = from_ring(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
+        let (backend_id, backend) =
+            crate::schedule::pick(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
+        crate::schedule::close(flow.state, flow.backend_id);
         flow.backend_id = backend_id;
         flow.created = now;
         flow.last_seen = now;
-        flow.state = state;
+        flow.state = state | crate::schedule::open(vip, backend_id);
         return Ok(Choice {
             backend_id,
             backend,
@@ -123,16 +127,19 @@ pub fn choose_backend(pkt: &Packet, hash: u32, vip: &VipMeta) -> Result<Choice, 
         });
     }
     crate::counters::global(counters::FLOW_MISS);
-    let (backend_id, backend) = from_ring(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
+    let (backend_id, backend) =
+        crate::schedule::pick(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
     let value = FlowValue {
         backend_id,
         created: now,
         last_seen: now,
-        state,
+        state: state | crate::schedule::open(vip, backend_id),
         _pad: [0; 3],
     };
     if FLOWS.insert(key, &value, 0).is_err() {
-        // Still forward: the ring gives the same answer for the next packet.
+        // Still forward: Maglev gives the same answer for the next packet (round robin and
+        // least-conn may not). No entry holds the count: give it back.
+        crate::schedule::close(value.state, backend_id);
         crate::counters::global(counters::FLOW_INSERT_FAILED);
     }
     Ok(Choice {

@@ -7,6 +7,9 @@
 //! Nothing here can abort: every error is a counted `XDP_PASS` or `XDP_DROP`.
 #![no_std]
 #![no_main]
+// BPF's atomic add (least-conn counts): see schedule.rs.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 // Map keys are passed by reference on purpose: a by-value key is one more copy on the
 // 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -17,6 +20,7 @@ mod forward;
 mod lookup;
 mod maps;
 mod parse;
+mod schedule;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use counters::Traffic;

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters, AddrKey, Backend, FlowKey, FlowValue, LbConfig, TrafficCounters, VipKey, VipMeta,
-    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS,
-    MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS,
+    ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE,
+    DEFAULT_MAX_VIPS, MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS,
 };
 
 #[map]
@@ -49,3 +49,10 @@ pub static DECAP_LOCAL: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_DEC
 
 #[map]
 pub static DECAP_VIPS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
+
+#[map]
+pub static SCHED_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+pub static ACTIVE_CONNS: Array<u64> =
+    Array::with_max_entries(DEFAULT_MAX_BACKENDS, ACTIVE_CONNS_MAP_FLAGS);

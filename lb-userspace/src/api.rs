@@ -57,12 +57,19 @@ pub enum Response {
     Error(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub config_file: PathBuf,
     pub interfaces: Vec<String>,
+    /// Configured interfaces without the XDP program (deleted, or re-attaching failed), with
+    /// why: VIP traffic arriving there is not balanced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detached: Vec<String>,
     /// How the maps were obtained at start: fresh, adopted from a previous run, or replaced.
     pub maps: String,
+    /// Seconds since the flow-table scan behind every `active_flows` started (`None`: no scan
+    /// yet). Scans are paced, so counts miss flows opened since; see `drain_complete`.
+    pub active_flows_age_s: Option<f64>,
     pub vips: Vec<VipStatus>,
 }
 
@@ -71,6 +78,8 @@ pub struct VipStatus {
     pub name: String,
     pub address: String,
     pub forwarding: String,
+    /// "maglev", "round-robin" or "least-conn".
+    pub scheduler: String,
     pub ring_size: u32,
     /// Backends that new flows can go to now.
     pub available: usize,
@@ -94,7 +103,14 @@ pub struct BackendStatus {
     /// Seconds since the last health transition.
     pub health_since_s: Option<u64>,
     pub last_failure: Option<String>,
+    /// Flows seen within the idle timeout and not closed, as of the last flow-table scan.
     pub active_flows: u64,
+    /// Drained, and a flow-table scan that started after the drain took effect found no
+    /// active flow: the backend can be stopped. `active_flows == 0` alone can come from a scan
+    /// older than a connection opened just before the drain.
+    pub drain_complete: bool,
+    /// Least-conn VIPs: the active connections the data path compares for new flows.
+    pub scheduler_connections: Option<i64>,
     /// "02:00:00:00:00:11 via eth0", or why it is unresolved.
     pub next_hop: String,
 }

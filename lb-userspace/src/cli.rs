@@ -24,8 +24,10 @@ use std::{
     about = "XDP L4 load balancer: daemon and CLI"
 )]
 pub struct Cli {
-    /// Admin socket of the daemon.
-    #[arg(long, global = true, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    /// Admin socket of the daemon, given before the command: `xdplb --socket PATH status`.
+    // Not global, so that the help of `run`, `check`, `decap` and `completions`, which do not
+    // use it, does not offer it.
+    #[arg(long, env = "XDPLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -94,6 +96,7 @@ pub enum Command {
     },
     /// On a backend: strip `ipip` tunnels for local VIPs (runs until SIGTERM).
     Decap {
+        /// Interface the tunnelled packets arrive on (e.g. eth0).
         interface: String,
         /// VIP addresses served on this host.
         #[arg(long = "vip", required = true)]
@@ -102,6 +105,7 @@ pub enum Command {
         /// default: the interface's global addresses.
         #[arg(long = "local")]
         locals: Vec<IpAddr>,
+        /// auto (native, else generic), native or generic XDP.
         #[arg(long, default_value = "auto", value_parser = parse_mode)]
         xdp_mode: AttachMode,
     },
@@ -292,12 +296,20 @@ pub fn render_status(report: &StatusReport) -> String {
         report.interfaces.join(","),
         report.maps
     );
+    for problem in &report.detached {
+        out.push_str(&format!("NOT BALANCING: {problem}\n"));
+    }
+    let age = stats::scan_age(report.active_flows_age_s);
+    if !age.is_empty() {
+        out.push_str(&format!("active flows{age}\n"));
+    }
     for vip in &report.vips {
         out.push_str(&format!(
-            "\n{}  {}  {}  ring {}  {}/{} backends available\n",
+            "\n{}  {}  {}  {}  ring {}  {}/{} backends available\n",
             vip.name,
             vip.address,
             vip.forwarding,
+            vip.scheduler,
             vip.ring_size,
             vip.available,
             vip.backends.len()
@@ -305,18 +317,15 @@ pub fn render_status(report: &StatusReport) -> String {
         if let Some(announce) = &vip.announce {
             out.push_str(&format!("  {announce}\n"));
         }
-        let mut rows = vec![[
-            "BACKEND",
-            "WEIGHT",
-            "STATE",
-            "HEALTH",
-            "SINCE",
-            "ACTIVE",
-            "NEXT HOP",
-            "LAST FAILURE",
-        ]
-        .map(String::from)
-        .to_vec()];
+        // Least-conn VIPs: the count the data path picks by, next to the flow scan's ACTIVE.
+        let conns = vip
+            .backends
+            .iter()
+            .any(|b| b.scheduler_connections.is_some());
+        let mut header = vec!["BACKEND", "WEIGHT", "STATE", "HEALTH", "SINCE", "ACTIVE"];
+        header.extend(conns.then_some("CONNS"));
+        header.extend(["NEXT HOP", "LAST FAILURE"]);
+        let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
         for b in &vip.backends {
             let weight = match b.cli_weight {
                 Some(w) => format!(
@@ -328,16 +337,31 @@ pub fn render_status(report: &StatusReport) -> String {
                 }
                 None => b.effective_weight.to_string(),
             };
-            rows.push(vec![
+            let mut row = vec![
                 b.address.to_string(),
                 weight,
-                if b.drained { "drained" } else { "active" }.into(),
+                match (b.drained, b.drain_complete) {
+                    (false, _) => "active",
+                    (true, false) => "draining",
+                    (true, true) => "drained",
+                }
+                .into(),
                 b.health.clone(),
                 ago(b.health_since_s),
                 b.active_flows.to_string(),
+            ];
+            if conns {
+                row.push(
+                    b.scheduler_connections
+                        .map(|c| c.to_string())
+                        .unwrap_or_default(),
+                );
+            }
+            row.extend([
                 b.next_hop.clone(),
                 b.last_failure.clone().unwrap_or_default(),
             ]);
+            rows.push(row);
         }
         out.push_str(&table(&rows, "  "));
     }
@@ -372,7 +396,9 @@ pub fn render_flows(list: &FlowList) -> String {
     out
 }
 
-/// Polls the backend's active flows, printing a progress line, until 0 or the timeout.
+/// Polls the backend's drain, printing a progress line, until it is complete or the timeout
+/// passes. Complete means a flow-table scan that started after the drain found no active flow:
+/// an older scan cannot have seen a connection opened just before the drain.
 async fn wait_for_drain(
     socket: &Path,
     vip: &str,
@@ -385,7 +411,7 @@ async fn wait_for_drain(
         let Response::Status(report) = call(socket, Request::Status).await? else {
             bail!("unexpected response");
         };
-        let active = report
+        let b = report
             .vips
             .iter()
             .filter(|v| {
@@ -393,16 +419,29 @@ async fn wait_for_drain(
             })
             .flat_map(|v| &v.backends)
             .find(|b| b.address == backend)
-            .map(|b| b.active_flows)
             .context("the backend disappeared from the config while draining")?;
-        let line = format!("draining {vip} {backend}: {active} active flows");
+        if !b.drained {
+            if terminal {
+                println!();
+            }
+            bail!("{backend} was undrained while waiting");
+        }
+        let (active, complete) = (b.active_flows, b.drain_complete);
+        let line = if complete || active > 0 {
+            format!(
+                "draining {vip} {backend}: {active} active flows{}",
+                stats::scan_age(report.active_flows_age_s)
+            )
+        } else {
+            format!("draining {vip} {backend}: waiting for a flow-table scan that started after the drain")
+        };
         if terminal {
             print!("\r\x1b[2K{line}");
             std::io::stdout().flush()?;
         } else {
             println!("{line}");
         }
-        if active == 0 {
+        if complete {
             if terminal {
                 println!();
             }
@@ -451,14 +490,65 @@ async fn decap(
     let mut dataplane = Dataplane::load(Role::Decap, Sizes::UNUSED, None)?;
     dataplane.set_decap_local(&locals.iter().map(key).collect::<Vec<_>>())?;
     dataplane.set_decap_vips(&vips.iter().map(key).collect::<Vec<_>>())?;
+    // Subscribed before attaching, so no change after the attachment is missed.
+    let mut link_events = crate::links::watch(vec![interface.to_string()])?;
     dataplane.attach(interface, mode)?;
+    let program_id = dataplane.program_id()?;
+    let mut present = true;
     tracing::info!(%interface, ?locals, ?vips, "decap program attached; stop with SIGTERM or Ctrl-C");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            Some(event) = link_events.recv() => {
+                match crate::links::current(&[event.name().to_string()]).await {
+                    Ok(now) => {
+                        for state in now {
+                            present = follow_decap_interface(&mut dataplane, &state, present, program_id, mode);
+                        }
+                    }
+                    Err(e) => tracing::error!(%interface, "reading the interface's state: {e}"),
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// Attaches the decap program again when its interface came back without it. `present`:
+/// whether the interface existed at the last event; returns whether it does now.
+fn follow_decap_interface(
+    dataplane: &mut Dataplane,
+    state: &crate::links::LinkEvent,
+    present: bool,
+    program_id: u32,
+    mode: AttachMode,
+) -> bool {
+    use crate::links::LinkEvent;
+    match state {
+        LinkEvent::Removed { name, .. } => {
+            if present {
+                tracing::error!(interface = %name, "interface deleted: tunnels are not decapsulated until it comes back");
+            }
+            false
+        }
+        LinkEvent::Present {
+            name, xdp_program, ..
+        } => {
+            if *xdp_program != Some(program_id) {
+                match dataplane.attach(name, mode) {
+                    Ok(_) => {
+                        tracing::info!(interface = %name, "interface back: decap program attached again")
+                    }
+                    Err(e) => {
+                        tracing::error!(interface = %name, "re-attaching the decap program failed: {e}")
+                    }
+                }
+            }
+            true
+        }
+    }
 }
 
 #[cfg(test)]
@@ -477,16 +567,21 @@ mod tests {
             health_since_s: Some(90),
             last_failure: (health == "down").then(|| "connect: connection refused".into()),
             active_flows: active,
+            drain_complete: drained && active == 0,
+            scheduler_connections: None,
             next_hop: "02:00:00:00:00:11 ifindex 2".into(),
         };
         StatusReport {
             config_file: "/etc/xdplb/xdplb.toml".into(),
             interfaces: vec!["eth0".into()],
+            detached: Vec::new(),
             maps: "fresh".into(),
+            active_flows_age_s: Some(8.25),
             vips: vec![VipStatus {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
                 forwarding: "dsr".into(),
+                scheduler: "maglev".into(),
                 ring_size: 65537,
                 available: 1,
                 announce: Some("announced: 1 backend up".into()),
@@ -494,6 +589,7 @@ mod tests {
                     backend("10.1.0.11", 100, None, false, "up", 12),
                     backend("10.1.0.12", 0, None, true, "up", 3),
                     backend("10.1.0.13", 0, Some(50), false, "down", 0),
+                    backend("10.1.0.14", 0, None, true, "up", 0),
                 ],
             }],
         }
@@ -503,15 +599,40 @@ mod tests {
     fn status_table_is_aligned_and_complete() {
         let expected = "\
 config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
+active flows (counted 8.2 s ago)
 
-web  192.0.2.10:80/tcp  dsr  ring 65537  1/3 backends available
+web  192.0.2.10:80/tcp  dsr  maglev  ring 65537  1/4 backends available
   announced: 1 backend up
-  BACKEND    WEIGHT                  STATE    HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
-  10.1.0.11  100                     active   up      90s    12      02:00:00:00:00:11 ifindex 2
-  10.1.0.12  0 (config 100)          drained  up      90s    3       02:00:00:00:00:11 ifindex 2
-  10.1.0.13  0 (cli 50, config 100)  active   down    90s    0       02:00:00:00:00:11 ifindex 2  connect: connection refused
+  BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
+  10.1.0.11  100                     active    up      90s    12      02:00:00:00:00:11 ifindex 2
+  10.1.0.12  0 (config 100)          draining  up      90s    3       02:00:00:00:00:11 ifindex 2
+  10.1.0.13  0 (cli 50, config 100)  active    down    90s    0       02:00:00:00:00:11 ifindex 2  connect: connection refused
+  10.1.0.14  0 (config 100)          drained   up      90s    0       02:00:00:00:00:11 ifindex 2
 ";
         assert_eq!(render_status(&report()), expected);
+    }
+
+    #[test]
+    fn least_conn_status_shows_the_counts_new_flows_are_picked_by() {
+        let mut report = report();
+        let vip = &mut report.vips[0];
+        vip.scheduler = "least-conn".into();
+        for (b, conns) in vip.backends.iter_mut().zip([11, 3, 0, 0]) {
+            b.scheduler_connections = Some(conns);
+        }
+        let expected = "\
+config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
+active flows (counted 8.2 s ago)
+
+web  192.0.2.10:80/tcp  dsr  least-conn  ring 65537  1/4 backends available
+  announced: 1 backend up
+  BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  CONNS  NEXT HOP                     LAST FAILURE
+  10.1.0.11  100                     active    up      90s    12      11     02:00:00:00:00:11 ifindex 2
+  10.1.0.12  0 (config 100)          draining  up      90s    3       3      02:00:00:00:00:11 ifindex 2
+  10.1.0.13  0 (cli 50, config 100)  active    down    90s    0       0      02:00:00:00:00:11 ifindex 2  connect: connection refused
+  10.1.0.14  0 (config 100)          drained   up      90s    0       0      02:00:00:00:00:11 ifindex 2
+";
+        assert_eq!(render_status(&report), expected);
     }
 
     #[test]
@@ -573,5 +694,27 @@ CLIENT              VIP  PROTO  BACKEND    AGE  IDLE  STATE
         ));
         let err = Cli::try_parse_from(["xdplb", "drain", "web", "not-an-ip"]).unwrap_err();
         assert!(err.to_string().contains("not-an-ip"), "{err}");
+        let cli = Cli::try_parse_from(["xdplb", "--socket", "/tmp/a.sock", "status"]).unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/a.sock"));
+    }
+
+    #[test]
+    fn decap_help_describes_its_arguments_and_offers_no_socket() {
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("decap")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!help.contains("--socket"), "{help}");
+        let interface = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("<INTERFACE>"))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            interface.contains("Interface the tunnelled packets"),
+            "{help}"
+        );
     }
 }

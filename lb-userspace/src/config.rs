@@ -19,8 +19,9 @@ use crate::{
     maglev::{self, MaglevError},
     model::{
         Announce, BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown,
-        Prefix, Protocol, Services, VipAddr, VipSpec,
+        Prefix, Protocol, Services, TlsSpec, VipAddr, VipSpec,
     },
+    scheduler::{self, Scheduler},
 };
 use std::{
     collections::HashMap,
@@ -412,6 +413,7 @@ const VIP_KEYS: &[&str] = &[
     "port",
     "protocol",
     "forwarding",
+    "scheduler",
     "ring_size",
     "health",
     "backend",
@@ -423,6 +425,8 @@ const HEALTH_KEYS: &[&str] = &[
     "path",
     "expect_status",
     "host",
+    "tls_verify",
+    "tls_ca",
     "interval",
     "timeout",
     "rise",
@@ -430,6 +434,7 @@ const HEALTH_KEYS: &[&str] = &[
     "on_all_down",
 ];
 const HTTP_KEYS: &[&str] = &["path", "expect_status", "host"];
+const TLS_KEYS: &[&str] = &["tls_verify", "tls_ca"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "mac", "health_port"];
 
 const XDP_MODES: [AttachMode; 3] = [AttachMode::Auto, AttachMode::Native, AttachMode::Generic];
@@ -448,11 +453,13 @@ enum Kind {
     None,
     Tcp,
     Http,
+    Https,
 }
-const KINDS: [(&str, Kind); 3] = [
+const KINDS: [(&str, Kind); 4] = [
     ("none", Kind::None),
     ("tcp", Kind::Tcp),
     ("http", Kind::Http),
+    ("https", Kind::Https),
 ];
 
 /// Sanity bounds on map sizes, each with what it protects.
@@ -868,6 +875,9 @@ fn read_vip(
     let forwarding = t
         .choice(p, "forwarding", &FORWARDINGS)
         .map(|forwarding| forwarding.unwrap_or(Forwarding::Dsr));
+    let scheduler = t
+        .choice(p, "scheduler", &Scheduler::CHOICES)
+        .map(Option::unwrap_or_default);
     let ring_size = t
         .int(p, "ring_size", 0..=u32::MAX)
         .map(|size| size.unwrap_or(maglev::DEFAULT_RING_SIZE));
@@ -907,6 +917,15 @@ fn read_vip(
         );
     }
 
+    // Client affinity (issue 14, `affinity = "client"`) relies on Maglev's hash: once both
+    // are merged, a non-maglev scheduler with it must be rejected here.
+    if let (Ok(scheduler), Ok(size)) = (scheduler, ring_size) {
+        let weights: Vec<u32> = backends.iter().flatten().map(|b| b.weight).collect();
+        if let Err(err) = scheduler::check(scheduler, &weights, size) {
+            p.report(t.key("scheduler"), err.to_string());
+        }
+    }
+
     // A port-0 VIP has no port to probe, unless every backend names its own.
     if let (Ok(0), Ok(health)) = (port, &health) {
         let unprobed = backends.iter().flatten().any(|b| b.health_port.is_none());
@@ -928,6 +947,7 @@ fn read_vip(
             protocol: protocol?,
         },
         forwarding: forwarding?,
+        scheduler: scheduler?,
         ring_size: ring_size?,
         health: health?,
         backends: backends?,
@@ -1036,7 +1056,14 @@ fn read_health(t: &Table, p: &mut Problems) -> Result<HealthSpec, Reported> {
     t.reject_unknown(p, HEALTH_KEYS);
     let defaults = HealthSpec::default();
     let kind = match t.choice(p, "kind", &KINDS) {
-        Ok(Some(Kind::Http)) => read_http(t, p),
+        Ok(Some(Kind::Http)) => {
+            let tls = reject_keys(t, p, TLS_KEYS, &["https"]).map(|()| None);
+            read_http(t, p, tls)
+        }
+        Ok(Some(Kind::Https)) => {
+            let tls = read_tls(t, p).map(Some);
+            read_http(t, p, tls)
+        }
         Ok(Some(Kind::Tcp)) => reject_http_keys(t, p, CheckKind::Tcp),
         Ok(None | Some(Kind::None)) => reject_http_keys(t, p, CheckKind::None),
         Err(reported) => Err(reported),
@@ -1084,17 +1111,65 @@ fn read_health(t: &Table, p: &mut Problems) -> Result<HealthSpec, Reported> {
 
 /// HTTP settings under another kind would silently do nothing, which hides a mistake.
 fn reject_http_keys(t: &Table, p: &mut Problems, kind: CheckKind) -> Result<CheckKind, Reported> {
-    let mut result = Ok(kind);
-    for name in HTTP_KEYS.iter().filter(|name| t.table.contains_key(**name)) {
+    let http = reject_keys(t, p, HTTP_KEYS, &["http", "https"]);
+    let tls = reject_keys(t, p, TLS_KEYS, &["https"]);
+    http.and(tls).map(|()| kind)
+}
+
+/// Reports each of `keys` present in `t`: only the check kinds `used_by` use them.
+fn reject_keys(
+    t: &Table,
+    p: &mut Problems,
+    keys: &[&str],
+    used_by: &[&str],
+) -> Result<(), Reported> {
+    let kinds: Vec<String> = used_by.iter().map(|kind| format!("{kind:?}")).collect();
+    let mut result = Ok(());
+    for name in keys.iter().filter(|name| t.table.contains_key(**name)) {
         result = Err(p.report(
             t.key(name),
-            format!("{name} is only used by kind = \"http\"; remove it or set kind = \"http\""),
+            format!(
+                "{name} is only used by kind = {}; remove it or set kind = {}",
+                kinds.join(" or "),
+                kinds[0]
+            ),
         ));
     }
     result
 }
 
-fn read_http(t: &Table, p: &mut Problems) -> Result<CheckKind, Reported> {
+/// `tls_verify` and `tls_ca` of an `https` check. The CA file is read and parsed now, so a
+/// bad one is a config error (a reload keeps the running config) rather than failing checks.
+fn read_tls(t: &Table, p: &mut Problems) -> Result<TlsSpec, Reported> {
+    let verify = t
+        .get(p, "tls_verify", "true or false", Value::as_bool)
+        .map(|v| v.unwrap_or(false));
+    let ca = match verify {
+        Ok(false) if t.table.contains_key("tls_ca") => Err(p.report(
+            t.key("tls_ca"),
+            "is only used with tls_verify = true; set tls_verify = true to verify the backends \
+             against it, or remove tls_ca",
+        )),
+        _ => t.parsed(p, "tls_ca", |path| {
+            if !Path::new(path).is_absolute() {
+                return Err(format!(
+                    "{path:?} is not an absolute path; start it with '/'"
+                ));
+            }
+            crate::health::load_ca(Path::new(path))
+        }),
+    };
+    Ok(TlsSpec {
+        verify: verify?,
+        ca: ca?,
+    })
+}
+
+fn read_http(
+    t: &Table,
+    p: &mut Problems,
+    tls: Result<Option<TlsSpec>, Reported>,
+) -> Result<CheckKind, Reported> {
     let path = t
         .parsed(p, "path", |path| {
             if path.starts_with('/') {
@@ -1114,10 +1189,16 @@ fn read_http(t: &Table, p: &mut Problems) -> Result<CheckKind, Reported> {
             request_safe(host, "remove them")
         }
     });
+    if let (Ok(Some(_)), Ok(Some(host))) = (&tls, &host) {
+        if let Err(message) = crate::health::server_name(Some(host), IpAddr::from([0, 0, 0, 0])) {
+            return Err(p.report(t.key("host"), message));
+        }
+    }
     Ok(CheckKind::Http {
         path: path?,
         expect_status: expect_status?,
         host: host?,
+        tls: tls?,
     })
 }
 
@@ -1221,6 +1302,7 @@ impl Config {
                     vip.name.clone(),
                     vip.vip.to_string(),
                     vip.forwarding.to_string(),
+                    vip.scheduler.to_string(),
                     format!("ring {}", vip.ring_size),
                     health_summary(&vip.health),
                 ]
@@ -1286,7 +1368,10 @@ fn health_summary(health: &HealthSpec) -> String {
     match &health.kind {
         CheckKind::None => "health none".to_string(),
         CheckKind::Tcp => format!("health tcp{port} every {every}"),
-        CheckKind::Http { path, .. } => format!("health http {path}{port} every {every}"),
+        CheckKind::Http { path, tls, .. } => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("health {scheme} {path}{port} every {every}")
+        }
     }
 }
 
@@ -1416,6 +1501,7 @@ mod tests {
             port = 0
             protocol = "udp"
             forwarding = "ipip"
+            scheduler = "least-conn"
             ring_size = 13
 
             [vip.health]
@@ -1467,12 +1553,14 @@ mod tests {
                             protocol: Protocol::Tcp,
                         },
                         forwarding: Forwarding::Dsr,
+                        scheduler: Scheduler::Maglev,
                         ring_size: 1009,
                         health: HealthSpec {
                             kind: CheckKind::Http {
                                 path: "/healthz".into(),
                                 expect_status: 204,
                                 host: Some("web.example".into()),
+                                tls: None,
                             },
                             port: Some(8080),
                             interval: Duration::from_secs(2),
@@ -1497,6 +1585,7 @@ mod tests {
                             protocol: Protocol::Udp,
                         },
                         forwarding: Forwarding::Ipip,
+                        scheduler: Scheduler::LeastConn,
                         ring_size: 13,
                         health: HealthSpec {
                             kind: CheckKind::Tcp,
@@ -1573,6 +1662,22 @@ mod tests {
                 path: "/".into(),
                 expect_status: 200,
                 host: None,
+                tls: None,
+            }
+        );
+        let https = valid(&with_health(
+            "kind = \"https\"\ntls_verify = true\nhost = \"web.example:8443\"\n",
+        ));
+        assert_eq!(
+            https.services.vips[0].health.kind,
+            CheckKind::Http {
+                path: "/".into(),
+                expect_status: 200,
+                host: Some("web.example:8443".into()),
+                tls: Some(TlsSpec {
+                    verify: true,
+                    ca: None
+                }),
             }
         );
         let none = valid(&with_health("interval = \"5s\"\n"));
@@ -1627,6 +1732,7 @@ mod tests {
             address = "2001:db8::10"
             port = 443
             forwarding = "ipip"
+            scheduler = "round-robin"
             ring_size = 1009
             [vip.health]
             kind = "tcp"
@@ -1644,12 +1750,12 @@ mod tests {
         assert_eq!(
             config.summary(),
             "interfaces eth0, eth1 (xdp_mode native); 3 VIPs, 3 backends\n\
-             web    192.0.2.10:80/tcp       dsr   ring 65537  health http /healthz every 1s\n\
+             web    192.0.2.10:80/tcp       dsr   maglev       ring 65537  health http /healthz every 1s\n\
              \x20 10.1.0.11       weight 100  mac 02:00:00:00:00:11\n\
              \x20 10.1.0.12       weight 5                           health port 8081\n\
-             api    [2001:db8::10]:443/tcp  ipip  ring 1009   health tcp port 8443 every 2s\n\
+             api    [2001:db8::10]:443/tcp  ipip  round-robin  ring 1009   health tcp port 8443 every 2s\n\
              \x20 2001:db8:1::21  weight 100\n\
-             spare  192.0.2.11:53/udp       dsr   ring 65537  health none\n\
+             spare  192.0.2.11:53/udp       dsr   maglev       ring 65537  health none\n\
              \x20 (no backends: its packets are dropped)\n"
         );
     }
@@ -1713,6 +1819,58 @@ mod tests {
         assert!(message.starts_with(&format!("cannot read {}: ", missing.display())));
         assert!(message.ends_with("(check the path)"), "{message}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn schedulers_are_checked_against_their_limits() {
+        assert_rejected(
+            &with_vip("scheduler = \"random\"\n"),
+            "vip[0] (web).scheduler",
+            "\"random\" is not one of \"maglev\", \"round-robin\", \"least-conn\"",
+        );
+        // Round robin: the weighted turn (sum / gcd) must fit the ring.
+        let turn = |weights: &[u32]| {
+            let backends: String = weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    format!(
+                        "[[vip.backend]]\naddress = \"10.0.0.{}\"\nweight = {w}\n",
+                        i + 1
+                    )
+                })
+                .collect();
+            format!("{DAEMON}{WEB}scheduler = \"round-robin\"\nring_size = 13\n{backends}")
+        };
+        assert_rejected(
+            &turn(&[100, 201, 301]),
+            "vip[0] (web).scheduler",
+            "turn is 602 new flows long",
+        );
+        assert_eq!(
+            valid(&turn(&[100, 200, 300])).services.vips[0].scheduler,
+            Scheduler::RoundRobin
+        );
+        // Least-conn: a bounded scan, so a bounded number of backends.
+        let backends: String = (0..65)
+            .map(|i| {
+                format!(
+                    "[[vip.backend]]\naddress = \"10.0.{}.{}\"\n",
+                    i / 200,
+                    i % 200 + 1
+                )
+            })
+            .collect();
+        assert_rejected(
+            &format!("{DAEMON}{WEB}scheduler = \"least-conn\"\n{backends}"),
+            "vip[0] (web).scheduler",
+            "at most 64 backends per new flow, and the VIP has 65",
+        );
+        assert_eq!(
+            valid(&with_vip("")).services.vips[0].scheduler,
+            Scheduler::Maglev,
+            "maglev by default"
+        );
     }
 
     #[test]
@@ -2085,7 +2243,7 @@ mod tests {
             (
                 "kind = \"icmp\"",
                 "kind",
-                "\"icmp\" is not one of \"none\", \"tcp\", \"http\"",
+                "\"icmp\" is not one of \"none\", \"tcp\", \"http\", \"https\"",
             ),
             (
                 "kind = \"tcp\"\nport = 0",
@@ -2125,7 +2283,7 @@ mod tests {
             (
                 "kind = \"tcp\"\npath = \"/\"",
                 "path",
-                "path is only used by kind = \"http\"; remove it or set kind = \"http\"",
+                "path is only used by kind = \"http\" or \"https\"; remove it or set kind = \"http\"",
             ),
             (
                 "kind = \"none\"\nhost = \"web\"",
@@ -2136,6 +2294,36 @@ mod tests {
                 "expect_status = 200",
                 "expect_status",
                 "expect_status is only used by kind = \"http\"",
+            ),
+            (
+                "kind = \"http\"\ntls_verify = true",
+                "tls_verify",
+                "tls_verify is only used by kind = \"https\"; remove it or set kind = \"https\"",
+            ),
+            (
+                "kind = \"https\"\ntls_verify = \"yes\"",
+                "tls_verify",
+                "expected true or false, found",
+            ),
+            (
+                "kind = \"https\"\ntls_ca = \"/etc/ca.pem\"",
+                "tls_ca",
+                "is only used with tls_verify = true",
+            ),
+            (
+                "kind = \"https\"\ntls_verify = true\ntls_ca = \"ca.pem\"",
+                "tls_ca",
+                "\"ca.pem\" is not an absolute path",
+            ),
+            (
+                "kind = \"https\"\ntls_verify = true\ntls_ca = \"/nonexistent/ca.pem\"",
+                "tls_ca",
+                "cannot read CA certificates from /nonexistent/ca.pem",
+            ),
+            (
+                "kind = \"https\"\nhost = \"a..b\"",
+                "host",
+                "host \"a..b\" is not a TLS server name",
             ),
             (
                 "kind = \"tcp\"\ninterval = \"1x\"",

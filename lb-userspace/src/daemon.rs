@@ -1,114 +1,55 @@
 //! `xdplb run`: owns the data path for its lifetime. Every change (config reload, CLI command,
-//! health transition, next-hop change) goes through [`Daemon::apply`]: model + overrides +
-//! health -> target -> plan -> map writes.
+//! health transition, next-hop change, interface re-created) goes through [`Daemon::apply`]:
+//! model + overrides + health + cached next hops -> target -> plan -> map writes.
+//!
+//! Every task shares the daemon behind one mutex, held only to plan and apply: slow work
+//! (reading the config, looking next hops up) runs without it, so the admin API and
+//! `/metrics` answer during a reload; `/healthz` reads an atomic and never waits.
+
+mod host;
+mod tasks;
+
+pub use tasks::run;
 
 use crate::{
     announce::{self, Announcer},
     api::{
-        self, BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport,
-        VipStatus,
+        BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport, VipStatus,
     },
-    config::{self, Config},
+    attachments::Attachments,
+    config::Config,
     dataplane::{Adoption, Dataplane, Role},
+    flowscan::FlowScan,
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
-    metrics,
-    model::{BackendSpec, Mac, OnAllDown, VipSpec},
+    links, metrics,
+    model::{BackendSpec, OnAllDown, VipSpec},
     net::HostResolver,
+    nexthops::{self, NextHops},
     overrides::Overrides,
-    state::{self, BackendStatus, Live, NextHop, Resolve, Unresolved},
-    stats::{self, BackendSample, Sample, Stats, VipSample},
+    scheduler,
+    state::{self, BackendStatus, Live, Unresolved},
+    stats::{self, BackendSample, Sample, Snapshot, Stats, VipSample},
 };
 use anyhow::{bail, Context as _, Result};
-use lb_common::{FlowKey, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, PROTO_TCP};
+use lb_common::{FlowKey, BACKEND_DOWN, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, PROTO_TCP};
 use std::{
-    cell::RefCell,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::mpsc,
-};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
-
-/// Flow-table entries one stats interval may scan: a larger table is scanned every
-/// `entries / FLOWS_PER_SCAN_PERIOD + 1` intervals.
-const FLOWS_PER_SCAN_PERIOD: usize = 100_000;
-
-/// What the last flow-table scan found.
-#[derive(Default)]
-struct FlowScan {
-    /// Backend id -> flows seen within the idle timeout and not closed.
-    active: HashMap<u32, u64>,
-    entries: u64,
-    /// Samples to skip before the next scan.
-    countdown: u32,
-}
-
-/// How often unresolved next hops are retried and some resolved ones refreshed.
-const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
-/// Next hops re-resolved per tick, unresolved ones first: with 1,000 backends each is
-/// refreshed about every 30 s (for route changes; neighbour changes arrive as netlink
-/// notifications, see [`Daemon::neighbours_changed`]), at a bounded cost.
-const REFRESH_PER_TICK: usize = 32;
 
 pub struct Options {
     pub config_path: PathBuf,
     /// On exit, detach the programs and remove the pinned maps (instead of leaving the data
     /// path running for the next daemon to adopt).
     pub detach_on_exit: bool,
-}
-
-/// Next hops toward backends, resolved as rarely as possible: resolving costs a route and a
-/// neighbour lookup (a netlink request each), so a known answer, good or bad, is reused unless
-/// the backend is in `refresh` (the periodic tick retries failures every second). The last
-/// good answer also outlives a neighbour entry that briefly disappears, so a flapping ARP
-/// entry never pulls a backend out of its ring.
-struct Remembering<'a, R> {
-    resolver: &'a R,
-    known: RefCell<&'a mut NextHops>,
-    refresh: &'a BTreeSet<IpAddr>,
-}
-
-/// What resolution last said per backend address.
-#[derive(Default)]
-struct NextHops {
-    good: HashMap<IpAddr, NextHop>,
-    /// Addresses that never resolved, with why.
-    failed: HashMap<IpAddr, String>,
-}
-
-impl<R: Resolve> Resolve for Remembering<'_, R> {
-    fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
-        let addr = backend.addr;
-        if !self.refresh.contains(&addr) {
-            let known = self.known.borrow();
-            if let Some(hop) = known.good.get(&addr) {
-                return Ok(*hop);
-            }
-            if let Some(reason) = known.failed.get(&addr) {
-                return Err(reason.clone());
-            }
-        }
-        let mut known = self.known.borrow_mut();
-        match self.resolver.next_hop(backend) {
-            Ok(hop) => {
-                known.failed.remove(&addr);
-                known.good.insert(addr, hop);
-                Ok(hop)
-            }
-            Err(reason) => match known.good.get(&addr) {
-                Some(hop) => Ok(*hop),
-                None => {
-                    known.failed.insert(addr, reason.clone());
-                    Err(reason)
-                }
-            },
-        }
-    }
 }
 
 pub struct Daemon {
@@ -121,8 +62,9 @@ pub struct Daemon {
     next_hops: NextHops,
     unresolved: Vec<Unresolved>,
     health: HealthMonitor,
-    /// Where the round-robin next-hop refresh continues.
-    refresh_cursor: usize,
+    attachments: Attachments,
+    /// What `/healthz` answers, updated after every change (see [`Daemon::healthy`]).
+    healthz: Arc<AtomicBool>,
     flow_scan: FlowScan,
     /// Per VIP, the backends last seen healthy (for `on_all_down = "keep"`).
     last_healthy: BTreeMap<String, BTreeSet<IpAddr>>,
@@ -137,12 +79,16 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Loads the config, loads or adopts the data path, fills the maps, then attaches.
-    fn start(options: &Options, health_events: mpsc::UnboundedSender<HealthEvent>) -> Result<Self> {
-        let config = config::load(&options.config_path)?;
+    /// Loads or adopts the data path, fills the maps, then attaches.
+    fn start(
+        options: &Options,
+        config: Config,
+        health_events: mpsc::UnboundedSender<HealthEvent>,
+        healthz: Arc<AtomicBool>,
+    ) -> Result<Self> {
         let daemon_config = &config.daemon;
-        let instance_lock = lock_instance(&daemon_config.state_dir)?;
-        ensure_bpffs(&daemon_config.pin_dir)?;
+        let instance_lock = host::lock_instance(&daemon_config.state_dir)?;
+        host::ensure_bpffs(&daemon_config.pin_dir)?;
         let mut dataplane = Dataplane::load(
             Role::Balancer,
             daemon_config.sizes,
@@ -160,7 +106,10 @@ impl Daemon {
             Adoption::Fresh => Live::empty(daemon_config.sizes),
         };
         let resolver = HostResolver::new(&daemon_config.interfaces)?;
-        let overrides = Overrides::load(&daemon_config.state_dir)?;
+        let (overrides, set_aside) = Overrides::load_or_set_aside(&daemon_config.state_dir)?;
+        if let Some(warning) = set_aside {
+            error!("{warning}");
+        }
         let health_metrics = metrics::HealthMetrics::default();
         let observer: CheckObserver = {
             let metrics = health_metrics.clone();
@@ -170,30 +119,16 @@ impl Daemon {
                 }
             })
         };
-        let health = HealthMonitor::new(health_events, observer);
-        for iface in &daemon_config.interfaces {
-            dataplane.add_tx_port(crate::net::interface_index(iface)?)?;
-        }
-        // A restart must not lose a backend whose neighbour entry happens to be missing right
-        // now: the adopted entries hold the next hops the data path is using.
-        let next_hops = NextHops {
-            good: live
-                .vips
-                .values()
-                .flat_map(|vip| vip.backends.iter())
-                .map(|(addr, backend)| {
-                    let e = &backend.entry;
-                    let hop = NextHop {
-                        dst_mac: Mac(e.dst_mac),
-                        src_mac: Mac(e.src_mac),
-                        ifindex: e.tx_ifindex,
-                        mtu: e.mtu,
-                    };
-                    (*addr, hop)
-                })
-                .collect(),
-            failed: HashMap::new(),
-        };
+        let mut health = HealthMonitor::new(health_events, observer);
+        presume_down_as_adopted(&mut health, &live, &config.services.vips);
+        let mut next_hops = NextHops::adopted(&live);
+        let refresh = next_hops_to_current_interfaces(&mut next_hops, &daemon_config.interfaces)?;
+        let due = next_hops.due(
+            config.services.vips.iter().flat_map(|v| &v.backends),
+            &refresh,
+        );
+        next_hops.record(nexthops::resolve(&resolver, &due));
+        let attachments = Attachments::new(&mut dataplane, daemon_config.xdp_mode)?;
         let mut daemon = Self {
             config_path: options.config_path.clone(),
             config,
@@ -203,9 +138,10 @@ impl Daemon {
             resolver,
             next_hops,
             unresolved: Vec::new(),
-            refresh_cursor: 0,
             flow_scan: FlowScan::default(),
             health,
+            attachments,
+            healthz,
             last_healthy: BTreeMap::new(),
             stats: Stats::default(),
             health_metrics,
@@ -215,11 +151,10 @@ impl Daemon {
         daemon.sync_health();
         // Maps first, then attach: a fresh program never sees a packet with empty maps.
         daemon.apply()?;
-        let mode = daemon.config.daemon.xdp_mode;
-        for iface in daemon.config.daemon.interfaces.clone() {
-            daemon.dataplane.attach(&iface, mode)?;
-            info!(%iface, "XDP program attached");
-        }
+        daemon
+            .attachments
+            .attach_all(&mut daemon.dataplane, &daemon.config.daemon.interfaces)?;
+        daemon.publish_health();
         daemon.dataplane.remove_older_layouts()?;
         for iface in daemon
             .dataplane
@@ -280,45 +215,9 @@ impl Daemon {
                 .is_some_and(|set| set.contains(&backend))
     }
 
-    /// Makes the maps match config + overrides + health + next hops, reusing known next hops.
+    /// Makes the maps match config + overrides + health + the next hops known now (it never
+    /// resolves: see [`resolve_then_apply`]).
     pub fn apply(&mut self) -> Result<()> {
-        self.apply_refreshing(&BTreeSet::new())
-    }
-
-    /// Every backend address of the config, sorted and once.
-    fn backend_addresses(&self) -> BTreeSet<IpAddr> {
-        self.config
-            .services
-            .vips
-            .iter()
-            .flat_map(|v| v.backends.iter().map(|b| b.addr))
-            .collect()
-    }
-
-    /// The periodic next-hop refresh of at most [`REFRESH_PER_TICK`] backends: unresolved
-    /// ones first, then the next slice of the resolved ones, round robin.
-    fn refresh_next_hops(&mut self) -> Result<()> {
-        let all: Vec<IpAddr> = self.backend_addresses().into_iter().collect();
-        let mut refresh: BTreeSet<IpAddr> = self
-            .unresolved
-            .iter()
-            .map(|u| u.backend)
-            .take(REFRESH_PER_TICK)
-            .collect();
-        let room = REFRESH_PER_TICK
-            .saturating_sub(refresh.len())
-            .min(all.len());
-        for i in 0..room {
-            refresh.insert(all[(self.refresh_cursor + i) % all.len()]);
-        }
-        if !all.is_empty() {
-            self.refresh_cursor = (self.refresh_cursor + room) % all.len();
-        }
-        self.apply_refreshing(&refresh)
-    }
-
-    /// Like [`apply`](Self::apply), resolving the backends in `refresh` again.
-    fn apply_refreshing(&mut self, refresh: &BTreeSet<IpAddr>) -> Result<()> {
         self.remember_healthy_sets();
         let mut statuses: HashMap<(String, IpAddr), BackendStatus> = HashMap::new();
         for vip in &self.config.services.vips {
@@ -326,15 +225,10 @@ impl Daemon {
                 statuses.insert((vip.name.clone(), b.addr), self.backend_status(vip, b));
             }
         }
-        let resolver = Remembering {
-            resolver: &self.resolver,
-            known: RefCell::new(&mut self.next_hops),
-            refresh,
-        };
         let target = state::target(
             &self.config.services,
             |vip, b| statuses[&(vip.name.clone(), b.addr)],
-            &resolver,
+            &self.next_hops,
         )?;
         let (changes, next) = state::plan(&self.live, &target)?;
         if let Err(e) = state::apply(&mut self.dataplane, &changes) {
@@ -352,6 +246,7 @@ impl Daemon {
         }
         self.live = next;
         self.unresolved = target.unresolved;
+        self.publish_health();
         // The maps are written: a failed route write is the announcer's to report and retry
         // (every second), not a reason to undo this change.
         self.sync_announcements();
@@ -415,6 +310,70 @@ impl Daemon {
         announcer.withdraw_grace()
     }
 
+    /// The backends whose neighbour (the backend or its gateway) now has another MAC, or none
+    /// (failed, deleted: looking up again restarts ARP/ND; the last good MAC is kept
+    /// meanwhile): those to look up at once.
+    fn neighbours_changed(&self, changes: &[crate::net::NeighbourChange]) -> BTreeSet<IpAddr> {
+        let due: BTreeSet<IpAddr> = changes
+            .iter()
+            .flat_map(|change| {
+                self.resolver
+                    .backends_via(change.addr)
+                    .into_iter()
+                    .filter(move |b| {
+                        change.mac.is_none()
+                            || self.next_hops.get(*b).map(|hop| hop.dst_mac) != change.mac
+                    })
+            })
+            .collect();
+        if !due.is_empty() {
+            info!(backends = due.len(), "neighbour change: resolving again");
+        }
+        due
+    }
+
+    /// Every backend address of the config, sorted and once.
+    fn backend_addresses(&self) -> BTreeSet<IpAddr> {
+        self.config
+            .services
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.addr))
+            .collect()
+    }
+
+    /// The backends to look up now: those never looked up, and those in `refresh`.
+    fn due_lookups(&self, refresh: &BTreeSet<IpAddr>) -> Vec<BackendSpec> {
+        let backends = self.config.services.vips.iter().flat_map(|v| &v.backends);
+        self.next_hops.due(backends, refresh)
+    }
+
+    /// The periodic refresh's next slice: unresolved backends first, then round robin.
+    fn refresh_slice(&mut self) -> BTreeSet<IpAddr> {
+        let all: Vec<IpAddr> = self.backend_addresses().into_iter().collect();
+        let unresolved: Vec<IpAddr> = self.unresolved.iter().map(|u| u.backend).collect();
+        self.next_hops.refresh_slice(&all, unresolved)
+    }
+
+    /// Follows the current state of a configured interface. When it came back under another
+    /// index, its next hops move to it and the maps are updated at once; returns the backends
+    /// to look up again (their neighbour entries went with the old interface).
+    fn on_link_event(&mut self, event: &links::LinkEvent) -> Result<BTreeSet<IpAddr>> {
+        let old = self.attachments.on_event(&mut self.dataplane, event);
+        self.publish_health();
+        let (Some(old), links::LinkEvent::Present { name, ifindex, .. }) = (old, event) else {
+            return Ok(BTreeSet::new());
+        };
+        let moved = self.next_hops.move_interface(
+            old,
+            *ifindex,
+            crate::net::interface_mac(name)?,
+            crate::net::interface_mtu(name)?,
+        );
+        self.apply()?;
+        Ok(moved)
+    }
+
     fn remember_healthy_sets(&mut self) {
         for vip in &self.config.services.vips {
             let healthy: BTreeSet<IpAddr> = vip
@@ -431,36 +390,9 @@ impl Daemon {
         }
     }
 
-    /// Re-resolves the backends whose neighbour (the backend or its gateway) now has another
-    /// MAC, or none (failed, deleted: resolving again restarts ARP/ND; the last good MAC is
-    /// kept meanwhile, see [`Remembering`]).
-    fn neighbours_changed(&mut self, changes: &[crate::net::NeighbourChange]) -> Result<()> {
-        let refresh: BTreeSet<IpAddr> = changes
-            .iter()
-            .flat_map(|change| {
-                let known = &self.next_hops.good;
-                self.resolver
-                    .backends_via(change.addr)
-                    .into_iter()
-                    .filter(move |b| {
-                        change.mac.is_none() || known.get(b).map(|hop| hop.dst_mac) != change.mac
-                    })
-            })
-            .collect();
-        if refresh.is_empty() {
-            return Ok(());
-        }
-        info!(
-            backends = refresh.len(),
-            "neighbour change: resolving again"
-        );
-        self.apply_refreshing(&refresh)
-    }
-
-    /// Re-reads the config file. A file that fails validation, or that changes settings only
-    /// a restart can apply, is rejected and the running config keeps serving.
-    pub fn reload(&mut self) -> Result<String> {
-        let new = config::load(&self.config_path)?;
+    /// Switches to `new` (read and checked by [`reload`]) with the next hops looked up for
+    /// it. A config that cannot be applied is rejected and the running one keeps serving.
+    fn reload_with(&mut self, new: Config, answers: nexthops::Answers) -> Result<String> {
         let restart_only = restart_only_changes(&self.config, &new);
         if !restart_only.is_empty() {
             bail!(
@@ -469,9 +401,9 @@ impl Daemon {
                 restart_only.join(", ")
             );
         }
+        self.next_hops.record(answers);
         let old = std::mem::replace(&mut self.config, new);
-        // A reload may change a backend's `mac` or bring new backends: resolve them all.
-        if let Err(e) = self.apply_refreshing(&self.backend_addresses()) {
+        if let Err(e) = self.apply() {
             self.config = old;
             self.apply()
                 .context("restoring the previous config after a failed reload")?;
@@ -544,16 +476,29 @@ impl Daemon {
         ))
     }
 
+    /// Drains or undrains, and tells the flow scan when a drain took effect.
+    fn set_drained(&mut self, vip: &str, backend: IpAddr, drained: bool) -> Result<String> {
+        let message = self.set_override(vip, backend, |o| o.drained = drained)?;
+        let (name, _) = self.find_backend(vip, backend)?;
+        if drained {
+            self.flow_scan.drained(&name, backend);
+        } else {
+            self.flow_scan.undrained(&name, backend);
+        }
+        Ok(message)
+    }
+
     fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => self.status().map(Response::Status),
-            Request::Reload => self.reload().map(Response::Done),
-            Request::Drain { vip, backend } => self
-                .set_override(&vip, backend, |o| o.drained = true)
-                .map(Response::Done),
-            Request::Undrain { vip, backend } => self
-                .set_override(&vip, backend, |o| o.drained = false)
-                .map(Response::Done),
+            // Routed to `reload` by `handle`: its slow part must not hold the lock.
+            Request::Reload => Err(anyhow::anyhow!("a reload is not handled under the lock")),
+            Request::Drain { vip, backend } => {
+                self.set_drained(&vip, backend, true).map(Response::Done)
+            }
+            Request::Undrain { vip, backend } => {
+                self.set_drained(&vip, backend, false).map(Response::Done)
+            }
             Request::Weight {
                 vip,
                 backend,
@@ -568,32 +513,12 @@ impl Daemon {
             } => self
                 .flows(vip.as_deref(), backend, limit)
                 .map(Response::Flows),
-            Request::Stats => Ok(Response::Stats(self.stats.snapshot().clone())),
+            Request::Stats => Ok(Response::Stats(self.snapshot())),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }
 
-    /// Reads the flow table when its scan is due: every sample up to [`FLOWS_PER_SCAN_PERIOD`]
-    /// entries, then less often (a million flows take about half a second to read, under the
-    /// daemon's lock), so the active-flow counts lag by up to ~10 s on huge tables.
-    fn scan_flows_if_due(&mut self) -> Result<()> {
-        if self.flow_scan.countdown > 0 {
-            self.flow_scan.countdown -= 1;
-            return Ok(());
-        }
-        let flows = self.dataplane.flows()?;
-        self.flow_scan.active = stats::active_flows(
-            &flows,
-            stats::monotonic_seconds(),
-            self.config.daemon.flow_idle_timeout.as_secs() as u32,
-        );
-        self.flow_scan.entries = flows.len() as u64;
-        self.flow_scan.countdown = (flows.len() / FLOWS_PER_SCAN_PERIOD) as u32;
-        Ok(())
-    }
-
     fn status(&self) -> Result<StatusReport> {
-        let active = &self.flow_scan.active;
         let vips = self
             .config
             .services
@@ -609,7 +534,7 @@ impl Daemon {
                         let status = self.backend_status(vip, b);
                         let health: BackendHealth = self.health.status(vip, b);
                         let live_backend = live.and_then(|l| l.backends.get(&b.addr));
-                        let next_hop = match self.next_hops.good.get(&b.addr) {
+                        let next_hop = match self.next_hops.get(b.addr) {
                             Some(hop) if live_backend.is_some() => {
                                 format!("{} ifindex {}", hop.dst_mac, hop.ifindex)
                             }
@@ -629,10 +554,19 @@ impl Daemon {
                             health: health.state.to_string(),
                             health_since_s: health.since.map(|t| t.elapsed().as_secs()),
                             last_failure: health.last_failure.map(|f| f.reason),
-                            active_flows: live_backend
-                                .and_then(|l| active.get(&l.id))
-                                .copied()
-                                .unwrap_or(0),
+                            active_flows: live_backend.map_or(0, |l| self.flow_scan.active(l.id)),
+                            drain_complete: status.drained
+                                && self.flow_scan.drain_complete(
+                                    &vip.name,
+                                    b.addr,
+                                    live_backend.map(|l| l.id),
+                                ),
+                            // A live backend's id is always inside the mapped counts.
+                            scheduler_connections: live.zip(live_backend).and_then(|(vip, b)| {
+                                scheduler::connections(&self.dataplane, vip, b.id)
+                                    .ok()
+                                    .flatten()
+                            }),
                             next_hop,
                         }
                     })
@@ -641,6 +575,7 @@ impl Daemon {
                     name: vip.name.clone(),
                     address: vip.vip.to_string(),
                     forwarding: vip.forwarding.to_string(),
+                    scheduler: vip.scheduler.to_string(),
                     ring_size: vip.ring_size,
                     available: backends.iter().filter(|b| b.effective_weight > 0).count(),
                     announce: self
@@ -655,11 +590,13 @@ impl Daemon {
         Ok(StatusReport {
             config_file: self.config_path.clone(),
             interfaces: self.config.daemon.interfaces.clone(),
+            detached: self.attachments.problems(),
             maps: match self.dataplane.adoption() {
                 Adoption::Fresh => "fresh".into(),
                 Adoption::Adopted => "adopted from the previous run".into(),
                 Adoption::Replaced(why) => format!("replaced ({why})"),
             },
+            active_flows_age_s: self.flow_scan.age().map(|age| age.as_secs_f64()),
             vips,
         })
     }
@@ -712,8 +649,21 @@ impl Daemon {
 
     /// One stats sample: counters, active flows (from the last flow scan), health, weights.
     fn sample(&mut self) -> Result<()> {
-        self.scan_flows_if_due()?;
-        let active = &self.flow_scan.active;
+        let dataplane = &self.dataplane;
+        let idle_timeout = self.config.daemon.flow_idle_timeout;
+        let scanned = self
+            .flow_scan
+            .scan_if_due(|| Ok(dataplane.flows()?), idle_timeout)?;
+        if let Some(flows) = scanned {
+            let idle_timeout_s = u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX);
+            scheduler::settle_counts(
+                &mut self.dataplane,
+                &self.live,
+                &flows,
+                stats::monotonic_seconds(),
+                idle_timeout_s,
+            )?;
+        }
         let global = self.dataplane.global_counters()?;
         let mut vips = Vec::new();
         for spec in &self.config.services.vips {
@@ -726,25 +676,32 @@ impl Daemon {
                     continue;
                 };
                 let health = self.health.status(spec, b).state;
+                let drained = self.overrides.get(&spec.name, b.addr).drained;
                 backends.push(BackendSample {
                     address: b.addr.to_string(),
                     counters: self.dataplane.backend_counters(lb.id)?,
-                    active_flows: active.get(&lb.id).copied().unwrap_or(0),
+                    active_flows: self.flow_scan.active(lb.id),
+                    drain_complete: drained
+                        && self
+                            .flow_scan
+                            .drain_complete(&spec.name, b.addr, Some(lb.id)),
                     weight: lb.ring_weight,
                     configured_weight: b.weight,
-                    drained: self.overrides.get(&spec.name, b.addr).drained,
+                    drained,
                     health: health.to_string(),
                     up: health != State::Down,
+                    scheduler_connections: scheduler::connections(&self.dataplane, live, lb.id)?,
                 });
             }
             vips.push(VipSample {
                 name: spec.name.clone(),
                 address: spec.vip.to_string(),
+                scheduler: spec.scheduler.to_string(),
                 counters: self.dataplane.vip_counters(live.meta.vip_id)?,
                 backends,
             });
         }
-        let flow_table_entries = self.flow_scan.entries;
+        let flow_table_entries = self.flow_scan.entries();
         self.stats.ingest(Sample {
             at: Instant::now(),
             global,
@@ -754,17 +711,36 @@ impl Daemon {
         Ok(())
     }
 
+    /// The last sample's snapshot, with the age of its active-flow counts as of now.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            active_flows_age_s: self.flow_scan.age().map(|age| age.as_secs_f64()),
+            ..self.stats.snapshot().clone()
+        }
+    }
+
     fn metrics_text(&self) -> String {
         let announced = self
             .announcer
             .as_ref()
             .map(Announcer::announced)
             .unwrap_or_default();
-        metrics::render(self.stats.snapshot(), &self.health_metrics, &announced)
+        metrics::render(&self.snapshot(), &self.health_metrics, &announced)
     }
 
-    /// Drops metric series of VIPs and backends the new config no longer has.
-    fn forget_removed(&self, old: &Config) {
+    /// Drops metric series and cached per-backend state of VIPs and backends the new config
+    /// no longer has.
+    fn forget_removed(&mut self, old: &Config) {
+        let addresses = self.backend_addresses();
+        self.next_hops.retain(&addresses);
+        let vips = &self.config.services.vips;
+        self.last_healthy.retain(|name, healthy| {
+            let Some(vip) = vips.iter().find(|v| &v.name == name) else {
+                return false;
+            };
+            healthy.retain(|addr| vip.backends.iter().any(|b| b.addr == *addr));
+            true
+        });
         for vip in &old.services.vips {
             match self
                 .config
@@ -788,9 +764,14 @@ impl Daemon {
         }
     }
 
-    /// For `/healthz`: the programs are attached and the maps were written.
+    /// For `/healthz`: the program is on every configured interface and the maps were written.
     fn healthy(&self) -> bool {
-        !self.live.vips.is_empty() || self.config.services.vips.is_empty()
+        self.attachments.all_attached()
+            && (!self.live.vips.is_empty() || self.config.services.vips.is_empty())
+    }
+
+    fn publish_health(&self) {
+        self.healthz.store(self.healthy(), Ordering::Relaxed);
     }
 
     fn shutdown(&self, detach: bool) {
@@ -861,288 +842,61 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
-/// Takes an exclusive lock on `state_dir/xdplb.lock`, or says which daemon holds it.
-fn lock_instance(state_dir: &Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating daemon.state_dir {}", state_dir.display()))?;
-    let path = state_dir.join("xdplb.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
-            "another `xdplb run` already uses state_dir {} (lock {}): stop it first",
-            state_dir.display(),
-            path.display()
-        );
-    }
-    Ok(file)
-}
-
-/// Pinning needs bpffs. Under /sys/fs/bpf it is mounted if missing (as systemd would);
-/// elsewhere the operator must have mounted one. Pins on a bpffs that only this process's
-/// mount namespace sees (e.g. under `ip netns exec`, which remounts /sys) vanish when the
-/// daemon exits, and with them the attachment: that case is refused with what to do.
-fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
-    let bpffs = Path::new("/sys/fs/bpf");
-    let create = || {
-        std::fs::create_dir_all(pin_dir)
-            .with_context(|| format!("creating daemon.pin_dir {}", pin_dir.display()))
-    };
-    if !pin_dir.starts_with(bpffs) {
-        create()?;
-        if !is_bpffs(pin_dir)? {
-            bail!(
-                "daemon.pin_dir {} is not on a bpf filesystem: run `mount -t bpf bpf {}` first",
-                pin_dir.display(),
-                pin_dir.display()
-            );
-        }
-        return Ok(());
-    }
-    if bpffs.exists() && is_bpffs(bpffs)? {
-        return create();
-    }
-    if private_mount_namespace() {
-        bail!(
-            "/sys/fs/bpf is not mounted in this mount namespace (as under `ip netns exec`): \
-             pins there would vanish when xdplb exits. Mount a bpffs outside /sys and point \
-             daemon.pin_dir at it (`mount -t bpf bpf /run/xdplb/bpf`)"
-        );
-    }
-    let status = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-        .status()
-        .context("running mount -t bpf")?;
-    if !status.success() || !is_bpffs(bpffs)? {
-        bail!("bpffs is not mounted on /sys/fs/bpf and mounting it failed: run `mount -t bpf bpf /sys/fs/bpf`");
-    }
-    create()
-}
-
-fn is_bpffs(path: &Path) -> Result<bool> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: statfs fills the zeroed struct or fails.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0 {
-        bail!(
-            "statfs {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(fs.f_type as i64 == BPF_FS_MAGIC)
-}
-
-/// Whether this process runs in another mount namespace than init.
-fn private_mount_namespace() -> bool {
-    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-    ns("self") != ns("1")
-}
-
-/// Every task shares the daemon behind one mutex, never held across an await. A poisoned
-/// lock only means a handler panicked; the daemon's state is still the maps' truth.
-fn lock(daemon: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
-    daemon
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(options: Options) -> Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("xdplb run needs root (it loads XDP programs and pins BPF maps)");
-    }
-    let (health_tx, mut health_rx) = mpsc::unbounded_channel();
-    let daemon = Daemon::start(&options, health_tx)?;
-    let socket = daemon.config.daemon.admin_socket.clone();
-    let metrics_listen = daemon.config.daemon.metrics_listen;
-    let stats_interval = daemon.config.daemon.stats_interval;
-    let daemon = Arc::new(Mutex::new(daemon));
-    let mut neighbours =
-        crate::net::watch_neighbours().context("subscribing to neighbour changes (netlink)")?;
-
-    let listener = api::bind(&socket)
-        .with_context(|| format!("binding the admin socket {}", socket.display()))?;
-    info!(socket = %socket.display(), "admin API listening");
-    let api_task = {
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let daemon = daemon.clone();
-                tokio::spawn(async move {
-                    let handle = |request| {
-                        let response = lock(&daemon).handle(request);
-                        async move { response }
-                    };
-                    if let Err(e) = api::serve_connection(stream, handle).await {
-                        warn!("admin connection: {e}");
-                    }
-                });
-            }
-        })
-    };
-    let metrics_task = match metrics_listen {
-        Some(listen) => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("binding daemon.metrics_listen {listen}"))?;
-            info!(%listen, "metrics on http://{listen}/metrics");
-            let (text, healthy) = (daemon.clone(), daemon.clone());
-            Some(tokio::spawn(metrics::serve(
-                listener,
-                move || lock(&text).metrics_text(),
-                move || lock(&healthy).healthy(),
-                std::future::pending(),
-            )))
-        }
-        None => None,
-    };
-
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut resolve_tick = tokio::time::interval(RESOLVE_INTERVAL);
-    let mut stats_tick = tokio::time::interval(stats_interval);
-    // After a slow tick, wait a full period instead of firing the missed ones back to back:
-    // rates are computed over the real time between samples either way.
-    resolve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    info!("xdplb running");
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => match lock(&daemon).reload() {
-                Ok(msg) => info!("SIGHUP: {msg}"),
-                Err(e) => error!("SIGHUP: reload rejected: {e:#}"),
-            },
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            Some(event) = health_rx.recv() => {
-                let mut daemon = lock(&daemon);
-                daemon.record_transition(&event);
-                // A burst of transitions (a switch failing) becomes one update.
-                while let Ok(event) = health_rx.try_recv() {
-                    daemon.record_transition(&event);
-                }
-                if let Err(e) = daemon.apply() {
-                    error!("applying a health change: {e:#}");
-                }
-            }
-            Some(change) = neighbours.recv() => {
-                let mut changes = vec![change];
-                while let Ok(change) = neighbours.try_recv() {
-                    changes.push(change);
-                }
-                if let Err(e) = lock(&daemon).neighbours_changed(&changes) {
-                    error!("applying a neighbour change: {e:#}");
-                }
-            }
-            _ = resolve_tick.tick() => {
-                // Also re-checks the attachments the announcements depend on.
-                if let Err(e) = lock(&daemon).refresh_next_hops() {
-                    error!("refreshing next hops: {e:#}");
-                }
-            }
-            _ = stats_tick.tick() => {
-                if let Err(e) = lock(&daemon).sample() {
-                    warn!("sampling counters: {e:#}");
-                }
-            }
-        }
-    }
-    // Routers move the traffic while the data path still forwards; status and metrics
-    // stay up meanwhile.
-    let grace = lock(&daemon).withdraw_all();
-    if !grace.is_zero() {
-        info!("VIPs withdrawn; forwarding for withdraw_grace ({grace:?}) before exiting");
-        tokio::time::sleep(grace).await;
-    }
-    api_task.abort();
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    let _ = std::fs::remove_file(&socket);
-    lock(&daemon).shutdown(options.detach_on_exit);
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::Cell;
-
-    /// Counts resolutions; fails for 10.0.0.99.
-    struct Counting(Cell<usize>);
-
-    impl Resolve for Counting {
-        fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
-            self.0.set(self.0.get() + 1);
-            if backend.addr == IpAddr::from([10, 0, 0, 99]) {
-                return Err("no neighbour".into());
-            }
-            Ok(NextHop {
-                dst_mac: Mac([2, 0, 0, 0, 0, 1]),
-                src_mac: Mac([2, 0, 0, 0, 0, 2]),
-                ifindex: 2,
-                mtu: 1500,
-            })
-        }
-    }
-
-    fn backend(last: u8) -> BackendSpec {
-        BackendSpec {
-            addr: IpAddr::from([10, 0, 0, last]),
-            weight: 100,
-            mac: None,
-            health_port: None,
-        }
-    }
-
-    #[test]
-    fn known_next_hops_are_reused_unless_refreshed() {
-        let counting = Counting(Cell::new(0));
-        let mut known = NextHops::default();
-        let none = BTreeSet::new();
-        let resolve = |known: &mut NextHops, refresh: &BTreeSet<IpAddr>, b| {
-            Remembering {
-                resolver: &counting,
-                known: RefCell::new(known),
-                refresh,
-            }
-            .next_hop(&backend(b))
+/// Backends the adopted maps mark down start down, not unknown (which counts as up): a dead
+/// backend must not get new flows after a restart until `fall` checks have failed.
+fn presume_down_as_adopted(health: &mut HealthMonitor, live: &Live, vips: &[VipSpec]) {
+    for vip in vips {
+        let Some(adopted) = live.vips.get(&state::vip_key(&vip.vip)) else {
+            continue;
         };
-        assert!(resolve(&mut known, &none, 1).is_ok());
-        assert_eq!(counting.0.get(), 1, "unknown: resolved");
-        assert!(resolve(&mut known, &none, 1).is_ok());
-        assert_eq!(counting.0.get(), 1, "known: reused, no lookup");
-        let refresh: BTreeSet<IpAddr> = [IpAddr::from([10, 0, 0, 1])].into();
-        assert!(resolve(&mut known, &refresh, 1).is_ok());
-        assert_eq!(counting.0.get(), 2, "due for refresh: resolved again");
-        assert!(
-            resolve(&mut known, &none, 99).is_err(),
-            "never resolved: the error"
-        );
-        assert_eq!(counting.0.get(), 3);
-        assert!(resolve(&mut known, &none, 99).is_err());
-        assert_eq!(
-            counting.0.get(),
-            3,
-            "a known failure is not retried outside refresh"
-        );
-        // A known next hop survives a failed refresh.
-        let hop = known.good[&IpAddr::from([10, 0, 0, 1])];
-        known.good.insert(IpAddr::from([10, 0, 0, 99]), hop);
-        let refresh: BTreeSet<IpAddr> = [IpAddr::from([10, 0, 0, 99])].into();
-        assert_eq!(resolve(&mut known, &refresh, 99), Ok(hop));
-        assert_eq!(counting.0.get(), 4);
+        for backend in &vip.backends {
+            let down = adopted
+                .backends
+                .get(&backend.addr)
+                .is_some_and(|b| b.entry.flags & BACKEND_DOWN != 0);
+            if down {
+                info!(vip = %vip.name, backend = %backend.addr, "down before the restart: stays out until its checks pass");
+                health.presume_down(vip, backend);
+            }
+        }
+    }
+}
+
+/// Adopted next hops through an interface that is gone (deleted and created again while no
+/// daemon ran) would send packets nowhere until their turn in the refresh: with one
+/// configured interface they move to it at once (the backends' MACs are still right), with
+/// several they are looked up again. Returns the backends to look up.
+fn next_hops_to_current_interfaces(
+    next_hops: &mut NextHops,
+    interfaces: &[String],
+) -> Result<BTreeSet<IpAddr>> {
+    let current = interfaces
+        .iter()
+        .map(|name| Ok(crate::net::interface_index(name)?))
+        .collect::<Result<Vec<u32>>>()?;
+    let gone: Vec<u32> = next_hops
+        .interfaces()
+        .into_iter()
+        .filter(|i| !current.contains(i))
+        .collect();
+    if gone.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    warn!(
+        ?gone,
+        "adopted next hops go through interfaces that no longer exist"
+    );
+    match (interfaces, current.as_slice()) {
+        ([name], [ifindex]) => {
+            let (mac, mtu) = (
+                crate::net::interface_mac(name)?,
+                crate::net::interface_mtu(name)?,
+            );
+            Ok(gone
+                .into_iter()
+                .flat_map(|old| next_hops.move_interface(old, *ifindex, mac, mtu))
+                .collect())
+        }
+        _ => Ok(next_hops.forget_interfaces_except(&current)),
     }
 }

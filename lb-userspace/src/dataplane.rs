@@ -158,7 +158,9 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     adoption: Adoption,
     vips: HashMap<MapData, VipKey, VipMeta>,
-    rings: RingArea,
+    rings: MappedArray,
+    /// Least-conn counts, mapped so reconciliation adds atomically like the data path.
+    active_conns: MappedArray,
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     /// The flow map's fd again, for batch reads (aya has no batch lookup).
@@ -225,11 +227,12 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })?;
         Ok(Self {
             vips: take(&mut ebpf, map_names::VIPS)?,
-            rings: RingArea::map(
-                ebpf.take_map(map_names::RINGS)
-                    .ok_or(DataplaneError::MissingMap(map_names::RINGS))?,
+            rings: MappedArray::map(
+                &mut ebpf,
+                map_names::RINGS,
                 sizes.max_vips * 2 * sizes.max_ring_size,
             )?,
+            active_conns: MappedArray::map(&mut ebpf, map_names::ACTIVE_CONNS, sizes.max_backends)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
             flows_fd: duplicate_fd(&ebpf, map_names::FLOWS)?,
             flows: take(&mut ebpf, map_names::FLOWS)?,
@@ -266,26 +269,20 @@ impl Dataplane {
             .expect("checked at load")
     }
 
-    /// The kernel id of the loaded program: what an interface it is attached to reports.
-    pub fn program_id(&mut self) -> Result<u32> {
-        let name = self.role.program_name();
-        let info = self
-            .program()
-            .info()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        Ok(info.id())
-    }
-
     /// Attaches the program to `iface`.
     ///
     /// When pinning, the attachment is a bpf_link pinned next to the maps: it outlives this
     /// process (forwarding continues while the daemon restarts), and a later run swaps its
     /// program into the existing link atomically instead of detaching. Links pinned by an older
-    /// layout are taken over the same way. Without pinning it lasts while `self` lives.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+    /// layout are taken over the same way. A pinned link the kernel has severed (its interface
+    /// was deleted, perhaps created again since) is replaced by a new one. Without pinning it
+    /// lasts while `self` lives.
+    ///
+    /// Returns whether a severed link was replaced.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<bool> {
         let Some(pin_dir) = self.pin_dir.clone() else {
             // The program keeps the link: attached for as long as `self` lives.
-            return self.attach_link(iface, mode).map(drop);
+            return self.attach_link(iface, mode).map(|_| false);
         };
         let link_path = pin_dir.join(link_pin_name(iface));
         let existing = std::iter::once(link_path.clone())
@@ -296,30 +293,36 @@ impl Dataplane {
             path: path.to_path_buf(),
             reason,
         };
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
+        let mut severed = false;
         if let Some(path) = existing {
             let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(&path, e.to_string()))?;
-            if path != link_path {
-                // Re-pin under this layout before the old directory goes away.
-                std::fs::rename(&path, &link_path).map_err(|e| link_err(&path, e.to_string()))?;
-            }
             let link = XdpLink::try_from(FdLink::from(pinned))
-                .map_err(|e| link_err(&link_path, e.to_string()))?;
-            self.program()
-                .attach_to_link(link)
-                .map_err(|source| DataplaneError::Attach {
-                    iface: iface.to_string(),
-                    source,
-                })?;
-            return Ok(());
+                .map_err(|e| link_err(&path, e.to_string()))?;
+            match self.program().attach_to_link(link) {
+                Ok(id) => {
+                    if path != link_path {
+                        // Re-pin under this layout before the old directory goes away.
+                        std::fs::rename(&path, &link_path)
+                            .map_err(|e| link_err(&path, e.to_string()))?;
+                    }
+                    // The pin keeps the link; this process needs no descriptor of its own
+                    // (re-attaching after every re-creation would pile them up).
+                    drop(self.program().take_link(id).map_err(attach_err)?);
+                    return Ok(false);
+                }
+                Err(e) if is_severed(&e) => {
+                    std::fs::remove_file(&path).map_err(|e| link_err(&path, e.to_string()))?;
+                    severed = true;
+                }
+                Err(source) => return Err(attach_err(source)),
+            }
         }
         let id = self.attach_link(iface, mode)?;
-        let link = self
-            .program()
-            .take_link(id)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_string(),
-                source,
-            })?;
+        let link = self.program().take_link(id).map_err(attach_err)?;
         let fd_link = FdLink::try_from(link).map_err(|e| {
             link_err(
                 &link_path,
@@ -329,7 +332,36 @@ impl Dataplane {
         fd_link
             .pin(&link_path)
             .map_err(|e| link_err(&link_path, e.to_string()))?;
-        Ok(())
+        Ok(severed)
+    }
+
+    /// Attaches to `iface` with a new link, dropping the pinned one whatever it is attached to:
+    /// for an interface that reports another program (or none) although a link is pinned for
+    /// it (the link is severed, or follows a netdev that left this namespace).
+    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        if let Some(pin_dir) = &self.pin_dir {
+            let path = pin_dir.join(link_pin_name(iface));
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DataplaneError::Link {
+                        iface: iface.to_string(),
+                        path,
+                        reason: e.to_string(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        self.attach(iface, mode).map(drop)
+    }
+
+    /// The kernel's id of the loaded program, as netlink reports it on attached interfaces.
+    pub fn program_id(&mut self) -> Result<u32> {
+        let name = self.role.program_name();
+        self.program()
+            .info()
+            .map(|info| info.id())
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     /// Removes every pin (maps and links) of every layout under the pin root: the programs
@@ -452,6 +484,9 @@ impl Dataplane {
     /// counters, so a later reuse of the id starts from nothing.
     pub fn clear_backend(&mut self, id: u32) -> Result<()> {
         self.set_backend(id, &Backend::default())?;
+        self.active_conns
+            .wide_slot(id)?
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.backend_counters
             .set(id, zeroed_per_cpu()?, 0)
             .map_err(map_err(map_names::BACKEND_COUNTERS))
@@ -506,6 +541,34 @@ impl Dataplane {
         }
     }
 
+    /// Least-conn active connections of backend `id`, as the data path compares them
+    /// (signed: a give-back racing with reconciliation may dip below zero for a moment).
+    pub fn active_conns(&self, id: u32) -> Result<i64> {
+        let count = self.active_conns.wide_slot(id)?;
+        Ok(count.load(std::sync::atomic::Ordering::Relaxed) as i64)
+    }
+
+    /// Adds `delta` to backend `id`'s least-conn count, atomically with the data path's adds.
+    pub fn add_active_conns(&self, id: u32, delta: i64) -> Result<()> {
+        self.active_conns
+            .wide_slot(id)?
+            .fetch_add(delta as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Rewrites an existing flow entry (never creates one: an entry evicted meanwhile stays
+    /// gone). Returns whether it still existed.
+    pub fn update_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<bool> {
+        const BPF_EXIST: u64 = 2;
+        match self.flows.insert(key, value, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(err) => Err(map_err(map_names::FLOWS)(err)),
+        }
+    }
+
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
         match self.flows.get(key, 0) {
             Ok(value) => Ok(Some(value)),
@@ -525,9 +588,11 @@ impl Dataplane {
     }
 }
 
-/// The ring array, mapped into this process (`BPF_F_MMAPABLE`). The kernel stores array
-/// values 8-byte aligned, so slot `i` lives at byte `8 * i`.
-struct RingArea {
+/// An array map of `u32` or `u64` values mapped into this process (`BPF_F_MMAPABLE`): the
+/// rings and the least-conn counts. The kernel stores array values 8-byte aligned, so slot
+/// `i` lives at byte `8 * i` either way.
+struct MappedArray {
+    name: &'static str,
     slots: *mut std::sync::atomic::AtomicU32,
     entries: u32,
     bytes: usize,
@@ -616,12 +681,12 @@ fn lookup_batch(fd: &std::os::fd::OwnedFd) -> std::io::Result<Vec<(FlowKey, Flow
 const SLOT_STRIDE: usize = 8;
 
 // SAFETY: the mapping is shared memory accessed only through atomics.
-unsafe impl Send for RingArea {}
+unsafe impl Send for MappedArray {}
 
-impl RingArea {
-    fn map(map: aya::maps::Map, entries: u32) -> Result<Self> {
-        let aya::maps::Map::Array(data) = map else {
-            return Err(DataplaneError::MissingMap(map_names::RINGS));
+impl MappedArray {
+    fn map(ebpf: &mut Ebpf, name: &'static str, entries: u32) -> Result<Self> {
+        let Some(aya::maps::Map::Array(data)) = ebpf.take_map(name) else {
+            return Err(DataplaneError::MissingMap(name));
         };
         use std::os::fd::{AsFd, AsRawFd};
         let page = 4096;
@@ -639,11 +704,12 @@ impl RingArea {
         };
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Map {
-                name: map_names::RINGS,
+                name,
                 source: MapError::IoError(std::io::Error::last_os_error()),
             });
         }
         Ok(Self {
+            name,
             slots: ptr.cast(),
             entries,
             bytes,
@@ -654,7 +720,7 @@ impl RingArea {
     fn slot(&self, index: u32) -> Result<&std::sync::atomic::AtomicU32> {
         if index >= self.entries {
             return Err(DataplaneError::Map {
-                name: map_names::RINGS,
+                name: self.name,
                 source: MapError::OutOfBounds {
                     index,
                     max_entries: self.entries,
@@ -663,6 +729,13 @@ impl RingArea {
         }
         // SAFETY: in bounds of the mapping, which lives as long as self; 8-byte aligned.
         Ok(unsafe { &*self.slots.byte_add(index as usize * SLOT_STRIDE) })
+    }
+
+    /// Slot `index` of an array of `u64` values (same 8-byte stride).
+    fn wide_slot(&self, index: u32) -> Result<&std::sync::atomic::AtomicU64> {
+        let slot = self.slot(index)?;
+        // SAFETY: the slot's 8 bytes are all inside the mapping and 8-byte aligned.
+        Ok(unsafe { &*std::ptr::from_ref(slot).cast::<std::sync::atomic::AtomicU64>() })
     }
 
     fn get(&self, index: u32) -> Result<u32> {
@@ -676,11 +749,17 @@ impl RingArea {
     }
 }
 
-impl Drop for RingArea {
+impl Drop for MappedArray {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what map() mapped.
         unsafe { libc::munmap(self.slots.cast(), self.bytes) };
     }
+}
+
+/// Whether updating a pinned link failed because the kernel severed it (ENOLINK: its
+/// interface is gone, or someone detached it).
+fn is_severed(error: &ProgramError) -> bool {
+    matches!(error, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOLINK))
 }
 
 fn link_pin_name(iface: &str) -> String {
@@ -732,6 +811,8 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::TX_PORTS, MAX_TX_PORTS),
         (map_names::DECAP_LOCAL, MAX_DECAP_ADDRS),
         (map_names::DECAP_VIPS, MAX_DECAP_ADDRS),
+        (map_names::SCHED_CURSORS, sizes.max_vips),
+        (map_names::ACTIVE_CONNS, sizes.max_backends),
     ]
 }
 

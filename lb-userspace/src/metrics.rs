@@ -28,7 +28,15 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+
+/// Connections `/metrics` and `/healthz` serve at once: a scraper or a load balancer's probe
+/// needs one or two; more wait in the kernel's backlog instead of costing descriptors.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// The `Content-Type` of what [`render`] produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -224,6 +232,9 @@ pub fn render(
     let mut backend_up = Gauges::new();
     let mut backend_weight = Gauges::new();
     let mut backend_drained = Gauges::new();
+    let mut backend_drain_complete = Gauges::new();
+    let mut backend_scheduler_connections = Gauges::new();
+    let mut vip_scheduler = Gauges::new();
     let mut vip_packets = Counters::new();
     let mut vip_bytes = Counters::new();
     let mut vip_new_flows = Counters::new();
@@ -234,6 +245,13 @@ pub fn render(
         vip_bytes.push(labels(), ConstCounter::new(vip.totals.bytes));
         vip_new_flows.push(labels(), ConstCounter::new(vip.totals.new_flows));
         vip_dropped.push(labels(), ConstCounter::new(vip.totals.not_forwarded));
+        vip_scheduler.push(
+            vec![
+                ("vip", vip.name.clone()),
+                ("scheduler", vip.scheduler.clone()),
+            ],
+            gauge(1),
+        );
         for b in &vip.backends {
             let labels = || vec![("vip", vip.name.clone()), ("backend", b.address.clone())];
             backend_packets.push(labels(), ConstCounter::new(b.totals.packets));
@@ -243,6 +261,10 @@ pub fn render(
             backend_up.push(labels(), gauge(u8::from(b.up)));
             backend_weight.push(labels(), gauge(b.weight));
             backend_drained.push(labels(), gauge(u8::from(b.drained)));
+            backend_drain_complete.push(labels(), gauge(u8::from(b.drain_complete)));
+            if let Some(connections) = b.scheduler_connections {
+                backend_scheduler_connections.push(labels(), gauge(connections));
+            }
         }
     }
 
@@ -280,6 +302,21 @@ pub fn render(
         "xdplb_backend_drained",
         "1 when the backend is drained: no new flows, established ones continue",
         backend_drained,
+    );
+    registry.register(
+        "xdplb_backend_drain_complete",
+        "1 when the backend is drained and a flow-table scan that started after the drain found no active flow: safe to stop",
+        backend_drain_complete,
+    );
+    registry.register(
+        "xdplb_backend_scheduler_connections",
+        "Least-conn VIPs: the backend's active connections as the data path counts them for new-flow choices",
+        backend_scheduler_connections,
+    );
+    registry.register(
+        "xdplb_vip_scheduler",
+        "1, labelled with how the VIP's new flows pick a backend (maglev, round-robin, least-conn)",
+        vip_scheduler,
     );
     registry.register(
         "xdplb_vip_packets",
@@ -320,6 +357,13 @@ pub fn render(
         "Entries in the flow table, active or not (LRU: full means the coldest are evicted)",
         gauge(snapshot.flow_table_entries),
     );
+    if let Some(age) = snapshot.active_flows_age_s {
+        registry.register(
+            "xdplb_active_flows_age_seconds",
+            "Seconds since the flow-table scan behind the active-flow gauges started (scans are paced on large tables)",
+            ConstGauge::new(age),
+        );
+    }
     let mut transitions = Counters::new();
     for ((vip, backend, to), count) in health.lock_transitions().iter() {
         let labels = vec![
@@ -363,8 +407,19 @@ pub fn render(
 /// returns true, else 503) on `listener` until `shutdown` completes. Taking a bound listener
 /// lets the caller report a bind error (port in use) at start-up rather than from a spawned
 /// task, and learn the port when binding port 0.
+/// At most [`MAX_CONNECTIONS`] connections are open at once.
 pub async fn serve(
     listener: TcpListener,
+    metrics: impl Fn() -> String + Send + Sync + 'static,
+    healthy: impl Fn() -> bool + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_bounded(listener, MAX_CONNECTIONS, metrics, healthy, shutdown).await
+}
+
+async fn serve_bounded(
+    listener: TcpListener,
+    max_connections: usize,
     metrics: impl Fn() -> String + Send + Sync + 'static,
     healthy: impl Fn() -> bool + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -386,9 +441,86 @@ pub async fn serve(
                 }
             }),
         );
+    let listener = Bounded {
+        listener,
+        slots: Arc::new(Semaphore::new(max_connections)),
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// A listener that accepts only while fewer than its limit of connections are open. Accept
+/// errors (out of descriptors) are handled by axum's listener: logged, then a pause.
+struct Bounded {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Slotted;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.listener).await;
+        (
+            Slotted {
+                stream,
+                _slot: slot,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection holding its slot until it closes.
+struct Slotted {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Slotted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Slotted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -418,12 +550,16 @@ mod tests {
             health: if up { "up" } else { "down" }.into(),
             up,
             active_flows,
+            drain_complete: drained && active_flows == 0,
+            // The VIP is least-conn: the data path's count next to the flow scan's.
+            scheduler_connections: Some(active_flows as i64 + 1),
             totals: t,
             rates: Rates::default(),
         };
         Snapshot {
             interval_s: 1.0,
             flow_table_entries: 42,
+            active_flows_age_s: Some(0.25),
             global: counters::ALL
                 .iter()
                 .enumerate()
@@ -436,6 +572,7 @@ mod tests {
             vips: vec![VipStats {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
+                scheduler: "least-conn".into(),
                 active_flows: 40,
                 totals: totals(1000, 64_000, 50, 3),
                 rates: Rates::default(),
@@ -443,6 +580,7 @@ mod tests {
                     backend("10.0.0.1", 100, false, true, 30, totals(700, 44_800, 35, 0)),
                     backend("10.0.0.2", 0, true, true, 10, totals(297, 19_008, 15, 0)),
                     backend("10.0.0.3", 0, false, false, 0, totals(0, 0, 0, 0)),
+                    backend("10.0.0.4", 0, true, true, 0, totals(5, 320, 1, 0)),
                 ],
             }],
         }
@@ -464,7 +602,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 21] = [
+    const FAMILIES: [(&str, &str); 25] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -472,6 +610,9 @@ mod tests {
         ("xdplb_backend_up", "gauge"),
         ("xdplb_backend_weight", "gauge"),
         ("xdplb_backend_drained", "gauge"),
+        ("xdplb_backend_drain_complete", "gauge"),
+        ("xdplb_backend_scheduler_connections", "gauge"),
+        ("xdplb_vip_scheduler", "gauge"),
         ("xdplb_vip_packets", "counter"),
         ("xdplb_vip_bytes", "counter"),
         ("xdplb_vip_new_flows", "counter"),
@@ -482,6 +623,7 @@ mod tests {
         ("xdplb_flow_lookups", "counter"),
         ("xdplb_decap_packets", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
+        ("xdplb_active_flows_age_seconds", "gauge"),
         ("xdplb_health_transitions", "counter"),
         ("xdplb_health_check_duration_seconds", "histogram"),
         ("xdplb_vip_announced", "gauge"),
@@ -516,6 +658,12 @@ mod tests {
             r#"xdplb_backend_up{vip="web",backend="10.0.0.1"} 1"#,
             r#"xdplb_backend_weight{vip="web",backend="10.0.0.1"} 100"#,
             r#"xdplb_backend_drained{vip="web",backend="10.0.0.2"} 1"#,
+            r#"xdplb_backend_drain_complete{vip="web",backend="10.0.0.2"} 0"#,
+            r#"xdplb_backend_drain_complete{vip="web",backend="10.0.0.4"} 1"#,
+            r#"xdplb_backend_drain_complete{vip="web",backend="10.0.0.1"} 0"#,
+            "xdplb_active_flows_age_seconds 0.25",
+            r#"xdplb_backend_scheduler_connections{vip="web",backend="10.0.0.1"} 31"#,
+            r#"xdplb_vip_scheduler{vip="web",scheduler="least-conn"} 1"#,
             r#"xdplb_vip_packets_total{vip="web"} 1000"#,
             r#"xdplb_vip_announced{vip="web"} 1"#,
             r#"xdplb_vip_announced{vip="api"} 0"#,
@@ -683,6 +831,34 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_bounded(
+            listener,
+            2,
+            String::new,
+            || true,
+            std::future::pending(),
+        ));
+        // Two idle connections take both slots.
+        let idle = [
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        let waiting = tokio::spawn(get(addr, "/healthz"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "served beyond the limit");
+        drop(idle);
+        let response = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("served once a slot was free")
+            .unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        server.abort();
     }
 
     #[tokio::test]

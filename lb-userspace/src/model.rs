@@ -173,7 +173,9 @@ pub struct VipSpec {
     pub name: String,
     pub vip: VipAddr,
     pub forwarding: Forwarding,
-    /// Maglev table size (prime).
+    /// How new flows pick a backend.
+    pub scheduler: crate::scheduler::Scheduler,
+    /// Maglev table size (prime); for round robin, the longest weighted turn.
     pub ring_size: u32,
     pub health: HealthSpec,
     pub backends: Vec<BackendSpec>,
@@ -199,13 +201,33 @@ pub enum CheckKind {
     None,
     /// A TCP connect succeeds.
     Tcp,
-    /// An HTTP GET answers with the expected status.
+    /// An HTTP GET answers with the expected status; over TLS (`kind = "https"`) when `tls` is
+    /// set.
     Http {
         path: String,
         expect_status: u16,
-        /// Host header; the backend address when absent.
+        /// Host header, and the TLS server name; the backend address when absent.
         host: Option<String>,
+        tls: Option<TlsSpec>,
     },
+}
+
+/// How an `https` check sets up TLS.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TlsSpec {
+    /// Verify the backend's certificate chain and name (`tls_verify`). Off by default:
+    /// backends are addressed by IP, and their certificates rarely name one.
+    pub verify: bool,
+    /// Roots to verify against (`tls_ca`); the system's roots when absent.
+    pub ca: Option<CaFile>,
+}
+
+/// A CA file as read when the config was loaded: a changed file read by a reload makes a new
+/// check, so a rotated CA takes effect.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CaFile {
+    pub path: std::path::PathBuf,
+    pub certs: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// What to do when every backend of a VIP is down.

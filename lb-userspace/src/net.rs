@@ -24,7 +24,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
     os::{fd::AsRawFd, unix::net::UnixDatagram},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
 };
 use tokio::sync::mpsc;
 
@@ -109,16 +109,17 @@ pub fn interface_mtu(name: &str) -> Result<u16, NetError> {
     Ok(u16::try_from(mtu.max(0)).unwrap_or(u16::MAX))
 }
 
-/// Resolves next hops on the host where the LB runs, over netlink.
-#[derive(Debug)]
+/// Resolves next hops on the host where the LB runs, over netlink. Clones share the socket
+/// and what was learnt (lookups run on blocking threads, away from the daemon's lock).
+#[derive(Clone, Debug)]
 pub struct HostResolver {
     /// The interfaces XDP is attached to: the only ones packets can leave through.
     interfaces: Vec<String>,
     /// Opened in the caller's namespace by [`new`](Self::new); one request at a time.
-    netlink: Mutex<Netlink>,
+    netlink: Arc<Mutex<Netlink>>,
     /// Backend address -> the neighbour its packets go to (itself or its gateway), from the
     /// last resolution: what a neighbour notification concerns.
-    hops: Mutex<HashMap<IpAddr, IpAddr>>,
+    hops: Arc<Mutex<HashMap<IpAddr, IpAddr>>>,
 }
 
 impl HostResolver {
@@ -134,8 +135,8 @@ impl HostResolver {
         })?;
         Ok(Self {
             interfaces: interfaces.to_vec(),
-            netlink: Mutex::new(netlink),
-            hops: Mutex::default(),
+            netlink: Arc::new(Mutex::new(netlink)),
+            hops: Arc::default(),
         })
     }
 

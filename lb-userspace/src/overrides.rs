@@ -59,8 +59,40 @@ impl Overrides {
         }
     }
 
-    /// Writes atomically (temporary file + rename), so a crash never leaves half a file.
+    /// Like [`load`](Self::load), but a file that cannot be read or parsed (a power loss
+    /// before this version synced its writes, a disk error, a hand edit) must not keep the
+    /// load balancer down: it is renamed to `overrides.json.unreadable-<unix time>` for the
+    /// operator to inspect, and the daemon starts without overrides. Returns what happened,
+    /// for a loud log line; fails only when the file cannot even be moved aside.
+    pub fn load_or_set_aside(state_dir: &Path) -> Result<(Self, Option<String>), OverridesError> {
+        let error = match Self::load(state_dir) {
+            Ok(overrides) => return Ok((overrides, None)),
+            Err(error) => error,
+        };
+        let path = state_dir.join(FILE_NAME);
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = state_dir.join(format!("{FILE_NAME}.unreadable-{seconds}"));
+        std::fs::rename(&path, &aside).map_err(|source| OverridesError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok((
+            Self::default(),
+            Some(format!(
+                "{error}; moved it to {} and starting WITHOUT drains or CLI weights: \
+                 re-apply them (`xdplb drain`, `xdplb weight`)",
+                aside.display()
+            )),
+        ))
+    }
+
+    /// Writes crash-safely: a temporary file, fsynced, renamed over the old one, then the
+    /// directory fsynced. Without the syncs a power loss can leave an empty file (the rename
+    /// reaches the disk before the data).
     pub fn save(&self, state_dir: &Path) -> Result<(), OverridesError> {
+        use std::io::Write as _;
         let path = state_dir.join(FILE_NAME);
         let write_err = |source| OverridesError::Write {
             path: path.clone(),
@@ -69,8 +101,14 @@ impl Overrides {
         std::fs::create_dir_all(state_dir).map_err(write_err)?;
         let tmp = state_dir.join(format!("{FILE_NAME}.tmp"));
         let text = serde_json::to_string_pretty(self).expect("plain data serializes");
-        std::fs::write(&tmp, text).map_err(write_err)?;
-        std::fs::rename(&tmp, &path).map_err(write_err)
+        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
+        file.write_all(text.as_bytes()).map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        drop(file);
+        std::fs::rename(&tmp, &path).map_err(write_err)?;
+        std::fs::File::open(state_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(write_err)
     }
 
     pub fn get(&self, vip: &str, backend: IpAddr) -> Override {
@@ -127,6 +165,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                 },
                 forwarding: Forwarding::Dsr,
+                scheduler: Default::default(),
                 ring_size: 13,
                 health: HealthSpec::default(),
                 announce: Default::default(),
@@ -171,6 +210,42 @@ mod tests {
             err.contains("overrides.json") && err.contains("fix or remove"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_empty_or_garbled_file_is_moved_aside_and_loading_goes_on() {
+        let dir =
+            std::env::temp_dir().join(format!("xdplb-overrides-aside-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // What a power loss between rename and data write-back leaves.
+        std::fs::write(dir.join(FILE_NAME), "").unwrap();
+        let (loaded, warning) = Overrides::load_or_set_aside(&dir).unwrap();
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(loaded, Overrides::default());
+        let warning = warning.expect("a warning");
+        assert!(warning.contains("WITHOUT drains"), "{warning}");
+        assert!(!names.iter().any(|n| n == FILE_NAME), "{names:?}");
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("overrides.json.unreadable-")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn a_good_file_loads_without_a_warning() {
+        let dir = std::env::temp_dir().join(format!("xdplb-overrides-good-{}", std::process::id()));
+        let mut overrides = Overrides::default();
+        overrides.update("web", addr("10.0.0.1"), |o| o.drained = true);
+        overrides.save(&dir).unwrap();
+        let (loaded, warning) = Overrides::load_or_set_aside(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((loaded, warning), (overrides, None));
     }
 
     #[test]

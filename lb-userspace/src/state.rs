@@ -11,8 +11,9 @@
 
 use crate::{
     dataplane::{Dataplane, DataplaneError, Sizes},
-    maglev::{self, MaglevBackend, MaglevError},
+    maglev::MaglevBackend,
     model::{BackendSpec, Mac, Prefix, Services, VipAddr, VipSpec},
+    scheduler::{self, Scheduler, SchedulerError},
 };
 use lb_common::{
     AddrKey, Backend, LbConfig, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT,
@@ -36,10 +37,10 @@ pub enum StateError {
     #[error("VIP {vip}: ring_size {size} exceeds max_ring_size {max}: raise [daemon] max_ring_size (needs a restart)")]
     RingTooLarge { vip: String, size: u32, max: u32 },
     #[error("VIP {vip}: {source}")]
-    Maglev {
+    Schedule {
         vip: String,
         #[source]
-        source: MaglevError,
+        source: SchedulerError,
     },
 }
 
@@ -89,6 +90,7 @@ pub struct Unresolved {
 pub struct TargetVip {
     pub name: String,
     pub mode: u8,
+    pub scheduler: Scheduler,
     pub ring_size: u32,
     pub backends: BTreeMap<IpAddr, TargetBackend>,
 }
@@ -206,6 +208,7 @@ pub fn target(
             TargetVip {
                 name: spec.name.clone(),
                 mode: spec.forwarding.mode(),
+                scheduler: spec.scheduler,
                 ring_size: spec.ring_size,
                 backends,
             },
@@ -476,7 +479,8 @@ fn plan_vip(
                     ring_base: sizes.ring_base(id, 0),
                     ring_size: 0,
                     mode: want.mode,
-                    _pad: [0; 3],
+                    scheduler: want.scheduler.code(),
+                    _pad: [0; 2],
                 },
                 halves: [Vec::new(), Vec::new()],
                 active: 0,
@@ -543,13 +547,24 @@ fn plan_vip(
         })
         .collect();
     let table =
-        maglev::build_table(&ring, want.ring_size, seed).map_err(|source| StateError::Maglev {
-            vip: want.name.clone(),
-            source,
+        scheduler::table(want.scheduler, &ring, want.ring_size, seed).map_err(|source| {
+            StateError::Schedule {
+                vip: want.name.clone(),
+                source,
+            }
         })?;
 
+    // A least-conn list (2 slots per backend) must fit a half too.
+    if table.len() > sizes.max_ring_size as usize {
+        return Err(StateError::RingTooLarge {
+            vip: want.name.clone(),
+            size: table.len() as u32,
+            max: sizes.max_ring_size,
+        });
+    }
     let mut meta = VipMeta {
         mode: want.mode,
+        scheduler: want.scheduler.code(),
         ..vip.meta
     };
     if table.is_empty() {
@@ -572,10 +587,10 @@ fn plan_vip(
         if !writes.is_empty() {
             changes.push(Change::WriteRing(writes));
         }
+        meta.ring_base = base;
+        meta.ring_size = table.len() as u32;
         vip.halves[half] = table;
         vip.active = half;
-        meta.ring_base = base;
-        meta.ring_size = want.ring_size;
     }
     if is_new || meta != vip.meta {
         changes.push(Change::SetVip(*key, meta));
@@ -659,6 +674,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
             forwarding: Forwarding::Dsr,
+            scheduler: Scheduler::Maglev,
             ring_size: 13,
             health: HealthSpec::default(),
             announce: Default::default(),
@@ -859,6 +875,44 @@ mod tests {
         moved.backends[0].mac = Some(Mac([2, 0, 0, 0, 0, 0x42]));
         let (changes, _) = plan_for(&live, &services(vec![moved]));
         assert_eq!(kinds(&changes), ["set-backend"]);
+    }
+
+    #[test]
+    fn schedulers_fill_the_ring_halves_and_flip_like_maglev() {
+        let mut lc = vip("web", 10, &[(1, 100), (2, 0), (3, 300)]);
+        lc.scheduler = Scheduler::LeastConn;
+        let (changes, live) = plan_for(&Live::empty(SIZES), &services(vec![lc.clone()]));
+        let meta = set_vip(&changes);
+        assert_eq!(meta.scheduler, lb_common::SCHED_LEAST_CONN);
+        let web = live.vips.values().next().unwrap();
+        let id = |last: u8| web.backends[&IpAddr::from([10, 0, 0, last])].id;
+        assert_eq!(meta.ring_size, 4, "two slots per weighted backend");
+        assert_eq!(web.table(), [id(1), 100, id(3), 300]);
+
+        let mut rr = lc;
+        rr.scheduler = Scheduler::RoundRobin;
+        let (changes, next) = plan_for(&live, &services(vec![rr]));
+        assert_eq!(kinds(&changes), ["ring", "set-vip"]);
+        let meta = set_vip(&changes);
+        assert_eq!(meta.scheduler, lb_common::SCHED_ROUND_ROBIN);
+        assert_eq!(meta.ring_base, SIZES.ring_base(0, 1), "the inactive half");
+        assert_eq!(
+            next.vips.values().next().unwrap().table(),
+            [id(3), id(1), id(3), id(3)]
+        );
+    }
+
+    #[test]
+    fn a_least_conn_list_larger_than_a_ring_half_is_refused() {
+        let backends: Vec<(u8, u32)> = (1..=7).map(|b| (b, 100)).collect();
+        let mut lc = vip("web", 10, &backends);
+        lc.scheduler = Scheduler::LeastConn;
+        let err = plan(
+            &Live::empty(SIZES),
+            &target(&services(vec![lc]), |_, _| BackendStatus::default(), &Macs).unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_ring_size 13"), "{err}");
     }
 
     #[test]

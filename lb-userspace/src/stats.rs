@@ -33,6 +33,8 @@ pub struct VipSample {
     pub name: String,
     /// e.g. `192.0.2.10:80/tcp` ([`crate::model::VipAddr`]'s display form).
     pub address: String,
+    /// "maglev", "round-robin" or "least-conn".
+    pub scheduler: String,
     pub counters: TrafficCounters,
     pub backends: Vec<BackendSample>,
 }
@@ -44,6 +46,9 @@ pub struct BackendSample {
     pub counters: TrafficCounters,
     /// Flows seen within the idle timeout and not closed ([`active_flows`]).
     pub active_flows: u64,
+    /// Drained, and a scan that started after the drain found no active flow
+    /// ([`crate::flowscan::FlowScan::drain_complete`]).
+    pub drain_complete: bool,
     /// Weight new flows see now: 0 when drained or down.
     pub weight: u32,
     pub configured_weight: u32,
@@ -53,6 +58,8 @@ pub struct BackendSample {
     pub health: String,
     /// Whether the backend counts as up: health checks have not marked it down.
     pub up: bool,
+    /// Least-conn VIPs: the active connections the data path compares for this backend.
+    pub scheduler_connections: Option<i64>,
 }
 
 /// Monotonic totals since the counters were created (or since the daemon started, for
@@ -81,6 +88,10 @@ pub struct Snapshot {
     /// Seconds between the two samples the rates come from; 0 until there are two.
     pub interval_s: f64,
     pub flow_table_entries: u64,
+    /// Seconds since the flow-table scan behind the active-flow counts started, when the
+    /// snapshot was served (`None`: no scan yet). Scans are paced on large tables.
+    #[serde(default)]
+    pub active_flows_age_s: Option<f64>,
     /// Global counters in [`lb_common::counters::ALL`] order.
     pub global: Vec<GlobalStat>,
     pub vips: Vec<VipStats>,
@@ -98,6 +109,7 @@ pub struct GlobalStat {
 pub struct VipStats {
     pub name: String,
     pub address: String,
+    pub scheduler: String,
     /// Sum over the backends.
     pub active_flows: u64,
     pub totals: Totals,
@@ -114,6 +126,10 @@ pub struct BackendStats {
     pub health: String,
     pub up: bool,
     pub active_flows: u64,
+    /// See [`BackendSample::drain_complete`].
+    pub drain_complete: bool,
+    /// Least-conn VIPs: the active connections the data path compares for this backend.
+    pub scheduler_connections: Option<i64>,
     pub totals: Totals,
     pub rates: Rates,
 }
@@ -291,6 +307,8 @@ impl Stats {
                             health: b.health,
                             up: b.up,
                             active_flows: b.active_flows,
+                            drain_complete: b.drain_complete,
+                            scheduler_connections: b.scheduler_connections,
                             totals,
                             rates,
                         }
@@ -299,6 +317,7 @@ impl Stats {
                 VipStats {
                     name: vip.name,
                     address: vip.address,
+                    scheduler: vip.scheduler,
                     active_flows: backend_stats.iter().map(|b| b.active_flows).sum(),
                     totals,
                     rates,
@@ -312,6 +331,7 @@ impl Stats {
         self.snapshot = Snapshot {
             interval_s,
             flow_table_entries: sample.flow_table_entries,
+            active_flows_age_s: None,
             global,
             vips: vip_stats,
         };
@@ -423,14 +443,33 @@ pub fn render_table(snapshot: &Snapshot) -> String {
         out.push('\n');
     }
     let dropped: u64 = snapshot.vips.iter().map(|v| v.totals.not_forwarded).sum();
+    let age = scan_age(snapshot.active_flows_age_s);
     let _ = writeln!(
         out,
-        "flow table: {} entries; not forwarded: {} packets; rates over {:.1} s",
+        "flow table: {} entries; {}not forwarded: {} packets; rates over {:.1} s",
         snapshot.flow_table_entries,
+        if age.is_empty() {
+            String::new()
+        } else {
+            format!("active flows{age}; ")
+        },
         human(dropped as f64),
         snapshot.interval_s
     );
     out
+}
+
+/// Active-flow counts at least this old are shown with their age: younger ones are as fresh
+/// as the default stats interval makes them.
+const STALE_AFTER_S: f64 = 2.0;
+
+/// " (counted 8.3 s ago)" when the counts are stale enough to matter, else "".
+pub fn scan_age(age_s: Option<f64>) -> String {
+    match age_s {
+        Some(age) if age >= STALE_AFTER_S => format!(" (counted {age:.1} s ago)"),
+        Some(_) => String::new(),
+        None => " (not counted yet)".into(),
+    }
 }
 
 fn traffic_row(
@@ -491,11 +530,13 @@ mod tests {
             address: address.into(),
             counters,
             active_flows: 0,
+            drain_complete: false,
             weight: 100,
             configured_weight: 100,
             drained: false,
             health: "up".into(),
             up: true,
+            scheduler_connections: None,
         }
     }
 
@@ -506,6 +547,7 @@ mod tests {
             vips: vec![VipSample {
                 name: "web".into(),
                 address: "192.0.2.10:80/tcp".into(),
+                scheduler: "maglev".into(),
                 counters: vip,
                 backends: vec![backend("10.0.0.1", backend_counters)],
             }],
@@ -690,11 +732,13 @@ mod tests {
         Snapshot {
             interval_s: 1.0,
             flow_table_entries: 1523,
+            active_flows_age_s: Some(0.5),
             global: vec![],
             vips: vec![
                 VipStats {
                     name: "web".into(),
                     address: "192.0.2.10:80/tcp".into(),
+                    scheduler: "maglev".into(),
                     active_flows: 1500,
                     totals: totals(123_456_789, 98_765_432_100, 54_321, 12),
                     rates: rates(12_345.0, 9_876_543.0, 120.5),
@@ -707,6 +751,8 @@ mod tests {
                             health: "up".into(),
                             up: true,
                             active_flows: 1480,
+                            drain_complete: false,
+                            scheduler_connections: None,
                             totals: totals(100_000_000, 80_000_000_000, 50_000, 0),
                             rates: rates(12_000.0, 9_600_000.0, 120.5),
                         },
@@ -718,6 +764,8 @@ mod tests {
                             health: "up".into(),
                             up: true,
                             active_flows: 20,
+                            drain_complete: false,
+                            scheduler_connections: None,
                             totals: totals(23_456_789, 18_765_432_100, 4_321, 0),
                             rates: rates(345.0, 276_543.0, 0.0),
                         },
@@ -729,6 +777,8 @@ mod tests {
                             health: "down".into(),
                             up: false,
                             active_flows: 0,
+                            drain_complete: false,
+                            scheduler_connections: None,
                             totals: totals(0, 0, 0, 0),
                             rates: Rates::default(),
                         },
@@ -737,6 +787,7 @@ mod tests {
                 VipStats {
                     name: "dns".into(),
                     address: "[2001:db8::53]:53/udp".into(),
+                    scheduler: "maglev".into(),
                     active_flows: 7,
                     totals: totals(999, 64_000, 7, 0),
                     rates: rates(0.5, 32.0, 0.5),
@@ -748,6 +799,8 @@ mod tests {
                         health: "unknown".into(),
                         up: true,
                         active_flows: 7,
+                        drain_complete: false,
+                        scheduler_connections: None,
                         totals: totals(999, 64_000, 7, 0),
                         rates: rates(0.5, 32.0, 0.5),
                     }],
@@ -771,6 +824,13 @@ flow table: 1523 entries; not forwarded: 12 packets; rates over 1.0 s
 ";
         assert_eq!(table, expected, "\n{table}");
         assert!(table.lines().all(|l| l.len() <= 100));
+    }
+
+    #[test]
+    fn scan_ages_are_shown_when_they_matter() {
+        assert_eq!(scan_age(Some(0.7)), "");
+        assert_eq!(scan_age(Some(10.04)), " (counted 10.0 s ago)");
+        assert_eq!(scan_age(None), " (not counted yet)");
     }
 
     #[test]

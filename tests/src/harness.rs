@@ -219,6 +219,23 @@ impl Harness {
     }
 }
 
+/// Keeps the calling thread on CPU 0: `BPF_PROG_TEST_RUN` runs on the calling CPU, and the
+/// round-robin and least-conn schedulers keep per-CPU state, so their exact sequences hold
+/// only on one CPU.
+pub fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the thread to CPU 0: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// A VIP spec for fixtures: backends as (address, MAC, weight).
 pub fn vip_spec(
     name: &str,
@@ -231,6 +248,7 @@ pub fn vip_spec(
         name: name.to_string(),
         vip,
         forwarding,
+        scheduler: Default::default(),
         ring_size,
         health: Default::default(),
         announce: Default::default(),

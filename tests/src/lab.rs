@@ -166,6 +166,34 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// Connects `host` to the lab's bridge by a veth (`eth0` in the host, `p-<name>` on the
+/// bridge) with its addresses; `link_options` go to the `eth0` side (e.g. its MAC).
+fn plug(host: &Host, switch: &Netns, name: &str, link_options: &str) -> Result<()> {
+    sh(&format!(
+        "ip link add eth0 netns {} {link_options} type veth peer name p-{name} netns {}",
+        host.ns.name, switch.name
+    ))?;
+    switch.exec(&format!(
+        "ip link set p-{name} master br0 && ip link set p-{name} up"
+    ))?;
+    host.ns.exec(&format!(
+        "ip addr add {}/24 dev eth0 && ip addr add {}/64 dev eth0 nodad && \
+         ip link set eth0 up && ethtool -K eth0 tx off >/dev/null",
+        host.ip4, host.ip6
+    ))?;
+    Ok(())
+}
+
+/// The pass-everything program on an LB's bridge port (see `Lab::_peer_xdp`); a link pinned
+/// for an earlier port of that name (severed when it was deleted) is replaced.
+fn attach_pass(switch: &Netns, pins: &BpfMount, port: &str) -> Result<()> {
+    switch.enter(|| -> Result<()> {
+        let mut xdp = Dataplane::load(Role::Decap, Sizes::UNUSED, Some(&pins.0.join(port)))?;
+        xdp.attach(port, AttachMode::Native)?;
+        Ok(())
+    })?
+}
+
 /// A bpffs mounted on the directory it names: unmounting it drops every pin in it (pinned links
 /// detach their programs). Unmounted and removed on drop.
 struct BpfMount(PathBuf);
@@ -207,6 +235,43 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// Deletes `host`'s interface (as a driver reload or a network manager re-creating a
+    /// VLAN does; its bridge port goes with it). Returns its MAC for
+    /// [`restore_interface`](Self::restore_interface).
+    pub fn delete_interface(&self, host: &Host) -> Result<String> {
+        let mac = host.ns.exec("cat /sys/class/net/eth0/address")?;
+        host.ns.exec("ip link del eth0")?;
+        Ok(mac.trim().to_string())
+    }
+
+    /// Creates `host`'s interface again with the same MAC and addresses: a new netdev without
+    /// any XDP program (an LB's bridge port gets its pass program back).
+    pub fn restore_interface(&self, host: &Host, mac: &str) -> Result<()> {
+        let name = host
+            .ns
+            .name
+            .strip_prefix(&format!("{}-", self.id))
+            .context("a host of this lab")?;
+        plug(host, &self.switch, name, &format!("address {mac}"))?;
+        if name.starts_with("lb") {
+            attach_pass(&self.switch, &self._peer_xdp, &format!("p-{name}"))?;
+        }
+        Ok(())
+    }
+
+    /// `count` new TCP connections from the client to `vip`: the names of the backends that
+    /// answered, or the errors.
+    pub fn connect(&self, vip: SocketAddr, count: usize) -> Vec<Result<String, String>> {
+        self.client
+            .ns
+            .enter(|| {
+                (0..count)
+                    .map(|_| who(vip).map_err(|e| e.to_string()))
+                    .collect()
+            })
+            .expect("entering the client's namespace")
+    }
+
     /// Builds the topology with `backends` backends serving nothing yet.
     pub fn new(backends: usize) -> Result<Self> {
         Self::build(backends, false)
@@ -234,19 +299,13 @@ impl Lab {
         let peer_xdp = BpfMount::new(std::env::temp_dir().join(format!("{id}-peers")))?;
         switch.exec("ip link add br0 type bridge && ip link set br0 up")?;
         let host = |name: &str, ip4: Ipv4Addr, ip6: Ipv6Addr| -> Result<Host> {
-            let ns = Netns::new(&format!("{id}-{name}"))?;
-            sh(&format!(
-                "ip link add eth0 netns {} type veth peer name p-{name} netns {}",
-                ns.name, switch.name
-            ))?;
-            switch.exec(&format!(
-                "ip link set p-{name} master br0 && ip link set p-{name} up"
-            ))?;
-            ns.exec(&format!(
-                "ip addr add {ip4}/24 dev eth0 && ip addr add {ip6}/64 dev eth0 nodad && \
-                 ip link set eth0 up && ethtool -K eth0 tx off >/dev/null"
-            ))?;
-            Ok(Host { ns, ip4, ip6 })
+            let host = Host {
+                ns: Netns::new(&format!("{id}-{name}"))?,
+                ip4,
+                ip6,
+            };
+            plug(&host, &switch, name, "")?;
+            Ok(host)
         };
         let (client, lb, lb2, router) = if ecmp {
             let router = host("r", ROUTER4, ROUTER6)?;
@@ -312,14 +371,9 @@ impl Lab {
             }
         }
         let lb_ports: &[&str] = if ecmp { &["p-lb", "p-lb2"] } else { &["p-lb"] };
-        switch.enter(|| -> Result<()> {
-            for port in lb_ports {
-                let pins = peer_xdp.0.join(port);
-                let mut xdp = Dataplane::load(Role::Decap, Sizes::UNUSED, Some(&pins))?;
-                xdp.attach(port, AttachMode::Native)?;
-            }
-            Ok(())
-        })??;
+        for port in lb_ports {
+            attach_pass(&switch, &peer_xdp, port)?;
+        }
         Ok(Self {
             id,
             client,
@@ -406,6 +460,19 @@ impl Host {
     pub fn serve(&self, name: &str, listen: &str, proto: &str) -> Result<Process> {
         self.ns
             .spawn(&server_binary(), &[name, listen, proto])
+            .map(Process)
+    }
+
+    /// Starts a lab server named `name` answering over TLS on `listen` with `cert`.
+    pub fn serve_tls(
+        &self,
+        name: &str,
+        listen: &str,
+        cert: &crate::pki::ServerCert,
+    ) -> Result<Process> {
+        let (cert, key) = (cert.cert.to_string_lossy(), cert.key.to_string_lossy());
+        self.ns
+            .spawn(&server_binary(), &[name, listen, "tls", &cert, &key])
             .map(Process)
     }
 
@@ -526,12 +593,19 @@ impl Daemon {
 
     /// Starts (again) the daemon process and waits for its admin socket.
     pub fn restart(&mut self) -> Result<()> {
+        self.spawn(&[])?;
+        self.wait_ready()
+    }
+
+    /// Starts the daemon process with `env` added to its environment, without waiting.
+    pub fn spawn(&mut self, env: &[(&str, &Path)]) -> Result<()> {
         let _ = std::fs::remove_file(&self.socket);
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
             .arg(xdplb_binary())
             .args(["run", "-c"])
             .arg(&self.config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(File::create(self.dir.join("daemon.log"))?)
             .spawn()
@@ -539,6 +613,11 @@ impl Daemon {
                 "starting xdplb run (is target/debug/xdplb built? `cargo xtask test` builds it)",
             )?;
         self.process = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the admin socket of a [spawned](Self::spawn) daemon answers.
+    pub fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.cli(&["status"]).is_err() {
             if Instant::now() > deadline {
@@ -637,6 +716,21 @@ impl Drop for Daemon {
         let _ = sh(&format!("umount -l {}", self.dir.join("bpffs").display()));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The lab server named `b<n>` on every backend of `lab`, TCP on port 80 of every address,
+/// listening when this returns.
+pub fn serve_tcp(lab: &Lab) -> Vec<Process> {
+    let servers = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(n, b)| b.serve(&format!("b{n}"), "[::]:80", "tcp").unwrap())
+        .collect();
+    for b in &lab.backends {
+        b.wait_sockets(1, 0).unwrap();
+    }
+    servers
 }
 
 /// Asks a lab server which backend answered (TCP).

@@ -4,3 +4,4 @@ pub mod fixture;
 pub mod harness;
 pub mod lab;
 pub mod packet;
+pub mod pki;

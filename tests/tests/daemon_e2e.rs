@@ -2,7 +2,12 @@
 //! TCP servers and clients. No established connection may break: every transfer must deliver
 //! its exact byte count.
 
-use std::{net::SocketAddr, sync::mpsc, thread, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
 use xdplb_tests::lab::{addr, backend4, stream, who, xdplb_binary, Daemon, Lab, Process};
 
 const VIP: &str = "192.0.2.10";
@@ -26,6 +31,15 @@ fn web(backends: usize) -> String {
 /// A lab with `n` backends serving TCP on port 80 and the daemon up with `configured`
 /// backends resolved.
 fn lab_with_daemon(n: usize, configured: usize) -> (Lab, Vec<Process>, Daemon) {
+    lab_with_daemon_keys(n, configured, "")
+}
+
+/// [`lab_with_daemon`] with extra `[daemon]` keys.
+fn lab_with_daemon_keys(
+    n: usize,
+    configured: usize,
+    daemon_keys: &str,
+) -> (Lab, Vec<Process>, Daemon) {
     let lab = Lab::new(n).expect("lab");
     let servers = lab
         .backends
@@ -33,7 +47,7 @@ fn lab_with_daemon(n: usize, configured: usize) -> (Lab, Vec<Process>, Daemon) {
         .enumerate()
         .map(|(i, b)| b.serve(&format!("b{i}"), "0.0.0.0:80", "tcp").unwrap())
         .collect();
-    let daemon = Daemon::start(&lab, "", &web(configured)).expect("daemon");
+    let daemon = Daemon::start(&lab, daemon_keys, &web(configured)).expect("daemon");
     wait_available(&daemon, configured);
     (lab, servers, daemon)
 }
@@ -58,9 +72,10 @@ fn spread(lab: &Lab, count: usize) -> Vec<String> {
         .unwrap()
 }
 
-/// Runs `during(serving backend address)` while a long transfer is in flight, then checks the
-/// transfer delivered every byte from the backend it started on.
-fn with_transfer(lab: &Lab, during: impl FnOnce(&str)) {
+/// Runs `during(serving backend address, whether the transfer has ended)` while a long
+/// transfer is in flight, then checks the transfer delivered every byte from the backend it
+/// started on.
+fn with_transfer(lab: &Lab, during: impl FnOnce(&str, &dyn Fn() -> bool)) {
     let (tx, rx) = mpsc::channel();
     let client = &lab.client.ns;
     thread::scope(|scope| {
@@ -77,7 +92,7 @@ fn with_transfer(lab: &Lab, during: impl FnOnce(&str)) {
             .recv_timeout(Duration::from_secs(5))
             .expect("transfer started");
         let backend = backend4(serving[1..].parse().unwrap()).to_string();
-        during(&backend);
+        during(&backend, &|| transfer.is_finished());
         let (name, bytes) = transfer.join().unwrap().expect("transfer broke");
         assert_eq!((name.as_str(), bytes), (serving.as_str(), TRANSFER));
     });
@@ -94,7 +109,7 @@ fn drain_moves_new_connections_while_a_long_transfer_continues() {
         );
     }
     let mut drained = String::new();
-    with_transfer(&lab, |backend| {
+    with_transfer(&lab, |backend, _| {
         drained = backend.to_string();
         let out = daemon.cli(&["drain", "web", backend]).unwrap();
         assert!(out.contains("drained"), "{out}");
@@ -108,7 +123,7 @@ fn drain_moves_new_connections_while_a_long_transfer_continues() {
             "a new connection reached drained {name}: {names:?}"
         );
         let status = daemon.cli(&["status"]).unwrap();
-        assert!(status.contains("drained"), "{status}");
+        assert!(status.contains("draining"), "{status}");
     });
     // The transfer finished and the client closed: nothing active remains.
     let waited = daemon
@@ -131,10 +146,46 @@ fn drain_moves_new_connections_while_a_long_transfer_continues() {
     wait_available(&daemon, 3);
 }
 
+/// `drain --wait` issued right after a download started on the backend, before any flow-table
+/// scan could see it, must wait for the download to end. It used to trust the last scan, older
+/// than the flow, and return at once with "no active flow".
+#[test]
+fn drain_wait_waits_for_a_stream_started_just_before_the_drain() {
+    // Scans every 5 s: the one before the drain almost surely predates the stream.
+    let (lab, _servers, daemon) = lab_with_daemon_keys(2, 2, "stats_interval = \"5s\"\n");
+    with_transfer(&lab, |backend, transfer_ended| {
+        let started = Instant::now();
+        let waited = daemon
+            .cli(&["drain", "web", backend, "--wait", "--timeout", "30s"])
+            .unwrap();
+        let waited_for = started.elapsed();
+        assert!(
+            transfer_ended(),
+            "drain --wait returned after {waited_for:?} while the transfer still ran:\n{waited}"
+        );
+        // The server paces the transfer: it cannot end sooner.
+        let transfer_time = Duration::from_secs_f64(TRANSFER as f64 / RATE as f64);
+        assert!(
+            waited_for >= transfer_time * 9 / 10,
+            "{waited_for:?}\n{waited}"
+        );
+        assert!(waited.contains("has no active flow"), "{waited}");
+    });
+    let status = daemon.cli(&["status", "--json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let complete = status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["drain_complete"] == true)
+        .count();
+    assert_eq!(complete, 1, "{status}");
+}
+
 #[test]
 fn reload_under_traffic_breaks_no_connection() {
     let (lab, _servers, daemon) = lab_with_daemon(4, 3);
-    with_transfer(&lab, |_| {
+    with_transfer(&lab, |_, _| {
         // Add the fourth backend.
         std::fs::write(
             &daemon.config,
@@ -168,7 +219,7 @@ fn reload_under_traffic_breaks_no_connection() {
 #[test]
 fn kill_9_and_restart_keep_a_transfer_running() {
     let (lab, _servers, mut daemon) = lab_with_daemon(3, 3);
-    with_transfer(&lab, |backend| {
+    with_transfer(&lab, |backend, _| {
         // Drained first, so the transfer's backend is no longer the ring's choice: if the
         // restart lost it even briefly, the flow would re-hash elsewhere and be reset.
         daemon.cli(&["drain", "web", backend]).unwrap();

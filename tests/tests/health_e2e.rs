@@ -248,14 +248,7 @@ fn assert_within(what: &str, took: Duration, documented: Duration) {
 
 /// Backend names answering `count` new connections to the VIP; failures as `Err`.
 fn spread(lab: &Lab, count: usize) -> Vec<Result<String, String>> {
-    lab.client
-        .ns
-        .enter(|| {
-            (0..count)
-                .map(|_| who(vip()).map_err(|e| e.to_string()))
-                .collect()
-        })
-        .unwrap()
+    lab.connect(vip(), count)
 }
 
 /// One connection attempt of the client loop.

@@ -15,7 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 use xdplb_tests::lab::{
-    addr, backend4, backend6, stream, who, xdplb_binary, Daemon, Lab, Process, LAB_SIZES, VIP_NET4,
+    addr, backend4, backend6, serve_tcp, stream, who, xdplb_binary, Daemon, Lab, LAB_SIZES,
+    VIP_NET4,
 };
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -33,20 +34,6 @@ fn backend(address: impl Into<IpAddr>, weight: u32) -> String {
         "[[vip.backend]]\naddress = \"{}\"\nweight = {weight}\n",
         address.into()
     )
-}
-
-/// The lab server named `b<n>` on every backend, TCP on port 80 of every address.
-fn serve_tcp(lab: &Lab) -> Vec<Process> {
-    let servers = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(n, b)| b.serve(&format!("b{n}"), "[::]:80", "tcp").unwrap())
-        .collect();
-    for b in &lab.backends {
-        b.wait_sockets(1, 0).unwrap();
-    }
-    servers
 }
 
 fn wait_available(daemon: &Daemon, vip: &str, n: u64) {

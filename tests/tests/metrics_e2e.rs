@@ -27,7 +27,8 @@ use xdplb_tests::lab::{addr, backend4, stream, who, Daemon, Lab, Process, CLIENT
 const WEB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const DNS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
 const BACKENDS: usize = 3;
-/// Configured weights of the web VIP's backends (the dns VIP uses the default, 100).
+/// Configured weights of the web VIP's backends (the dns VIP, least-conn, uses the default,
+/// 100).
 const WEB_WEIGHTS: [u32; BACKENDS] = [100, 100, 50];
 const METRICS_PORT: u16 = 9650;
 const STATS_INTERVAL: Duration = Duration::from_millis(500);
@@ -64,7 +65,7 @@ fn services() -> String {
     }
     text.push_str(&format!(
         "[[vip]]\nname = \"dns\"\naddress = \"{DNS}\"\nport = 53\nprotocol = \"udp\"\n\
-         ring_size = 1021\n"
+         scheduler = \"least-conn\"\nring_size = 1021\n"
     ));
     for n in 0..BACKENDS {
         text.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", backend4(n)));
@@ -645,6 +646,23 @@ fn the_endpoint_serves_every_documented_metric_and_healthz() {
         .map(|n| metrics.backend("xdplb_backend_active_flows", "dns", n))
         .sum();
     assert_eq!(active_dns, 1.0, "the UDP flow is active");
+    // dns is least-conn: its one flow holds one count; web (maglev) exports no counts.
+    let counted_dns: f64 = (0..BACKENDS)
+        .map(|n| metrics.backend("xdplb_backend_scheduler_connections", "dns", n))
+        .sum();
+    assert_eq!(counted_dns, 1.0, "the UDP flow is counted");
+    assert!(!metrics
+        .text
+        .contains("xdplb_backend_scheduler_connections{vip=\"web\""));
+    for (vip, scheduler) in [("web", "maglev"), ("dns", "least-conn")] {
+        assert_eq!(
+            metrics.value(
+                "xdplb_vip_scheduler",
+                &[("vip", vip), ("scheduler", scheduler)]
+            ),
+            1.0
+        );
+    }
     // Each connection is at least SYN, ACK + request, FIN, ACK: 4 packets sent with XDP_TX.
     let tx = metrics.value("xdplb_xdp_actions_total", &[("action", "tx")]);
     assert!(tx >= (4 * CONNECTIONS + 1) as f64, "tx {tx}");

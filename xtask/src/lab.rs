@@ -21,7 +21,7 @@ pub fn run_lab_program(program: &str, release: bool, args: &[String]) -> Result<
         Command::new("cargo")
             .args(["build", "--package", "lb-userspace", "--bin", "xdplb"])
             .args(profile),
-        "build xdplb",
+        "build xdplb (with its kernel programs)",
     )?;
     run(
         Command::new("cargo")

@@ -11,10 +11,11 @@
 mod probe;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod tracker;
 
 use std::{
-    collections::{hash_map::Entry, HashMap},
+    collections::{hash_map::Entry, HashMap, HashSet},
     fmt,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
@@ -24,9 +25,10 @@ use std::{
 use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 use tracing::{debug, info, warn};
 
+pub use tls::{load_ca, server_name};
 pub use tracker::Failure;
 
-use crate::model::{BackendSpec, CheckKind, HealthSpec, VipSpec};
+use crate::model::{BackendSpec, CheckKind, HealthSpec, TlsSpec, VipSpec};
 use probe::{Prober, Schedule};
 use tracker::{Tracker, Transition};
 
@@ -50,6 +52,8 @@ pub enum Probe {
         expect_status: u16,
         /// Host header; the target address when absent.
         host: Option<String>,
+        /// HTTPS when set.
+        tls: Option<TlsSpec>,
     },
 }
 
@@ -64,10 +68,12 @@ impl CheckTarget {
                 path,
                 expect_status,
                 host,
+                tls,
             } => Probe::Http {
                 path: path.clone(),
                 expect_status: *expect_status,
                 host: host.clone(),
+                tls: tls.clone(),
             },
         };
         let port = backend.health_port.or(health.port).unwrap_or(vip.vip.port);
@@ -87,8 +93,12 @@ impl fmt::Display for CheckTarget {
             Probe::Http {
                 path,
                 expect_status,
+                tls,
                 ..
-            } => write!(f, "http://{}{path} (expect {expect_status})", self.addr),
+            } => {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                write!(f, "{scheme}://{}{path} (expect {expect_status})", self.addr)
+            }
         }
     }
 }
@@ -192,6 +202,8 @@ pub struct HealthMonitor {
     events: UnboundedSender<HealthEvent>,
     observer: CheckObserver,
     targets: HashMap<CheckTarget, Running>,
+    /// Checks whose state machine starts down when [`sync`](Self::sync) first starts it.
+    presumed_down: HashSet<(CheckTarget, Thresholds)>,
 }
 
 struct Running {
@@ -224,14 +236,28 @@ impl HealthMonitor {
             events,
             observer,
             targets: HashMap::new(),
+            presumed_down: HashSet::new(),
+        }
+    }
+
+    /// Makes `backend`'s check for `vip` start down instead of unknown when the next
+    /// [`sync`](Self::sync) starts it: after a restart the pinned maps say which backends were
+    /// down, and unknown counts as up, which would send new flows to a dead backend until
+    /// `fall` checks had failed.
+    pub fn presume_down(&mut self, vip: &VipSpec, backend: &BackendSpec) {
+        if let Some(target) = CheckTarget::of(vip, backend) {
+            self.presumed_down
+                .insert((target, Thresholds::of(&vip.health)));
         }
     }
 
     /// Makes the running checks match `vips`: starts new targets, stops removed ones, and keeps
-    /// unchanged ones running with their state. A changed check (port, path, interval, ...) is a
-    /// new target and starts from `Unknown`; changed thresholds start a new state machine on the
-    /// running target.
+    /// unchanged ones running with their state. A changed check (path, interval, timeout, ...)
+    /// is a new target but keeps the state of the check it replaces on the same address and
+    /// port with the same thresholds: a reload that tunes a check must not turn a down backend
+    /// into an unknown (counted as up) one. Changed thresholds start a new state machine.
     pub fn sync(&mut self, vips: &[VipSpec]) {
+        let now = Instant::now();
         let mut wanted = Wanted::new();
         for vip in vips {
             let thresholds = Thresholds::of(&vip.health);
@@ -253,15 +279,28 @@ impl HealthMonitor {
                 }
             }
         }
+        // The state machines of stopped checks, for a replacement on the same address.
+        let mut replaced: HashMap<(SocketAddr, Thresholds), Tracker> = HashMap::new();
         self.targets.retain(|target, running| {
             let keep = wanted.contains_key(target);
             if !keep {
                 debug!(%target, "stopping health check");
                 running.task.abort();
+                for machine in std::mem::take(&mut lock(&running.shared).machines) {
+                    let key = (target.addr, machine.tracker.thresholds());
+                    replaced.insert(key, machine.tracker);
+                }
             }
             keep
         });
-        let now = Instant::now();
+        let presumed_down = std::mem::take(&mut self.presumed_down);
+        let start = |target: &CheckTarget, thresholds: Thresholds| {
+            if presumed_down.contains(&(target.clone(), thresholds)) {
+                Tracker::presumed_down(thresholds, now, "down before the restart (pinned maps)")
+            } else {
+                Tracker::new(thresholds, now)
+            }
+        };
         for (target, groups) in wanted {
             let vips: Arc<[String]> = groups.iter().flat_map(|(_, names)| names.clone()).collect();
             match self.targets.entry(target) {
@@ -277,7 +316,7 @@ impl HealthMonitor {
                                 .position(|m| m.tracker.thresholds() == thresholds)
                             {
                                 Some(kept) => machines.swap_remove(kept).tracker,
-                                None => Tracker::new(thresholds, now),
+                                None => start(running.key(), thresholds),
                             };
                             Machine {
                                 tracker,
@@ -291,7 +330,9 @@ impl HealthMonitor {
                     let machines = groups
                         .into_iter()
                         .map(|(thresholds, names)| Machine {
-                            tracker: Tracker::new(thresholds, now),
+                            tracker: replaced
+                                .remove(&(slot.key().addr, thresholds))
+                                .unwrap_or_else(|| start(slot.key(), thresholds)),
                             vips: names.into(),
                         })
                         .collect();

@@ -1,4 +1,5 @@
-//! One check of one target (TCP connect or a minimal HTTP/1.1 GET), and when to run the next.
+//! One check of one target (TCP connect, or a minimal HTTP/1.1 GET over TCP or TLS), and when to
+//! run the next.
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
@@ -8,12 +9,12 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
     time::{timeout_at, Instant},
 };
 
-use super::{CheckTarget, Probe};
+use super::{tls::Tls, CheckTarget, Probe};
 
 /// Longest status line read; a real one ("HTTP/1.1 503 Service Unavailable") is far shorter, and
 /// the bound keeps a misbehaving backend from making us buffer its body.
@@ -32,6 +33,8 @@ pub(super) struct Prober {
 struct Http {
     request: Box<[u8]>,
     expect_status: u16,
+    /// HTTPS; an error (a TLS setup that cannot work) fails every check with it.
+    tls: Option<Result<Tls, String>>,
 }
 
 impl Prober {
@@ -42,9 +45,13 @@ impl Prober {
                 path,
                 expect_status,
                 host,
+                tls,
             } => Some(Http {
                 request: request(target.addr, path, host.as_deref()),
                 expect_status: *expect_status,
+                tls: tls
+                    .as_ref()
+                    .map(|spec| Tls::new(spec, target.addr.ip(), host.as_deref())),
             }),
         };
         Self {
@@ -58,24 +65,23 @@ impl Prober {
     /// the reason names the step that ran out of time.
     pub async fn run(&self) -> Result<(), String> {
         let deadline = Instant::now() + self.timeout;
-        let mut stream = timeout_at(deadline, self.connect())
+        let stream = timeout_at(deadline, self.connect())
             .await
             .map_err(|_| "connect: timeout".to_owned())?
             .map_err(|e| format!("connect: {}", describe(&e)))?;
         let Some(http) = &self.http else {
             return Ok(());
         };
-        timeout_at(deadline, stream.write_all(&http.request))
-            .await
-            .map_err(|_| "HTTP: timeout sending the request".to_owned())?
-            .map_err(|e| format!("HTTP: send: {}", describe(&e)))?;
-        let status = timeout_at(deadline, read_status(&mut stream))
-            .await
-            .map_err(|_| "HTTP: timeout waiting for the status line".to_owned())??;
-        if status == http.expect_status {
-            Ok(())
-        } else {
-            Err(format!("HTTP {status}"))
+        match &http.tls {
+            None => http.exchange(stream, deadline).await,
+            Some(Err(reason)) => Err(format!("TLS: {reason}")),
+            Some(Ok(tls)) => {
+                let stream = timeout_at(deadline, tls.handshake(stream))
+                    .await
+                    .map_err(|_| "TLS: timeout in the handshake".to_owned())?
+                    .map_err(|e| format!("TLS: {}", describe(&e)))?;
+                http.exchange(stream, deadline).await
+            }
         }
     }
 
@@ -88,6 +94,28 @@ impl Prober {
         // the balancer for a minute (60k of them for 1000 backends checked every second).
         socket.set_zero_linger()?;
         socket.connect(self.addr).await
+    }
+}
+
+impl Http {
+    /// Sends the request and reads the status line, by `deadline`.
+    async fn exchange(
+        &self,
+        mut stream: impl AsyncRead + AsyncWrite + Unpin,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        timeout_at(deadline, stream.write_all(&self.request))
+            .await
+            .map_err(|_| "HTTP: timeout sending the request".to_owned())?
+            .map_err(|e| format!("HTTP: send: {}", describe(&e)))?;
+        let status = timeout_at(deadline, read_status(&mut stream))
+            .await
+            .map_err(|_| "HTTP: timeout waiting for the status line".to_owned())??;
+        if status == self.expect_status {
+            Ok(())
+        } else {
+            Err(format!("HTTP {status}"))
+        }
     }
 }
 
@@ -105,7 +133,7 @@ fn request(addr: SocketAddr, path: &str, host: Option<&str>) -> Box<[u8]> {
 }
 
 /// Reads until the status line is complete and returns its code; the rest is never read.
-async fn read_status(stream: &mut TcpStream) -> Result<u16, String> {
+async fn read_status(stream: &mut (impl AsyncRead + Unpin)) -> Result<u16, String> {
     let mut buf = [0u8; STATUS_LINE_MAX];
     let mut len = 0;
     loop {

@@ -156,6 +156,7 @@ fn http(path: &str, expect_status: u16, host: Option<&str>) -> CheckKind {
         path: path.into(),
         expect_status,
         host: host.map(Into::into),
+        tls: None,
     }
 }
 
@@ -177,6 +178,7 @@ fn vip(name: &str, port: u16, health: HealthSpec, backends: Vec<BackendSpec>) ->
             protocol: Protocol::Tcp,
         },
         forwarding: Forwarding::Dsr,
+        scheduler: Default::default(),
         ring_size: 251,
         health,
         backends,
@@ -481,5 +483,63 @@ async fn kind_none_is_up_without_a_task() {
     assert_eq!(
         monitor.status(&web, &web.backends[0]),
         BackendHealth::unchecked(State::Up)
+    );
+}
+
+#[tokio::test]
+async fn a_backend_presumed_down_needs_rise_successes() {
+    let server = Server::start(Mode::Accept).await;
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let mut monitor = HealthMonitor::new(tx, ignore_checks());
+    let web = vip_for(server.addr, spec(CheckKind::Tcp, 2, 2));
+    let backend = &web.backends[0];
+    monitor.presume_down(&web, backend);
+    monitor.sync(slice::from_ref(&web));
+    let status = monitor.status(&web, backend);
+    assert_eq!(
+        status.state,
+        State::Down,
+        "down from the start, not unknown"
+    );
+    assert!(status.last_failure.unwrap().reason.contains("restart"));
+    let up = next_event(&mut events).await;
+    assert_eq!((up.from, up.to), (State::Down, State::Up));
+    // The presumption is used once: a later new check of another VIP starts unknown.
+    let other = vip(
+        "other",
+        server.addr.port(),
+        spec(CheckKind::Tcp, 5, 2),
+        web.backends.clone(),
+    );
+    monitor.sync(&[web.clone(), other.clone()]);
+    assert_eq!(monitor.status(&other, backend).state, State::Unknown);
+}
+
+#[tokio::test]
+async fn tuning_a_check_keeps_a_down_backend_down() {
+    let server = Server::start(Mode::Accept).await;
+    let addr = server.addr;
+    server.stop().await;
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let mut monitor = HealthMonitor::new(tx, ignore_checks());
+    let web = vip_for(addr, spec(CheckKind::Tcp, 2, 1));
+    monitor.sync(slice::from_ref(&web));
+    let down = next_event(&mut events).await;
+    assert_eq!(down.to, State::Down);
+    // Only the check's parameters change: a new target on the same address and port.
+    let mut tuned = web.clone();
+    tuned.health.timeout = Duration::from_millis(300);
+    tuned.health.kind = http("/health", 200, None);
+    monitor.sync(slice::from_ref(&tuned));
+    assert_eq!(monitor.targets().count(), 1);
+    let status = monitor.status(&tuned, &tuned.backends[0]);
+    assert_eq!(status.state, State::Down, "kept across the reload");
+    // New thresholds are a new state machine: unknown.
+    let mut rethought = tuned.clone();
+    rethought.health.rise = 3;
+    monitor.sync(slice::from_ref(&rethought));
+    assert_eq!(
+        monitor.status(&rethought, &rethought.backends[0]).state,
+        State::Unknown
     );
 }

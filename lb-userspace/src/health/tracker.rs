@@ -44,6 +44,19 @@ impl Tracker {
         }
     }
 
+    /// A tracker that starts down, as the previous run left the backend: it takes `rise`
+    /// successes, not one, before the backend gets new flows again.
+    pub fn presumed_down(thresholds: Thresholds, now: Instant, reason: &str) -> Self {
+        Self {
+            state: State::Down,
+            last_failure: Some(Failure {
+                reason: reason.to_owned(),
+                at: now,
+            }),
+            ..Self::new(thresholds, now)
+        }
+    }
+
     /// Feeds one check outcome observed at `now`; returns the transition it caused, if any.
     pub fn observe(&mut self, now: Instant, outcome: Result<(), &str>) -> Option<Transition> {
         // A threshold of 0 would make a single observation flip the state both ways; treat it as

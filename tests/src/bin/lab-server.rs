@@ -9,18 +9,30 @@
 //!   in the status file when one is given and exists (so a test can make health checks fail
 //!   while TCP still connects).
 //!
+//! TLS (`tls CERT KEY`): the same TCP protocol inside TLS (rustls), for `https` checks.
+//!
+//! `silent`: accepts TCP connections and never sends a byte (a TLS server that never completes
+//! its handshake), closing each after 30 s.
+//!
 //! UDP: any datagram is answered with `<name>`.
 //!
-//! Usage: `lab-server NAME LISTEN_ADDR tcp|udp [STATUS_FILE]`
+//! Usage: `lab-server NAME LISTEN_ADDR tcp|udp|silent [STATUS_FILE]` or
+//! `lab-server NAME LISTEN_ADDR tls CERT_PEM KEY_PEM [STATUS_FILE]`
 
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
+    sync::Arc,
     time::{Duration, Instant},
 };
+use xdplb_tests::pki::ServerCert;
+
+/// How long a `silent` server holds a connection.
+const SILENT_FOR: Duration = Duration::from_secs(30);
 
 /// Writes `total` bytes at `rate` bytes per second.
-fn paced(out: &mut TcpStream, total: u64, rate: u64) -> std::io::Result<()> {
+fn paced(out: &mut impl Write, total: u64, rate: u64) -> std::io::Result<()> {
     let chunk = [b'x'; 1024];
     let start = Instant::now();
     let mut sent = 0u64;
@@ -43,21 +55,17 @@ fn http_status(status_file: Option<&str>) -> u16 {
         .unwrap_or(200)
 }
 
-fn serve_tcp(stream: TcpStream, name: &str, status_file: Option<&str>) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+/// Answers one request on `stream` (plain TCP or TLS).
+fn serve(stream: impl Read + Write, name: &str, status_file: Option<&str>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    let mut out = stream;
     let words: Vec<&str> = line.split_whitespace().collect();
     match words[..] {
         ["STREAM", bytes, rate] => {
+            let out = reader.get_mut();
             writeln!(out, "{name}")?;
-            paced(
-                &mut out,
-                bytes.parse().unwrap_or(0),
-                rate.parse().unwrap_or(1),
-            )?;
+            paced(out, bytes.parse().unwrap_or(0), rate.parse().unwrap_or(1))?;
         }
         ["GET", path, ..] => {
             // Skip the request headers.
@@ -67,13 +75,14 @@ fn serve_tcp(stream: TcpStream, name: &str, status_file: Option<&str>) -> std::i
             }
             let status = http_status(status_file);
             let parts: Vec<&str> = path.split('/').collect();
+            let out = reader.get_mut();
             if let ["", "bytes", bytes, rate] = parts[..] {
                 let total: u64 = bytes.parse().unwrap_or(0);
                 write!(
                     out,
                     "HTTP/1.0 {status} X\r\nContent-Length: {total}\r\nX-Backend: {name}\r\n\r\n"
                 )?;
-                paced(&mut out, total, rate.parse().unwrap_or(1))?;
+                paced(out, total, rate.parse().unwrap_or(1))?;
             } else {
                 let body = format!("{name}\n");
                 write!(
@@ -83,21 +92,67 @@ fn serve_tcp(stream: TcpStream, name: &str, status_file: Option<&str>) -> std::i
                 )?;
             }
         }
-        _ => writeln!(out, "{name}")?,
+        _ => writeln!(reader.get_mut(), "{name}")?,
     }
-    out.flush()
+    reader.get_mut().flush()
+}
+
+/// One accepted connection, as the mode says.
+fn handle(
+    stream: TcpStream,
+    name: &str,
+    tls: Option<&Arc<ServerConfig>>,
+    silent: bool,
+    status_file: Option<&str>,
+) -> std::io::Result<()> {
+    if silent {
+        // Read (and drop) whatever comes until the client closes or the time is up.
+        stream.set_read_timeout(Some(SILENT_FOR))?;
+        let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+        return Ok(());
+    }
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    match tls {
+        None => serve(stream, name, status_file),
+        Some(config) => {
+            let connection =
+                ServerConnection::new(config.clone()).map_err(std::io::Error::other)?;
+            let mut tls = StreamOwned::new(connection, stream);
+            serve(&mut tls, name, status_file)?;
+            tls.conn.send_close_notify();
+            tls.flush()
+        }
+    }
 }
 
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let (name, listen, proto, status_file) = match &args[..] {
-        [_, name, listen, proto] => (name, listen, proto, None),
-        [_, name, listen, proto, file] => (name, listen, proto, Some(file.clone())),
-        _ => {
-            eprintln!("usage: lab-server NAME LISTEN_ADDR tcp|udp [STATUS_FILE]");
-            std::process::exit(2);
-        }
+    let usage = || -> ! {
+        eprintln!(
+            "usage: lab-server NAME LISTEN_ADDR tcp|udp|silent [STATUS_FILE]\n   \
+             or: lab-server NAME LISTEN_ADDR tls CERT_PEM KEY_PEM [STATUS_FILE]"
+        );
+        std::process::exit(2);
     };
+    let (name, listen, proto, rest) = match &args[..] {
+        [_, name, listen, proto, rest @ ..] => (name, listen, proto.as_str(), rest),
+        _ => usage(),
+    };
+    let (tls, status_file) = match (proto, rest) {
+        ("tls", [cert, key, rest @ ..]) => {
+            match ServerCert::server_config(cert.as_ref(), key.as_ref()) {
+                Ok(config) => (Some(config), rest.first().cloned()),
+                Err(e) => {
+                    eprintln!("lab-server: TLS certificate {cert} / key {key}: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        ("tcp" | "udp" | "silent", []) => (None, None),
+        ("tcp" | "udp" | "silent", [file]) => (None, Some(file.clone())),
+        _ => usage(),
+    };
+    let silent = proto == "silent";
     if proto == "udp" {
         let socket = UdpSocket::bind(listen)?;
         let mut buf = [0u8; 2048];
@@ -110,8 +165,9 @@ fn main() -> std::io::Result<()> {
     for stream in listener.incoming().flatten() {
         let name = name.clone();
         let status_file = status_file.clone();
+        let tls = tls.clone();
         std::thread::spawn(move || {
-            let _ = serve_tcp(stream, &name, status_file.as_deref());
+            let _ = handle(stream, &name, tls.as_ref(), silent, status_file.as_deref());
         });
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! Control plane: Maglev build time, applying 1,000 VIPs into real maps, map memory at 1M
-//! flows, the health checker's CPU for 1,000 backends, and the cost of next-hop resolution.
+//! flows, the health checker's CPU for 1,000 backends (tcp and https checks), the cost of
+//! next-hop resolution, and how long `/healthz` waits while a reload of 1,000 backends runs.
 
 use crate::report::{Figure, Report};
 use anyhow::{bail, ensure, Context as _, Result};
@@ -13,16 +14,21 @@ use lb_userspace::{
 };
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, TcpListener},
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 use xdplb_tests::{
     harness::{vip_spec, ConfiguredMacs, CLIENT_MAC, LB_MAC},
     lab::{sh, xdplb_binary, Netns},
     packet::{Packet, TCP_SYN},
+    pki::{Ca, ServerCert},
 };
 
 const MAGLEV_M: u32 = 65_537;
@@ -34,6 +40,10 @@ const FLOWS: u32 = 1 << 20;
 const HEALTH_BACKENDS: usize = 1_000;
 const HEALTH_WINDOW: Duration = Duration::from_secs(10);
 const HEALTH_PORT: u16 = 8080;
+/// Where the https checks go: a TLS server answering `200` to every request.
+const HTTPS_PORT: u16 = 8443;
+/// Threads of that server doing handshakes (the daemon's CPU is what is measured).
+const HTTPS_WORKERS: usize = 2;
 const STARTUP_BACKENDS: usize = 100;
 const STARTUP_WINDOW: Duration = Duration::from_secs(15);
 
@@ -449,20 +459,26 @@ struct HealthDaemon {
 /// How a measured daemon runs.
 #[derive(Clone, Copy)]
 struct DaemonSetup<'a> {
-    /// Health check kind: "tcp" or "none".
+    /// Health check kind: "tcp", "https" or "none".
     kind: &'a str,
+    /// Port every backend is checked on.
+    port: u16,
     backends: usize,
     /// Thresholds; huge ones keep every backend "unknown", so no transition (and no apply it
     /// triggers) happens during the measurement.
     rise: u32,
+    /// `daemon.metrics_listen`, when the measurement asks `/healthz`.
+    metrics_listen: Option<&'a str>,
 }
 
 impl HealthDaemon {
     fn start(ns: &Netns, dir: &Path, setup: &DaemonSetup<'_>) -> Result<Self> {
         let DaemonSetup {
             kind,
+            port,
             backends,
             rise,
+            metrics_listen,
         } = *setup;
         std::fs::create_dir_all(dir)?;
         let bpffs = dir.join("bpffs");
@@ -477,11 +493,14 @@ impl HealthDaemon {
             dir.join("state").display(),
             bpffs.join("xdplb").display()
         );
+        if let Some(listen) = metrics_listen {
+            config += &format!("metrics_listen = \"{listen}\"\n");
+        }
         for v in 0..backends / 10 {
             config += &format!(
                 "[[vip]]\nname = \"v{v}\"\naddress = \"192.0.2.{}\"\nport = 80\nprotocol = \"tcp\"\n\
                  forwarding = \"dsr\"\nring_size = 1021\n\
-                 [vip.health]\nkind = \"{kind}\"\nport = {HEALTH_PORT}\ninterval = \"1s\"\n\
+                 [vip.health]\nkind = \"{kind}\"\nport = {port}\ninterval = \"1s\"\n\
                  timeout = \"500ms\"\nrise = {rise}\nfall = {rise}\n",
                 v + 1
             );
@@ -530,6 +549,21 @@ impl HealthDaemon {
         }
         let _ = &mut daemon;
         Ok(daemon)
+    }
+
+    /// `xdplb <args>` against this daemon.
+    fn cli(&self, args: &[&str]) -> Result<()> {
+        let out = Command::new(xdplb_binary())
+            .arg("--socket")
+            .arg(self.dir.join("admin.sock"))
+            .args(args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "xdplb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     /// User + system CPU seconds of the daemon so far.
@@ -583,19 +617,83 @@ fn health_server(ns: &Netns, stop: &AtomicBool, accepted: &AtomicU64) -> Result<
     })?
 }
 
-/// Daemon CPU over [`HEALTH_WINDOW`] with checks of `kind`, after `warmup`: (% of one core,
-/// connections the backends accepted in the window).
+/// A TLS server on HTTPS_PORT for every 127.x address of `ns`: [`HTTPS_WORKERS`] threads
+/// complete the handshakes and answer each request with `200`, counting the answers, until
+/// `stop`.
+fn https_server(
+    ns: &Netns,
+    config: &Arc<rustls::ServerConfig>,
+    stop: &AtomicBool,
+    answered: &AtomicU64,
+) -> Result<()> {
+    ns.enter(|| -> Result<()> {
+        let listener = TcpListener::bind(("0.0.0.0", HTTPS_PORT))?;
+        listener.set_nonblocking(true)?;
+        let (tx, rx) = mpsc::channel::<TcpStream>();
+        let rx = Mutex::new(rx);
+        std::thread::scope(|scope| -> Result<()> {
+            for _ in 0..HTTPS_WORKERS {
+                scope.spawn(|| loop {
+                    let next = rx.lock().map(|rx| rx.recv());
+                    let Ok(Ok(stream)) = next else { break };
+                    if answer_https(stream, config).is_ok() {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            let accepting = (|| -> Result<()> {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => tx.send(stream)?,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(())
+            })();
+            // Closing the channel ends the workers.
+            drop(tx);
+            accepting
+        })
+    })?
+}
+
+/// One https check's connection: the handshake, the request head, a `200`.
+fn answer_https(stream: TcpStream, config: &Arc<rustls::ServerConfig>) -> Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let connection = rustls::ServerConnection::new(config.clone())?;
+    let mut tls = rustls::StreamOwned::new(connection, stream);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tls.read(&mut buf)?;
+        ensure!(n > 0 && head.len() < 16 * 1024, "no complete request");
+        head.extend_from_slice(&buf[..n]);
+    }
+    tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    tls.flush()?;
+    Ok(())
+}
+
+/// Daemon CPU over [`HEALTH_WINDOW`] with checks of `kind` on `port`, after `warmup`: (% of
+/// one core, checks the backends answered in the window).
 fn daemon_cpu(
     ns: &Netns,
     kind: &str,
+    port: u16,
     warmup: Duration,
     accepted: &AtomicU64,
 ) -> Result<(f64, u64)> {
     let dir = std::env::temp_dir().join(format!("{}-{kind}", ns.name));
     let setup = DaemonSetup {
         kind,
+        port,
         backends: HEALTH_BACKENDS,
         rise: 1_000_000,
+        metrics_listen: None,
     };
     let daemon = HealthDaemon::start(ns, &dir, &setup)?;
     std::thread::sleep(warmup);
@@ -621,8 +719,10 @@ fn health(report: &mut Report) -> Result<()> {
     let (baseline, checked, startup) = std::thread::scope(|scope| -> Result<_> {
         let server = scope.spawn(|| health_server(&ns, &stop, &accepted));
         let result = (|| -> Result<_> {
-            let baseline = daemon_cpu(&ns, "none", Duration::from_secs(2), &accepted)?;
-            let checked = daemon_cpu(&ns, "tcp", Duration::from_secs(3), &accepted)?;
+            let warmup = Duration::from_secs(2);
+            let baseline = daemon_cpu(&ns, "none", HEALTH_PORT, warmup, &accepted)?;
+            let warmup = Duration::from_secs(3);
+            let checked = daemon_cpu(&ns, "tcp", HEALTH_PORT, warmup, &accepted)?;
             let startup = startup(&ns, &accepted)?;
             Ok((baseline, checked, startup))
         })();
@@ -630,8 +730,20 @@ fn health(report: &mut Report) -> Result<()> {
         server.join().expect("health server panicked")?;
         result
     })?;
+    let https = https_cpu(&ns)?;
     let percent = (checked.0 - baseline.0).max(0.0);
     let rate = checked.1 as f64 / HEALTH_WINDOW.as_secs_f64();
+    let https_percent = (https.0 - baseline.0).max(0.0);
+    let https_rate = https.1 as f64 / HEALTH_WINDOW.as_secs_f64();
+    println!(
+        "  https checks, {HEALTH_BACKENDS} backends at 1 s: daemon {:.1} % of a core; \
+         {https_rate:.0} checks/s answered",
+        https.0
+    );
+    ensure!(
+        https_rate > HEALTH_BACKENDS as f64 * 0.9,
+        "only {https_rate:.0} https checks/s were answered (expected ~{HEALTH_BACKENDS})"
+    );
     println!(
         "  health checks, {HEALTH_BACKENDS} backends at 1 s: daemon {:.1} % of a core with checks, \
          {:.1} % without; {rate:.0} checks/s answered",
@@ -650,6 +762,16 @@ fn health(report: &mut Report) -> Result<()> {
         &format!(
             "xdplb run's CPU (utime+stime from /proc) over 10 s with kind = tcp minus the same daemon with kind = none ({:.1} % vs {:.1} %); {rate:.0} checks/s reached the loopback server",
             checked.0, baseline.0
+        ),
+    ));
+    section.push(Figure::new(
+        "control.health_cpu_https",
+        "  the same with https checks",
+        https_percent,
+        "% of a core",
+        &format!(
+            "kind = \"https\" (rustls, ring; a full TLS 1.3 handshake and a GET per check, no resumption, tls_verify off) minus kind = none ({:.1} % vs {:.1} %); {https_rate:.0} checks/s answered 200 by a rustls server in the namespace",
+            https.0, baseline.0
         ),
     ));
     let (own, children, steady) = startup;
@@ -682,6 +804,8 @@ fn health(report: &mut Report) -> Result<()> {
             "daemon_cpu_percent_with_checks": checked.0,
             "daemon_cpu_percent_without": baseline.0,
             "checks_per_second": rate,
+            "daemon_cpu_percent_https": https.0,
+            "https_checks_per_second": https_rate,
             "startup_backends": STARTUP_BACKENDS,
             "startup_cpu_seconds_own": own,
             "startup_cpu_seconds_children": children,
@@ -691,7 +815,30 @@ fn health(report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// The daemon (real netlink resolution, default rise) with [`STARTUP_BACKENDS`] tcp-checked backends, from
+/// Daemon CPU with https checks of [`HEALTH_BACKENDS`] backends, against [`https_server`]
+/// with a certificate made here: (% of a core, checks answered in the window).
+fn https_cpu(ns: &Netns) -> Result<(f64, u64)> {
+    let dir = std::env::temp_dir().join(format!("{}-pki", ns.name));
+    std::fs::create_dir_all(&dir)?;
+    let config = (|| -> Result<_> {
+        let cert = Ca::new(&dir, "bench-ca")?.server(&dir, "backends", &[])?;
+        ServerCert::server_config(&cert.cert, &cert.key)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = config?;
+    let stop = AtomicBool::new(false);
+    let answered = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| https_server(ns, &config, &stop, &answered));
+        let result = daemon_cpu(ns, "https", HTTPS_PORT, Duration::from_secs(3), &answered);
+        stop.store(true, Ordering::Relaxed);
+        server.join().expect("https server panicked")?;
+        result
+    })
+}
+
+/// The daemon (real netlink resolution, default rise) with [`STARTUP_BACKENDS`] tcp-checked
+/// backends, from
 /// its start: every backend's next hop is resolved once and each health transition applies
 /// the config again. Returns (CPU seconds of the daemon and its children
 /// over the first [`STARTUP_WINDOW`], % of a core in the steady state after it).
@@ -699,8 +846,10 @@ fn startup(ns: &Netns, accepted: &AtomicU64) -> Result<(f64, f64, f64)> {
     let dir = std::env::temp_dir().join(format!("{}-startup", ns.name));
     let setup = DaemonSetup {
         kind: "tcp",
+        port: HEALTH_PORT,
         backends: STARTUP_BACKENDS,
         rise: 2,
+        metrics_listen: None,
     };
     let started = Instant::now();
     let daemon = HealthDaemon::start(ns, &dir, &setup)?;
@@ -761,6 +910,92 @@ fn resolver(report: &mut Report) -> Result<()> {
     Ok(())
 }
 
+const RELOAD_BACKENDS: usize = 1_000;
+const RELOADS: usize = 3;
+const RELOAD_METRICS: &str = "127.0.0.1:9466";
+
+/// One `GET /healthz` in the current namespace: how long the answer took.
+fn healthz_latency() -> Result<Duration> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let mut stream = std::net::TcpStream::connect(RELOAD_METRICS)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    ensure!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    Ok(start.elapsed())
+}
+
+/// `/healthz` asked every 10 ms while `xdplb reload` re-reads a config of 1,000 backends
+/// (each reload looks every backend's next hop up again: a netlink lookup each). A daemon that
+/// resolves under its lock keeps `/healthz` waiting for the whole reload.
+pub fn reload_latency(report: &mut Report) -> Result<()> {
+    let ns = Netns::new(&format!("xl{}", std::process::id() % 100_000))?;
+    ns.exec(
+        "ip link add eth0 type veth peer name eth1 && ip link set eth0 up && ip link set eth1 up && \
+         ip addr add 10.9.0.2/24 dev eth0",
+    )?;
+    let dir = std::env::temp_dir().join(format!("{}-reload", ns.name));
+    let setup = DaemonSetup {
+        kind: "none",
+        port: HEALTH_PORT,
+        backends: RELOAD_BACKENDS,
+        rise: 2,
+        metrics_listen: Some(RELOAD_METRICS),
+    };
+    let daemon = HealthDaemon::start(&ns, &dir, &setup)?;
+    let stop = AtomicBool::new(false);
+    let (reloads, latencies) = std::thread::scope(|scope| -> Result<_> {
+        let poller = scope.spawn(|| {
+            ns.enter(|| -> Result<Vec<Duration>> {
+                let mut latencies = Vec::new();
+                // Bounded: the reloads end the loop, and so does a 10,000-request cap.
+                while !stop.load(Ordering::Relaxed) && latencies.len() < 10_000 {
+                    latencies.push(healthz_latency()?);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(latencies)
+            })
+        });
+        let reloads = (0..RELOADS)
+            .map(|_| {
+                let start = Instant::now();
+                daemon.cli(&["reload"])?;
+                Ok(start.elapsed().as_secs_f64())
+            })
+            .collect::<Result<Vec<f64>>>();
+        stop.store(true, Ordering::Relaxed);
+        let latencies = poller.join().expect("poller panicked")??;
+        Ok((reloads?, latencies))
+    })?;
+    let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let max = ms.last().copied().unwrap_or(0.0);
+    let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
+    let reload = median(reloads);
+    println!(
+        "  /healthz during {RELOADS} reloads of {RELOAD_BACKENDS} backends ({reload:.2} s each): \
+         max {max:.1} ms, p99 {p99:.1} ms over {} requests",
+        ms.len()
+    );
+    let section = report.section("Control plane");
+    section.push(Figure::new(
+        "control.healthz_during_reload",
+        "/healthz latency during a reload, 1,000 backends (max)",
+        max,
+        "ms",
+        &format!(
+            "GET /healthz every 10 ms while `xdplb reload` runs {RELOADS} times ({reload:.2} s each, median; every backend looked up again); p99 {p99:.1} ms over {} requests",
+            ms.len()
+        ),
+    ));
+    Ok(())
+}
+
 pub fn run(report: &mut Report) -> Result<()> {
     println!("control plane:");
     maglev(report)?;
@@ -768,5 +1003,6 @@ pub fn run(report: &mut Report) -> Result<()> {
     memory(report)?;
     resolver(report)?;
     health(report)?;
+    reload_latency(report)?;
     Ok(())
 }

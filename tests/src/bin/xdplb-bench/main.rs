@@ -2,14 +2,16 @@
 //! a table saying what each figure measures, and writes `bench/results.json` and
 //! `bench/results.svg`.
 //!
-//! Sections (all by default; `--only micro,pps,tcp,control` picks some):
+//! Sections (all by default; `--only micro,sched,pps,tcp,control` picks some):
 //! * `micro`: per-packet cost through `BPF_PROG_TEST_RUN` next to a trivial XDP_TX program.
+//! * `sched`: the new-flow path of round-robin and least-conn VIPs next to Maglev's.
 //! * `pps`: packet rate through the LB attached natively on veth in namespaces, from an XDP
 //!   live-frames generator, next to the trivial program and an nftables DNAT balancer.
 //! * `tcp`: TCP connections per second and request latency through the real daemon (`dsr`)
 //!   and through HAProxy (`mode tcp`) in the same lab.
 //! * `control`: Maglev build time, applying 1,000 VIPs, map memory at 1M flows, health-check
-//!   CPU, next-hop resolution cost.
+//!   CPU, next-hop resolution cost, `/healthz` latency during a reload.
+//! * `reload`: only the last of those (a part of `control`, to run on its own).
 //!
 //! Every address lives in namespaces the bench creates and removes; every loop is bounded.
 
@@ -18,13 +20,14 @@ mod micro;
 mod pps;
 mod progs;
 mod report;
+mod sched;
 mod tcp;
 
 use anyhow::{bail, Result};
 use report::Report;
 use std::{path::Path, time::Instant};
 
-const SECTIONS: &[&str] = &["micro", "pps", "tcp", "control"];
+const SECTIONS: &[&str] = &["micro", "sched", "pps", "tcp", "control", "reload"];
 
 const SHARED_CPU_NOTE: &str = "This is a shared 2-core VM: in the lab measurements the client \
     (generator), the LB and the backends run on the same 2 cores and compete for CPU, so rates \
@@ -75,6 +78,9 @@ fn run() -> Result<()> {
     if wants("micro") {
         micro::run(&mut report)?;
     }
+    if wants("sched") {
+        sched::run(&mut report)?;
+    }
     if wants("pps") {
         pps::run(&mut report)?;
     }
@@ -83,6 +89,8 @@ fn run() -> Result<()> {
     }
     if wants("control") {
         control::run(&mut report)?;
+    } else if wants("reload") {
+        control::reload_latency(&mut report)?;
     }
     report.note(SHARED_CPU_NOTE);
     let elapsed = started.elapsed().as_secs_f64();

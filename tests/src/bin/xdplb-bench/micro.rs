@@ -34,7 +34,7 @@ use xdplb_tests::{
 };
 
 const REPEAT: u32 = 1_000_000;
-const CALLS: usize = 200_000;
+pub(crate) const CALLS: usize = 200_000;
 const RUNS: usize = 5;
 const SEED: u32 = 0x5eed;
 const RING: u32 = 1021;
@@ -115,7 +115,7 @@ fn predicted_mac(lb: &Harness, vip: IpAddr, flow: &FlowKey) -> Result<[u8; 6]> {
         .context("ring names an unknown backend")
 }
 
-fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, flags: u8) -> Packet {
+pub(crate) fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, flags: u8) -> Packet {
     Packet::new()
         .ipv4(src, dst)
         .tcp(sport, 80)
@@ -123,7 +123,7 @@ fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, flags: u8) -> Packet {
         .seq(1000)
 }
 
-fn framed(src: [u8; 6], dst: [u8; 6], l3: &[u8]) -> Vec<u8> {
+pub(crate) fn framed(src: [u8; 6], dst: [u8; 6], l3: &[u8]) -> Vec<u8> {
     let ether_type: u16 = if l3[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
     let mut frame = Vec::with_capacity(14 + l3.len());
     frame.extend_from_slice(&dst);
@@ -133,7 +133,7 @@ fn framed(src: [u8; 6], dst: [u8; 6], l3: &[u8]) -> Vec<u8> {
     frame
 }
 
-fn with_macs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+pub(crate) fn with_macs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     let mut out = frame.to_vec();
     out[..6].copy_from_slice(&dst);
     out[6..12].copy_from_slice(&src);
@@ -167,7 +167,7 @@ fn repeat_run(prog: &Xdp, input: &[u8]) -> Result<(f64, u32, Vec<u8>)> {
 
 /// `CALLS` calls with `repeat = 1`; `input(i, buf)` may change the packet before call `i`,
 /// `check(i, action, output)` judges each result. Returns the mean kernel-reported ns.
-fn per_call_run(
+pub(crate) fn per_call_run(
     prog: &Xdp,
     mut packet: Vec<u8>,
     mut input: impl FnMut(usize, &mut [u8]),
@@ -197,7 +197,13 @@ fn per_call_run(
     Ok(total_ns as f64 / CALLS as f64)
 }
 
-fn expect(what: &str, action: u32, want_action: u32, out: &[u8], want: &[u8]) -> Result<()> {
+pub(crate) fn expect(
+    what: &str,
+    action: u32,
+    want_action: u32,
+    out: &[u8],
+    want: &[u8],
+) -> Result<()> {
     if action != want_action {
         bail!("{what}: action {action}, expected {want_action}");
     }
@@ -210,13 +216,13 @@ fn expect(what: &str, action: u32, want_action: u32, out: &[u8], want: &[u8]) ->
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 /// Global counters moved by `f`: (counter index, delta) for all that moved.
-fn moved(lb: &Harness, before: &[u64]) -> Vec<(usize, u64)> {
+pub(crate) fn moved(lb: &Harness, before: &[u64]) -> Vec<(usize, u64)> {
     lb.global_counters()
         .iter()
         .zip(before)
@@ -226,7 +232,11 @@ fn moved(lb: &Harness, before: &[u64]) -> Vec<(usize, u64)> {
         .collect()
 }
 
-fn expect_counters(what: &str, moved: &[(usize, u64)], want: &[(u32, u64)]) -> Result<()> {
+pub(crate) fn expect_counters(
+    what: &str,
+    moved: &[(usize, u64)],
+    want: &[(u32, u64)],
+) -> Result<()> {
     let mut want: Vec<(usize, u64)> = want.iter().map(|(i, n)| (*i as usize, *n)).collect();
     want.sort();
     if moved != want {
