@@ -21,6 +21,7 @@
 //! | [`map_names::DECAP_VIPS`] | `HASH` | [`MAX_DECAP_ADDRS`] | decap program: inner destinations served here |
 //! | [`map_names::SCHED_CURSORS`] | `PERCPU_ARRAY` | `max_vips` | round-robin position (least-conn: where the next scan starts, after the last backend chosen) per VIP: per CPU, so no lock or shared cache line on the packet path |
 //! | [`map_names::ACTIVE_CONNS`] | `ARRAY`, mmapable | `max_backends` | least-conn active connections per backend id (`u64`: BPF has no 32-bit atomic add in Rust's core), shared by all CPUs (atomic adds); mapped by the daemon, which reconciles it with the flow table using atomic adds too |
+//! | [`map_names::ICMP_TOO_BIG_RATE`] | `PERCPU_ARRAY` | 1 | next allowed "too big" reply time per CPU (GCRA): a lock-free rate limit |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -54,6 +55,7 @@ pub mod map_names {
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const SCHED_CURSORS: &str = "SCHED_CURSORS";
     pub const ACTIVE_CONNS: &str = "ACTIVE_CONNS";
+    pub const ICMP_TOO_BIG_RATE: &str = "ICMP_TOO_BIG_RATE";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -136,9 +138,19 @@ pub struct VipMeta {
     pub mode: u8,
     /// `SCHED_*`: how new flows pick a backend (0 = Maglev, the layout before schedulers).
     pub scheduler: u8,
-    pub _pad: [u8; 2],
+    /// `AFFINITY_*`: what the ring hash covers.
+    pub affinity: u8,
+    pub _pad: [u8; 1],
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// [`VipMeta::affinity`]: the ring is indexed by the 5-tuple hash (every connection on its own).
+pub const AFFINITY_CONNECTION: u8 = 0;
+/// The ring is indexed by the client address alone (IPv6: its /64), so all of a client's
+/// connections land on one backend while the ring is unchanged.
+pub const AFFINITY_CLIENT: u8 = 1;
+/// Like [`AFFINITY_CLIENT`], IPv6 clients by their whole /128.
+pub const AFFINITY_CLIENT_V6_HOST: u8 = 2;
 
 /// `Backend::flags`.
 pub const BACKEND_PRESENT: u8 = 1;
@@ -202,6 +214,27 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     }
     h = mix(h, (key.sport as u32) << 16 | key.dport as u32);
     fmix(h)
+}
+
+/// Ring hash of a VIP with client affinity: the flow hash of the client address alone (IPv6
+/// masked to its /64 unless `affinity` is [`AFFINITY_CLIENT_V6_HOST`]). Protocol, VIP and
+/// ports are left out, so a client's TCP and UDP connections to VIPs with the same backends
+/// (hence the same Maglev table) meet on one backend, on every LB instance with this seed.
+#[inline(always)]
+pub fn client_hash(key: &FlowKey, seed: u32, affinity: u8) -> u32 {
+    let mut client = FlowKey {
+        src: key.src,
+        family: key.family,
+        ..FlowKey::default()
+    };
+    if key.family == FAMILY_IPV6 && affinity != AFFINITY_CLIENT_V6_HOST {
+        let mut i = 8;
+        while i < 16 {
+            client.src[i] = 0;
+            i += 1;
+        }
+    }
+    flow_hash(&client, seed)
 }
 
 /// One murmur3 round.
@@ -281,8 +314,10 @@ pub struct LbConfig {
     /// `CONFIG_*` bits.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// "Too big to encapsulate" ICMP replies allowed per second and CPU (also the burst).
+    pub icmp_too_big_per_sec: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 52);
 
 /// `LbConfig::flags`: some VIP serves all ports of its address. Without it the program skips
 /// the port-0 lookup, so a packet for no VIP costs one hash lookup instead of two.
@@ -335,7 +370,7 @@ pub mod counters {
         PASS_FRAGMENT = 7, "pass_fragment", "passed: IP fragment (ports unknown)";
         PASS_NOT_TCP_UDP = 8, "pass_not_tcp_udp", "passed: transport is neither TCP nor UDP";
         PASS_NOT_VIP = 9, "pass_not_vip", "passed: destination is not a VIP";
-        PASS_TOO_BIG = 10, "pass_too_big", "passed: too big for the egress MTU once encapsulated";
+        PASS_TOO_BIG = 10, "pass_too_big", "passed: too big for the egress MTU once encapsulated, IPv4 without DF";
         DROP_NO_BACKEND = 11, "drop_no_backend", "dropped: the VIP has no available backend";
         DROP_INTERNAL = 12, "drop_internal", "dropped: a map or helper failed unexpectedly";
         FLOW_HIT = 13, "flow_hit", "flow-table hit, backend kept";
@@ -344,6 +379,10 @@ pub mod counters {
         FLOW_INSERT_FAILED = 16, "flow_insert_failed", "flow-table insert failed";
         DECAP_OK = 17, "decap_ok", "decap program: outer header removed";
         DECAP_NOT_OURS = 18, "decap_not_ours", "decap program: tunnel packet not for a local address and VIP";
+        ICMP_ERROR_FORWARDED = 19, "icmp_error_forwarded", "ICMP error about a VIP's flow forwarded to the flow's backend";
+        PASS_ICMP_NO_BACKEND = 20, "pass_icmp_no_backend", "passed: ICMP error about a VIP's flow, but the VIP has no backend for it";
+        ICMP_TOO_BIG_SENT = 21, "icmp_too_big_sent", "too big to encapsulate: ICMP fragmentation needed / packet too big sent to the client";
+        DROP_TOO_BIG_RATE_LIMITED = 22, "drop_too_big_rate_limited", "dropped: too big to encapsulate, and the ICMP reply is over its rate limit";
     }
 }
 

@@ -1,6 +1,7 @@
 //! Per-CPU counters: plain adds, no atomics, userspace sums the CPUs.
 
 use crate::maps::{BACKEND_COUNTERS, GLOBAL_COUNTERS, VIP_COUNTERS};
+use aya_ebpf::bindings::xdp_action;
 use lb_common::{counters, TrafficCounters};
 
 #[inline(always)]
@@ -39,6 +40,42 @@ pub fn backend_traffic(backend_id: u32, bytes: u32, traffic: &Traffic) {
         // SAFETY: per-CPU slot.
         unsafe { add(&mut *c, bytes, traffic) }
     }
+}
+
+/// Counts the outcome of sending a VIP's packet to a backend and returns its action: a
+/// failure is dropped, except a packet too big to encapsulate, which the stack gets.
+#[inline(always)]
+pub fn sent_to_backend(
+    vip_id: u32,
+    backend_id: u32,
+    bytes: u32,
+    new_flow: bool,
+    sent: Result<u32, u32>,
+) -> u32 {
+    match sent {
+        Ok(action) => {
+            let traffic = Traffic::Forwarded { new_flow };
+            vip_traffic(vip_id, bytes, &traffic);
+            backend_traffic(backend_id, bytes, &traffic);
+            action
+        }
+        Err(reason) => {
+            not_forwarded(vip_id, backend_id, bytes);
+            global(reason);
+            if reason == counters::PASS_TOO_BIG {
+                xdp_action::XDP_PASS
+            } else {
+                xdp_action::XDP_DROP
+            }
+        }
+    }
+}
+
+/// A packet of a VIP, meant for a backend, that did not reach it.
+#[inline(always)]
+pub fn not_forwarded(vip_id: u32, backend_id: u32, bytes: u32) {
+    vip_traffic(vip_id, bytes, &Traffic::NotForwarded);
+    backend_traffic(backend_id, bytes, &Traffic::NotForwarded);
 }
 
 #[inline(always)]

@@ -7,12 +7,12 @@ use crate::{
 };
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    counters, Backend, LbConfig, FAMILY_IPV6, IPV4_HEADER_LEN, IPV6_HEADER_LEN, PROTO_IPIP,
-    PROTO_IPV6,
+    counters, Backend, LbConfig, VipMeta, FAMILY_IPV6, IPV4_HEADER_LEN, IPV6_HEADER_LEN, MODE_IPIP,
+    PROTO_IPIP, PROTO_IPV6,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-const OUTER_TTL: u8 = 64;
+pub const OUTER_TTL: u8 = 64;
 const IPV4_DF: [u8; 2] = [0x40, 0x00];
 
 /// Rewrites the Ethernet addresses toward the backend (or its next hop).
@@ -38,24 +38,47 @@ fn transmit(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
         .map_err(|_| counters::DROP_INTERNAL)
 }
 
+/// Sends the packet to `backend` the way `vip` forwards. `hash` is the flow hash (outer
+/// source and flow label of `ipip`). `nat` (issue 12) adds its translation here.
 #[inline(always)]
-pub fn dsr(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
+pub fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &VipMeta,
+    backend: &Backend,
+    hash: u32,
+) -> Result<u32, u32> {
+    if vip.mode == MODE_IPIP {
+        ipip(ctx, pkt, backend, hash)
+    } else {
+        dsr(ctx, backend)
+    }
+}
+
+/// Bytes the encapsulation toward `backend` adds.
+#[inline(always)]
+pub fn outer_len(backend: &Backend) -> u32 {
+    if backend.family == FAMILY_IPV6 {
+        IPV6_HEADER_LEN
+    } else {
+        IPV4_HEADER_LEN
+    }
+}
+
+#[inline(always)]
+fn dsr(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
     set_macs(ctx, backend)?;
     transmit(ctx, backend)
 }
 
 /// Prepends an outer IPv4 or IPv6 header addressed to the backend (4in4, 6in6, 4in6).
-/// `Err(PASS_TOO_BIG)` leaves the packet untouched for the stack.
+/// `Err(PASS_TOO_BIG)` leaves the packet untouched (see `icmp::too_big`).
 #[inline(always)]
-pub fn ipip(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32) -> Result<u32, u32> {
+fn ipip(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32) -> Result<u32, u32> {
     let Some(config) = CONFIG.get(0) else {
         return Err(counters::DROP_INTERNAL);
     };
-    let outer_len = if backend.family == FAMILY_IPV6 {
-        IPV6_HEADER_LEN
-    } else {
-        IPV4_HEADER_LEN
-    };
+    let outer_len = outer_len(backend);
     if pkt.l3_len + outer_len > backend.mtu as u32 {
         return Err(counters::PASS_TOO_BIG);
     }
@@ -146,7 +169,7 @@ fn write_ipv6(
 
 /// RFC 1071 checksum of a 20-byte IPv4 header whose checksum field is zero.
 #[inline(always)]
-fn ipv4_checksum(header: &Ipv4Hdr) -> u16 {
+pub fn ipv4_checksum(header: &Ipv4Hdr) -> u16 {
     // SAFETY: Ipv4Hdr is 20 plain bytes.
     let bytes: &[u8; 20] = unsafe { &*(header as *const Ipv4Hdr as *const [u8; 20]) };
     let mut sum = 0u32;

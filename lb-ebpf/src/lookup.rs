@@ -7,9 +7,9 @@ use crate::{
 };
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, BACKEND_DOWN, BACKEND_PRESENT,
-    CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND,
-    PROTO_UDP,
+    counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
+    BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_RST_SEEN,
+    FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
 };
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
@@ -32,6 +32,47 @@ pub fn find_vip(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
     }
     key.port = 0;
     unsafe { VIPS.get(&key) }
+}
+
+/// The hash that picks the ring slot: the flow hash, or the client's for a VIP with client
+/// affinity (only those pay for a second hash).
+#[inline(always)]
+pub fn ring_hash(key: &FlowKey, flow_hash: u32, seed: u32, vip: &VipMeta) -> u32 {
+    if vip.affinity == AFFINITY_CONNECTION {
+        flow_hash
+    } else {
+        client_hash(key, seed, vip.affinity)
+    }
+}
+
+/// A BPF-to-BPF call rather than a second unrolled hash inlined into the main path, whose
+/// size costs every packet instruction-cache misses; only affinity VIPs make the call.
+#[inline(never)]
+fn client_hash(key: &FlowKey, seed: u32, affinity: u8) -> u32 {
+    lb_common::client_hash(key, seed, affinity)
+}
+
+/// The backend of an existing flow, for packets that must neither create nor refresh a flow
+/// entry (ICMP errors about it): the flow table while its backend is still the VIP's, else
+/// the Maglev ring, which is what chose the backend if this instance never saw the flow.
+/// Round robin and least-conn choices live only in the flow table (their ring half holds a
+/// turn or a backend list, not a hash table).
+#[inline(always)]
+pub fn flow_backend(
+    key: &FlowKey,
+    ring_hash: u32,
+    vip: &VipMeta,
+) -> Option<(u32, &'static Backend)> {
+    // SAFETY: read-only lookup; the value is copied out at once.
+    if let Some(backend_id) = unsafe { FLOWS.get(key) }.map(|flow| flow.backend_id) {
+        if let Some(backend) = backend_of_vip(backend_id, vip) {
+            return Some((backend_id, backend));
+        }
+    }
+    if vip.scheduler != SCHED_MAGLEV {
+        return None;
+    }
+    from_ring(vip, ring_hash)
 }
 
 /// The backend chosen for a packet.

@@ -1,7 +1,8 @@
 //! xdplb's XDP programs.
 //!
 //! * `xdplb` (the load balancer): parse -> VIP lookup -> flow table / Maglev ring -> forward
-//!   (`dsr` MAC rewrite or `ipip` encapsulation) -> count.
+//!   (`dsr` MAC rewrite or `ipip` encapsulation; too big to encapsulate: ICMP to the client)
+//!   -> count. ICMP errors about a VIP's flow branch off after parse to the flow's backend.
 //! * `xdplb_decap` (on backends): removes the `ipip` outer header for local VIPs.
 //!
 //! Nothing here can abort: every error is a counted `XDP_PASS` or `XDP_DROP`.
@@ -17,6 +18,7 @@
 mod counters;
 mod decap;
 mod forward;
+mod icmp;
 mod lookup;
 mod maps;
 mod parse;
@@ -24,7 +26,7 @@ mod schedule;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use counters::Traffic;
-use lb_common::{counters as idx, MODE_IPIP};
+use lb_common::counters as idx;
 
 #[xdp]
 pub fn xdplb(ctx: XdpContext) -> u32 {
@@ -46,6 +48,8 @@ fn pass(reason: u32) -> u32 {
 fn balance(ctx: &XdpContext) -> u32 {
     let pkt = match parse::parse(ctx) {
         Ok(pkt) => pkt,
+        // Only packets that are neither TCP nor UDP pay for the ICMP check.
+        Err(idx::PASS_NOT_TCP_UDP) => return icmp::forward_error(ctx),
         Err(reason) => return pass(reason),
     };
     let (seed, flags) = maps::CONFIG
@@ -55,7 +59,8 @@ fn balance(ctx: &XdpContext) -> u32 {
         return pass(idx::PASS_NOT_VIP);
     };
     let hash = lb_common::flow_hash(&pkt.key, seed);
-    let choice = match lookup::choose_backend(&pkt, hash, vip) {
+    let ring_hash = lookup::ring_hash(&pkt.key, hash, seed, vip);
+    let choice = match lookup::choose_backend(&pkt, ring_hash, vip) {
         Ok(choice) => choice,
         Err(reason) => {
             counters::global(reason);
@@ -63,30 +68,18 @@ fn balance(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_DROP;
         }
     };
-    let sent = if vip.mode == MODE_IPIP {
-        forward::ipip(ctx, &pkt, choice.backend, hash)
-    } else {
-        forward::dsr(ctx, choice.backend)
-    };
-    match sent {
-        Ok(action) => {
-            let traffic = Traffic::Forwarded {
-                new_flow: choice.new_flow,
-            };
-            counters::vip_traffic(vip.vip_id, pkt.l3_len, &traffic);
-            counters::backend_traffic(choice.backend_id, pkt.l3_len, &traffic);
-            action
+    match forward::to_backend(ctx, &pkt, vip, choice.backend, hash) {
+        Err(idx::PASS_TOO_BIG) => {
+            counters::not_forwarded(vip.vip_id, choice.backend_id, pkt.l3_len);
+            icmp::too_big(ctx, &pkt, choice.backend)
         }
-        Err(reason) => {
-            counters::vip_traffic(vip.vip_id, pkt.l3_len, &Traffic::NotForwarded);
-            counters::backend_traffic(choice.backend_id, pkt.l3_len, &Traffic::NotForwarded);
-            if reason == idx::PASS_TOO_BIG {
-                pass(reason)
-            } else {
-                counters::global(reason);
-                xdp_action::XDP_DROP
-            }
-        }
+        sent => counters::sent_to_backend(
+            vip.vip_id,
+            choice.backend_id,
+            pkt.l3_len,
+            choice.new_flow,
+            sent,
+        ),
     }
 }
 

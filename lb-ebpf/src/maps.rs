@@ -56,3 +56,6 @@ pub static SCHED_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAU
 #[map]
 pub static ACTIVE_CONNS: Array<u64> =
     Array::with_max_entries(DEFAULT_MAX_BACKENDS, ACTIVE_CONNS_MAP_FLAGS);
+
+#[map]
+pub static ICMP_TOO_BIG_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -113,7 +113,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
 }
 
 #[inline(always)]
-fn frame_len(ctx: &XdpContext) -> usize {
+pub fn frame_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
 }
 

@@ -80,6 +80,9 @@ pub struct VipStatus {
     pub forwarding: String,
     /// "maglev", "round-robin" or "least-conn".
     pub scheduler: String,
+    /// "connection" or "client" (see `affinity` in the config).
+    #[serde(default)]
+    pub affinity: String,
     pub ring_size: u32,
     /// Backends that new flows can go to now.
     pub available: usize,

@@ -305,11 +305,12 @@ pub fn render_status(report: &StatusReport) -> String {
     }
     for vip in &report.vips {
         out.push_str(&format!(
-            "\n{}  {}  {}  {}  ring {}  {}/{} backends available\n",
+            "\n{}  {}  {}  {}  affinity {}  ring {}  {}/{} backends available\n",
             vip.name,
             vip.address,
             vip.forwarding,
             vip.scheduler,
+            vip.affinity,
             vip.ring_size,
             vip.available,
             vip.backends.len()
@@ -582,6 +583,7 @@ mod tests {
                 address: "192.0.2.10:80/tcp".into(),
                 forwarding: "dsr".into(),
                 scheduler: "maglev".into(),
+                affinity: "client".into(),
                 ring_size: 65537,
                 available: 1,
                 announce: Some("announced: 1 backend up".into()),
@@ -601,7 +603,7 @@ mod tests {
 config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 active flows (counted 8.2 s ago)
 
-web  192.0.2.10:80/tcp  dsr  maglev  ring 65537  1/4 backends available
+web  192.0.2.10:80/tcp  dsr  maglev  affinity client  ring 65537  1/4 backends available
   announced: 1 backend up
   BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
   10.1.0.11  100                     active    up      90s    12      02:00:00:00:00:11 ifindex 2
@@ -617,6 +619,7 @@ web  192.0.2.10:80/tcp  dsr  maglev  ring 65537  1/4 backends available
         let mut report = report();
         let vip = &mut report.vips[0];
         vip.scheduler = "least-conn".into();
+        vip.affinity = "connection".into();
         for (b, conns) in vip.backends.iter_mut().zip([11, 3, 0, 0]) {
             b.scheduler_connections = Some(conns);
         }
@@ -624,7 +627,7 @@ web  192.0.2.10:80/tcp  dsr  maglev  ring 65537  1/4 backends available
 config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 active flows (counted 8.2 s ago)
 
-web  192.0.2.10:80/tcp  dsr  least-conn  ring 65537  1/4 backends available
+web  192.0.2.10:80/tcp  dsr  least-conn  affinity connection  ring 65537  1/4 backends available
   announced: 1 backend up
   BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  CONNS  NEXT HOP                     LAST FAILURE
   10.1.0.11  100                     active    up      90s    12      11     02:00:00:00:00:11 ifindex 2

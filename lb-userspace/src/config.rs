@@ -18,8 +18,8 @@ use crate::{
     dataplane::{AttachMode, Sizes},
     maglev::{self, MaglevError},
     model::{
-        Announce, BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown,
-        Prefix, Protocol, Services, TlsSpec, VipAddr, VipSpec,
+        Affinity, Announce, BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec,
+        OnAllDown, Prefix, Protocol, Services, TlsSpec, VipAddr, VipSpec,
     },
     scheduler::{self, Scheduler},
 };
@@ -404,6 +404,7 @@ const DAEMON_KEYS: &[&str] = &[
     "hash_seed",
     "ipip_source_v4",
     "ipip_source_v6",
+    "icmp_too_big_rate",
     "announce",
 ];
 const ANNOUNCE_KEYS: &[&str] = &["table", "withdraw_grace"];
@@ -414,6 +415,8 @@ const VIP_KEYS: &[&str] = &[
     "protocol",
     "forwarding",
     "scheduler",
+    "affinity",
+    "affinity_ipv6_prefix",
     "ring_size",
     "health",
     "backend",
@@ -440,6 +443,10 @@ const BACKEND_KEYS: &[&str] = &["address", "weight", "mac", "health_port"];
 const XDP_MODES: [AttachMode; 3] = [AttachMode::Auto, AttachMode::Native, AttachMode::Generic];
 const PROTOCOLS: [(&str, Protocol); 2] = [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 const FORWARDINGS: [(&str, Forwarding); 2] = [("dsr", Forwarding::Dsr), ("ipip", Forwarding::Ipip)];
+const AFFINITIES: [(&str, Affinity); 2] = [
+    ("connection", Affinity::Connection),
+    ("client", Affinity::Client { ipv6_host: false }),
+];
 const ON_ALL_DOWN: [(&str, OnAllDown); 2] = [("keep", OnAllDown::Keep), ("drop", OnAllDown::Drop)];
 const ANNOUNCE_MODES: [(&str, Announce); 3] = [
     ("healthy", Announce::Healthy),
@@ -768,10 +775,14 @@ fn read_settings(t: &Table, p: &mut Problems) -> Result<DataPathSettings, Report
         .map(|seed| seed.unwrap_or(defaults.hash_seed));
     let ipip_source_v4 = read_source_pool(t, p, "ipip_source_v4", defaults.ipip_source_v4);
     let ipip_source_v6 = read_source_pool(t, p, "ipip_source_v6", defaults.ipip_source_v6);
+    let icmp_too_big_rate = t
+        .int(p, "icmp_too_big_rate", 0..=1_000_000)
+        .map(|rate| rate.unwrap_or(defaults.icmp_too_big_rate));
     Ok(DataPathSettings {
         hash_seed: hash_seed?,
         ipip_source_v4: ipip_source_v4?,
         ipip_source_v6: ipip_source_v6?,
+        icmp_too_big_rate: icmp_too_big_rate?,
     })
 }
 
@@ -878,6 +889,7 @@ fn read_vip(
     let scheduler = t
         .choice(p, "scheduler", &Scheduler::CHOICES)
         .map(Option::unwrap_or_default);
+    let affinity = read_affinity(&t, p);
     let ring_size = t
         .int(p, "ring_size", 0..=u32::MAX)
         .map(|size| size.unwrap_or(maglev::DEFAULT_RING_SIZE));
@@ -917,8 +929,19 @@ fn read_vip(
         );
     }
 
-    // Client affinity (issue 14, `affinity = "client"`) relies on Maglev's hash: once both
-    // are merged, a non-maglev scheduler with it must be rejected here.
+    // Client affinity is a property of the hash that fills a Maglev table; the other
+    // schedulers do not hash at all.
+    if let (Ok(scheduler), Ok(Affinity::Client { .. })) = (scheduler, &affinity) {
+        if scheduler != Scheduler::Maglev {
+            p.report(
+                t.key("affinity"),
+                format!(
+                    "\"client\" needs scheduler = \"maglev\" (this VIP has \"{scheduler}\"): \
+                     round robin and least-conn choose per connection; remove one of the two"
+                ),
+            );
+        }
+    }
     if let (Ok(scheduler), Ok(size)) = (scheduler, ring_size) {
         let weights: Vec<u32> = backends.iter().flatten().map(|b| b.weight).collect();
         if let Err(err) = scheduler::check(scheduler, &weights, size) {
@@ -948,11 +971,33 @@ fn read_vip(
         },
         forwarding: forwarding?,
         scheduler: scheduler?,
+        affinity: affinity?,
         ring_size: ring_size?,
         health: health?,
         backends: backends?,
         announce: announce?,
     })
+}
+
+/// `affinity` and, for client affinity, how much of an IPv6 client address identifies it.
+fn read_affinity(t: &Table, p: &mut Problems) -> Result<Affinity, Reported> {
+    let affinity = t
+        .choice(p, "affinity", &AFFINITIES)
+        .map(|affinity| affinity.unwrap_or_default());
+    let prefix = t.int(p, "affinity_ipv6_prefix", 0..=128u8)?;
+    match (affinity?, prefix) {
+        (affinity, None) => Ok(affinity),
+        (Affinity::Client { .. }, Some(64)) => Ok(Affinity::Client { ipv6_host: false }),
+        (Affinity::Client { .. }, Some(128)) => Ok(Affinity::Client { ipv6_host: true }),
+        (Affinity::Client { .. }, Some(other)) => Err(p.report(
+            t.key("affinity_ipv6_prefix"),
+            format!("{other} is not supported: use 64 (the client's /64) or 128 (its address)"),
+        )),
+        (Affinity::Connection, Some(_)) => Err(p.report(
+            t.key("affinity_ipv6_prefix"),
+            "only applies with affinity = \"client\": set that too, or remove this key",
+        )),
+    }
 }
 
 /// Duplicates and address families, across the valid backends of one VIP.
@@ -1543,6 +1588,7 @@ mod tests {
                         addr: Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0).into(),
                         len: 64,
                     },
+                    icmp_too_big_rate: 1000,
                 },
                 vips: vec![
                     VipSpec {
@@ -1554,6 +1600,7 @@ mod tests {
                         },
                         forwarding: Forwarding::Dsr,
                         scheduler: Scheduler::Maglev,
+                        affinity: Default::default(),
                         ring_size: 1009,
                         health: HealthSpec {
                             kind: CheckKind::Http {
@@ -1586,6 +1633,7 @@ mod tests {
                         },
                         forwarding: Forwarding::Ipip,
                         scheduler: Scheduler::LeastConn,
+                        affinity: Default::default(),
                         ring_size: 13,
                         health: HealthSpec {
                             kind: CheckKind::Tcp,
@@ -1604,6 +1652,33 @@ mod tests {
             },
         };
         assert_eq!(valid(text), expected);
+    }
+
+    #[test]
+    fn affinity_and_its_ipv6_prefix() {
+        for (keys, expected) in [
+            ("affinity = \"connection\"\n", Affinity::Connection),
+            (
+                "affinity = \"client\"\n",
+                Affinity::Client { ipv6_host: false },
+            ),
+            (
+                "affinity = \"client\"\naffinity_ipv6_prefix = 64\n",
+                Affinity::Client { ipv6_host: false },
+            ),
+            (
+                "affinity = \"client\"\naffinity_ipv6_prefix = 128\n",
+                Affinity::Client { ipv6_host: true },
+            ),
+        ] {
+            let config = valid(&format!(
+                "{}[[vip.backend]]\naddress = \"10.1.0.11\"\n",
+                with_vip(keys)
+            ));
+            assert_eq!(config.services.vips[0].affinity, expected, "{keys}");
+        }
+        let config = valid(&format!("{DAEMON}icmp_too_big_rate = 0\n{WEB}"));
+        assert_eq!(config.services.settings.icmp_too_big_rate, 0);
     }
 
     #[test]
@@ -1642,6 +1717,7 @@ mod tests {
         let vip = &config.services.vips[0];
         assert_eq!(vip.vip.protocol, Protocol::Tcp);
         assert_eq!(vip.forwarding, Forwarding::Dsr);
+        assert_eq!(vip.affinity, Affinity::Connection);
         assert_eq!(vip.ring_size, 65537);
         assert_eq!(vip.health, HealthSpec::default());
         assert_eq!(vip.announce, Announce::Healthy);
@@ -2053,6 +2129,7 @@ mod tests {
             ("ipip_source_v6 = \"10.0.0.0/8\"", "daemon.ipip_source_v6", "10.0.0.0/8 is not an IPv6 prefix; use one such as fd00:1b::/96"),
             ("ipip_source_v4 = \"10.0.0.0\"", "daemon.ipip_source_v4", "\"10.0.0.0\" is not a prefix"),
             ("ipip_source_v4 = \"10.0.0.0/33\"", "daemon.ipip_source_v4", "\"33\" in \"10.0.0.0/33\" is not a prefix length"),
+            ("icmp_too_big_rate = 1000001", "daemon.icmp_too_big_rate", "1000001 is too large: use at most 1000000"),
         ];
         for (keys, key, message) in cases {
             assert_rejected(&format!("{DAEMON}{keys}\n"), key, message);
@@ -2160,6 +2237,27 @@ mod tests {
                 with_vip("forwarding = \"nat\"\n"),
                 "vip[0] (web).forwarding",
                 "\"nat\" is not one of \"dsr\", \"ipip\"",
+            ),
+            (
+                with_vip("affinity = \"source\"\n"),
+                "vip[0] (web).affinity",
+                "\"source\" is not one of \"connection\", \"client\"",
+            ),
+            (
+                with_vip("affinity = \"client\"\naffinity_ipv6_prefix = 48\n"),
+                "vip[0] (web).affinity_ipv6_prefix",
+                "48 is not supported: use 64 (the client's /64) or 128 (its address)",
+            ),
+            (
+                with_vip("affinity = \"client\"\nscheduler = \"round-robin\"\n"),
+                "vip[0] (web).affinity",
+                "\"client\" needs scheduler = \"maglev\" (this VIP has \"round-robin\"): round \
+                 robin and least-conn choose per connection; remove one of the two",
+            ),
+            (
+                with_vip("affinity_ipv6_prefix = 128\n"),
+                "vip[0] (web).affinity_ipv6_prefix",
+                "only applies with affinity = \"client\": set that too, or remove this key",
             ),
             (
                 format!("{DAEMON}{WEB}{api}"),

@@ -576,6 +576,7 @@ impl Daemon {
                     address: vip.vip.to_string(),
                     forwarding: vip.forwarding.to_string(),
                     scheduler: vip.scheduler.to_string(),
+                    affinity: vip.affinity.to_string(),
                     ring_size: vip.ring_size,
                     available: backends.iter().filter(|b| b.effective_weight > 0).count(),
                     announce: self

@@ -83,6 +83,14 @@ impl FlowScan {
         );
         self.entries = flows.len() as u64;
         self.countdown = (flows.len() / FLOWS_PER_SCAN_PERIOD) as u32;
+        // A drain this scan started too early for still waits for one: not paced.
+        if self
+            .drains
+            .values()
+            .any(|&took_effect| took_effect > started)
+        {
+            self.countdown = 0;
+        }
         self.last_started = Some(started);
         Ok(Some(flows))
     }
@@ -196,8 +204,24 @@ mod tests {
         scan.scan_if_due(empty_table, IDLE).unwrap();
         assert_eq!(reads.get(), 0, "a 200k-entry table is paced");
         scan.drained(WEB, backend());
+        let bigger = 3 * FLOWS_PER_SCAN_PERIOD + 1;
+        scan.scan_if_due(|| Ok(vec![flow(1, 0); bigger]), IDLE)
+            .unwrap();
+        assert_eq!(
+            scan.entries(),
+            bigger as u64,
+            "the sample after a drain scans"
+        );
+        assert!(
+            !scan.drain_complete(WEB, backend(), Some(3)),
+            "a scan within IN_FLIGHT of the drain counted"
+        );
         scan.scan_if_due(empty_table, IDLE).unwrap();
-        assert_eq!(reads.get(), 1, "the sample after a drain scans");
+        assert_eq!(
+            reads.get(),
+            1,
+            "a drain still waiting for a scan is not paced"
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// its name (`drop_no_backend` -> `xdplb_packets_dropped_total{reason="no_backend"}`). A new
 /// kernel counter with one of these prefixes is exported without touching this file; a new
 /// prefix fails the `every_global_counter_is_exported` test.
-const GLOBAL_FAMILIES: [GlobalFamily; 5] = [
+const GLOBAL_FAMILIES: [GlobalFamily; 6] = [
     GlobalFamily {
         prefix: "action_",
         family: "xdplb_xdp_actions",
@@ -76,6 +76,12 @@ const GLOBAL_FAMILIES: [GlobalFamily; 5] = [
         family: "xdplb_decap_packets",
         label: "result",
         help: "Tunnel packets seen by the decap program, by result",
+    },
+    GlobalFamily {
+        prefix: "icmp_",
+        family: "xdplb_icmp_packets",
+        label: "result",
+        help: "ICMP about VIP traffic handled in XDP: errors forwarded to backends, too-big replies sent",
     },
 ];
 
@@ -602,7 +608,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 25] = [
+    const FAMILIES: [(&str, &str); 26] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -622,6 +628,7 @@ mod tests {
         ("xdplb_packets_dropped", "counter"),
         ("xdplb_flow_lookups", "counter"),
         ("xdplb_decap_packets", "counter"),
+        ("xdplb_icmp_packets", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
         ("xdplb_active_flows_age_seconds", "gauge"),
         ("xdplb_health_transitions", "counter"),
@@ -677,6 +684,7 @@ mod tests {
             r#"xdplb_flow_lookups_total{result="insert_failed"} 160"#,
             r#"xdplb_decap_packets_total{result="ok"} 170"#,
             r#"xdplb_decap_packets_total{result="not_ours"} 180"#,
+            r#"xdplb_icmp_packets_total{result="too_big_sent"} 210"#,
             "xdplb_flow_table_entries 42",
             r#"xdplb_health_transitions_total{vip="web",backend="10.0.0.3",to="down"} 2"#,
             r#"xdplb_health_check_duration_seconds_bucket{le="0.0005",vip="web",result="ok"} 1"#,
@@ -713,6 +721,7 @@ mod tests {
                     "packets_dropped",
                     "flow_lookups",
                     "decap_packets",
+                    "icmp_packets",
                 ]
                 .iter()
                 .any(|f| l.starts_with(&format!("xdplb_{f}_total{{")))

@@ -49,6 +49,38 @@ impl Forwarding {
     }
 }
 
+/// Which of a client's connections share a backend (the ring hash's input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Affinity {
+    /// Each connection (5-tuple) is placed on its own.
+    #[default]
+    Connection,
+    /// Every connection of a client goes to one backend while the ring is unchanged (IPVS
+    /// persistence, Cilium `sessionAffinity: ClientIP`). IPv6 clients are grouped by their
+    /// /64 (one host's privacy addresses), or by the whole address with `ipv6_host`.
+    Client { ipv6_host: bool },
+}
+
+impl Affinity {
+    pub fn code(self) -> u8 {
+        match self {
+            Affinity::Connection => lb_common::AFFINITY_CONNECTION,
+            Affinity::Client { ipv6_host: false } => lb_common::AFFINITY_CLIENT,
+            Affinity::Client { ipv6_host: true } => lb_common::AFFINITY_CLIENT_V6_HOST,
+        }
+    }
+}
+
+impl fmt::Display for Affinity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Affinity::Connection => "connection",
+            Affinity::Client { ipv6_host: false } => "client",
+            Affinity::Client { ipv6_host: true } => "client/128",
+        })
+    }
+}
+
 impl fmt::Display for Forwarding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -175,6 +207,7 @@ pub struct VipSpec {
     pub forwarding: Forwarding,
     /// How new flows pick a backend.
     pub scheduler: crate::scheduler::Scheduler,
+    pub affinity: Affinity,
     /// Maglev table size (prime); for round robin, the longest weighted turn.
     pub ring_size: u32,
     pub health: HealthSpec,
@@ -277,6 +310,8 @@ pub struct DataPathSettings {
     pub ipip_source_v4: Prefix,
     /// Pool of outer IPv6 sources for `ipip`.
     pub ipip_source_v6: Prefix,
+    /// "Too big to encapsulate" ICMP replies per second and CPU; 0 sends none.
+    pub icmp_too_big_rate: u32,
 }
 
 impl Default for DataPathSettings {
@@ -291,6 +326,7 @@ impl Default for DataPathSettings {
                 addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x1b, 0, 0, 0, 0, 0, 0)),
                 len: 96,
             },
+            icmp_too_big_rate: 1000,
         }
     }
 }

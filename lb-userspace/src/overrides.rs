@@ -166,6 +166,7 @@ mod tests {
                 },
                 forwarding: Forwarding::Dsr,
                 scheduler: Default::default(),
+                affinity: Default::default(),
                 ring_size: 13,
                 health: HealthSpec::default(),
                 announce: Default::default(),

@@ -91,6 +91,7 @@ pub struct TargetVip {
     pub name: String,
     pub mode: u8,
     pub scheduler: Scheduler,
+    pub affinity: u8,
     pub ring_size: u32,
     pub backends: BTreeMap<IpAddr, TargetBackend>,
 }
@@ -167,6 +168,7 @@ pub fn target(
             0
         },
         _pad: [0; 3],
+        icmp_too_big_per_sec: settings.icmp_too_big_rate,
     };
     let mut vips = BTreeMap::new();
     let mut unresolved = Vec::new();
@@ -209,6 +211,7 @@ pub fn target(
                 name: spec.name.clone(),
                 mode: spec.forwarding.mode(),
                 scheduler: spec.scheduler,
+                affinity: spec.affinity.code(),
                 ring_size: spec.ring_size,
                 backends,
             },
@@ -480,7 +483,8 @@ fn plan_vip(
                     ring_size: 0,
                     mode: want.mode,
                     scheduler: want.scheduler.code(),
-                    _pad: [0; 2],
+                    affinity: want.affinity,
+                    _pad: [0; 1],
                 },
                 halves: [Vec::new(), Vec::new()],
                 active: 0,
@@ -565,6 +569,7 @@ fn plan_vip(
     let mut meta = VipMeta {
         mode: want.mode,
         scheduler: want.scheduler.code(),
+        affinity: want.affinity,
         ..vip.meta
     };
     if table.is_empty() {
@@ -675,6 +680,7 @@ mod tests {
             },
             forwarding: Forwarding::Dsr,
             scheduler: Scheduler::Maglev,
+            affinity: Default::default(),
             ring_size: 13,
             health: HealthSpec::default(),
             announce: Default::default(),

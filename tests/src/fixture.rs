@@ -3,13 +3,14 @@
 //! the kernel uses).
 
 use crate::{
-    harness::{vip_spec, CLIENT_MAC, LB_MAC},
+    harness::{vip_spec, Harness, CLIENT_MAC, LB_MAC},
     packet::Packet,
 };
 use lb_common::FlowKey;
 use lb_userspace::{
+    dataplane::Role,
     model::{DataPathSettings, Forwarding, Prefix, Protocol, Services, VipAddr},
-    state::addr_bytes,
+    state::{addr_bytes, addr_key},
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -53,12 +54,105 @@ pub fn one_web_backend(backend: IpAddr, backend_mac: [u8; 6]) -> Services {
     }
 }
 
+/// One VIP of each kind with one backend each: dsr web4 (80/tcp), any4 (port 0), dns4
+/// (53/udp), web6, ipip tun4 (4in4), tun6 (6in6), tun46 (4in6), and empty (only a weight-0
+/// backend), ring 13.
+pub fn every_mode() -> Services {
+    use Forwarding::*;
+    use Protocol::*;
+    Services {
+        settings: settings(SEED),
+        vips: vec![
+            vip_spec(
+                "web4",
+                vip(v4(192, 0, 2, 10), 80, Tcp),
+                Dsr,
+                13,
+                &[(v4(10, 1, 0, 11), mac(0x11), 100)],
+            ),
+            vip_spec(
+                "any4",
+                vip(v4(192, 0, 2, 20), 0, Tcp),
+                Dsr,
+                13,
+                &[(v4(10, 1, 0, 12), mac(0x12), 100)],
+            ),
+            vip_spec(
+                "dns4",
+                vip(v4(192, 0, 2, 30), 53, Udp),
+                Dsr,
+                13,
+                &[(v4(10, 1, 0, 13), mac(0x13), 100)],
+            ),
+            vip_spec(
+                "web6",
+                vip(v6("2001:db8::10"), 80, Tcp),
+                Dsr,
+                13,
+                &[(v6("2001:db8:1::11"), mac(0x14), 100)],
+            ),
+            vip_spec(
+                "tun4",
+                vip(v4(192, 0, 2, 40), 80, Tcp),
+                Ipip,
+                13,
+                &[(v4(10, 2, 0, 11), mac(0x21), 100)],
+            ),
+            vip_spec(
+                "tun6",
+                vip(v6("2001:db8::40"), 80, Tcp),
+                Ipip,
+                13,
+                &[(v6("2001:db8:2::11"), mac(0x22), 100)],
+            ),
+            vip_spec(
+                "tun46",
+                vip(v4(192, 0, 2, 50), 80, Tcp),
+                Ipip,
+                13,
+                &[(v6("2001:db8:2::12"), mac(0x23), 100)],
+            ),
+            vip_spec(
+                "empty",
+                vip(v4(192, 0, 2, 60), 80, Tcp),
+                Dsr,
+                13,
+                &[(v4(10, 1, 0, 14), mac(0x15), 0)],
+            ),
+        ],
+    }
+}
+
+/// The decap program as the `ipip` backends of [`every_mode`] run it: their tunnel endpoints
+/// local, the tunnelled VIPs served.
+pub fn every_mode_backends_decap() -> Harness {
+    let mut decap = Harness::new(Role::Decap);
+    decap
+        .dataplane
+        .set_decap_local(&[
+            addr_key(v4(10, 2, 0, 11)),
+            addr_key(v6("2001:db8:2::11")),
+            addr_key(v6("2001:db8:2::12")),
+        ])
+        .unwrap();
+    decap
+        .dataplane
+        .set_decap_vips(&[
+            addr_key(v4(192, 0, 2, 40)),
+            addr_key(v6("2001:db8::40")),
+            addr_key(v4(192, 0, 2, 50)),
+        ])
+        .unwrap();
+    decap
+}
+
 /// Outer source pools with host bits, so the flow hash visibly lands in the outer header.
 pub fn settings(hash_seed: u32) -> DataPathSettings {
     DataPathSettings {
         hash_seed,
         ipip_source_v4: "172.16.0.0/16".parse::<Prefix>().unwrap(),
         ipip_source_v6: "fd00:1b::/96".parse::<Prefix>().unwrap(),
+        ..DataPathSettings::default()
     }
 }
 
@@ -137,4 +231,36 @@ pub fn vlan_framed(src: [u8; 6], dst: [u8; 6], tci: Option<u16>, l3: &[u8]) -> V
     frame.extend(ether_type.to_be_bytes());
     frame.extend(l3);
     frame
+}
+
+/// Bytes of the refused packet an ICMP "too big" reply quotes (the kernel's constants).
+pub const TOO_BIG_QUOTE_V4: usize = 128;
+pub const TOO_BIG_QUOTE_V6: usize = 256;
+
+/// What the LB answers to `frame`, a client packet too big for an `ipip` tunnel that leaves
+/// `mtu` bytes for the inner packet: ICMP "fragmentation needed" (IPv4) or "packet too big"
+/// (IPv6) from the VIP to the client, quoting the packet's first bytes, sent back to the MAC
+/// it came from (VLAN tag kept).
+pub fn too_big_reply(frame: &[u8], mtu: u16) -> Vec<u8> {
+    let l2 = crate::packet::l3_offset(frame);
+    let ip = &frame[l2..];
+    let l3 = if ip[0] >> 4 == 4 {
+        let client = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let vip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let mtu = mtu.to_be_bytes();
+        Packet::new()
+            .ipv4(vip, client)
+            .tos(0xc0)
+            .icmp(3, 4, [0, 0, mtu[0], mtu[1]])
+            .payload(&ip[..TOO_BIG_QUOTE_V4])
+            .build()
+    } else {
+        let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).unwrap());
+        Packet::new()
+            .ipv6(addr(24), addr(8))
+            .icmp(2, 0, u32::from(mtu).to_be_bytes())
+            .payload(&ip[..TOO_BIG_QUOTE_V6])
+            .build()
+    };
+    [&frame[6..12], &frame[..6], &frame[12..l2], &l3].concat()
 }

@@ -249,6 +249,7 @@ pub fn vip_spec(
         vip,
         forwarding,
         scheduler: Default::default(),
+        affinity: Default::default(),
         ring_size,
         health: Default::default(),
         announce: Default::default(),

@@ -21,6 +21,11 @@
 //! Backends answer the client through the router (DSR), so only client-to-VIP packets cross
 //! the LBs. [`Lab::with_bgp`] is the same without the router's static route: the router learns
 //! the VIPs from the LBs over BGP (see [`crate::bird`]).
+//!
+//! [`Lab::behind_router`] is the same with one LB and a smaller MTU on the router's
+//! client-side interface (the client and every other interface keep 1500): replies larger
+//! than it make the router send "fragmentation needed" / "packet too big" to their source,
+//! the VIP, as a real path MTU bottleneck does.
 
 use anyhow::{bail, Context as _, Result};
 use lb_userspace::dataplane::{AttachMode, Dataplane, Role, Sizes};
@@ -215,6 +220,17 @@ impl Drop for BpfMount {
     }
 }
 
+/// What stands between the client and the LB segment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// The client is on the bridge.
+    Bridge,
+    /// A router with an ECMP route over two LBs.
+    Ecmp,
+    /// A router to one LB, with a smaller MTU toward the client.
+    Router { client_link_mtu: u32 },
+}
+
 pub struct Lab {
     pub id: String,
     pub client: Host,
@@ -274,18 +290,18 @@ impl Lab {
 
     /// Builds the topology with `backends` backends serving nothing yet.
     pub fn new(backends: usize) -> Result<Self> {
-        Self::build(backends, false)
+        Self::build(backends, Front::Bridge)
     }
 
     /// The ECMP topology (see the module docs): two LBs, `backends` backends, and the client
     /// behind a router with a multipath route to the VIPs hashed on the 5-tuple.
     pub fn with_ecmp(backends: usize) -> Result<Self> {
-        Self::build(backends, true)
+        Self::build(backends, Front::Ecmp)
     }
 
     /// The ECMP topology with no route to the VIPs on the router: BGP brings them.
     pub fn with_bgp(backends: usize) -> Result<Self> {
-        let lab = Self::build(backends, true)?;
+        let lab = Self::build(backends, Front::Ecmp)?;
         let router = lab.router.as_ref().expect("an ECMP lab has a router");
         router.ns.exec(&format!(
             "ip route del {VIP_NET4} && ip -6 route del {VIP_NET6}"
@@ -293,7 +309,14 @@ impl Lab {
         Ok(lab)
     }
 
-    fn build(backends: usize, ecmp: bool) -> Result<Self> {
+    /// The client behind a router whose client-side interface has MTU `client_link_mtu`
+    /// (see the module docs), one LB.
+    pub fn behind_router(backends: usize, client_link_mtu: u32) -> Result<Self> {
+        Self::build(backends, Front::Router { client_link_mtu })
+    }
+
+    fn build(backends: usize, front: Front) -> Result<Self> {
+        let routed = front != Front::Bridge;
         let id = unique("xl");
         let switch = Netns::new(&format!("{id}-sw"))?;
         let peer_xdp = BpfMount::new(std::env::temp_dir().join(format!("{id}-peers")))?;
@@ -307,7 +330,7 @@ impl Lab {
             plug(&host, &switch, name, "")?;
             Ok(host)
         };
-        let (client, lb, lb2, router) = if ecmp {
+        let (client, lb, lb2, router) = if routed {
             let router = host("r", ROUTER4, ROUTER6)?;
             let client = Netns::new(&format!("{id}-c"))?;
             sh(&format!(
@@ -322,27 +345,43 @@ impl Lab {
                  ip -6 route add default via {ECMP_GATEWAY6}"
             ))?;
             let lb = host("lb", LB4, LB6)?;
-            let lb2 = host("lb2", LB2_4, LB2_6)?;
+            let (lb2, routes, mtu) = match front {
+                Front::Router { client_link_mtu } => (
+                    None,
+                    format!(
+                        "ip route add {VIP_NET4} via {LB4} && ip -6 route add {VIP_NET6} via {LB6}"
+                    ),
+                    client_link_mtu,
+                ),
+                _ => (
+                    Some(host("lb2", LB2_4, LB2_6)?),
+                    format!(
+                        "ip route add {VIP_NET4} nexthop via {LB4} nexthop via {LB2_4} && \
+                         ip -6 route add {VIP_NET6} nexthop via {LB6} nexthop via {LB2_6}"
+                    ),
+                    1500,
+                ),
+            };
             // Policy 1 hashes on the 5-tuple, so each flow sticks to one LB until the route
             // changes. Replies from backends to the VIP's address come in on the bridge, where
             // the VIP route also points: rp_filter is off anyway, as on real routers with ECMP.
+            // Forwarding on and path MTU discovery untouched: the router sends real ICMP
+            // errors for packets larger than the client-side MTU.
             router.ns.exec(&format!(
                 "ip addr add {ECMP_GATEWAY4}/24 dev eth1 && \
                  ip addr add {ECMP_GATEWAY6}/64 dev eth1 nodad && \
-                 ip link set eth1 up && ethtool -K eth1 tx off >/dev/null && \
+                 ip link set eth1 mtu {mtu} up && ethtool -K eth1 tx off >/dev/null && \
                  sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
                  net.ipv4.fib_multipath_hash_policy=1 net.ipv6.fib_multipath_hash_policy=1 \
                  net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0 \
-                 net.ipv4.conf.eth1.rp_filter=0 && \
-                 ip route add {VIP_NET4} nexthop via {LB4} nexthop via {LB2_4} && \
-                 ip -6 route add {VIP_NET6} nexthop via {LB6} nexthop via {LB2_6}"
+                 net.ipv4.conf.eth1.rp_filter=0 && {routes}"
             ))?;
             let client = Host {
                 ns: client,
                 ip4: ECMP_CLIENT4,
                 ip6: ECMP_CLIENT6,
             };
-            (client, lb, Some(lb2), Some(router))
+            (client, lb, lb2, Some(router))
         } else {
             let client = host("c", CLIENT4, CLIENT6)?;
             let lb = host("lb", LB4, LB6)?;
@@ -362,7 +401,7 @@ impl Lab {
                  net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2 \
                  net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0"
             ))?;
-            if ecmp {
+            if routed {
                 // Replies go straight back to the client, through the router.
                 b.ns.exec(&format!(
                     "ip route add {ECMP_NET4} via {ROUTER4} && \
@@ -370,7 +409,11 @@ impl Lab {
                 ))?;
             }
         }
-        let lb_ports: &[&str] = if ecmp { &["p-lb", "p-lb2"] } else { &["p-lb"] };
+        let lb_ports: &[&str] = if lb2.is_some() {
+            &["p-lb", "p-lb2"]
+        } else {
+            &["p-lb"]
+        };
         for port in lb_ports {
             attach_pass(&switch, &peer_xdp, port)?;
         }
@@ -782,6 +825,29 @@ pub fn stream(
         }
     }
     Ok((name.trim().to_string(), received))
+}
+
+/// Sends `bytes` bytes to a lab server (`SINK`): (backend name, bytes it read). A stalled
+/// connection fails the 10-second write or read timeout.
+pub fn upload(vip: SocketAddr, bytes: u64) -> Result<(String, u64)> {
+    let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("SINK {bytes}\n").as_bytes())?;
+    let chunk = [b'u'; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk.len() as u64) as usize;
+        stream.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let (name, read) = line
+        .trim()
+        .split_once(' ')
+        .with_context(|| format!("unexpected answer {line:?}"))?;
+    Ok((name.to_string(), read.parse()?))
 }
 
 pub fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {

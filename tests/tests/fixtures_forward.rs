@@ -1,7 +1,6 @@
 //! Every forwarding path of the LB program and the decap program, with exact expected bytes.
 
 use lb_common::counters::*;
-use lb_userspace::state::addr_key;
 use lb_userspace::{
     dataplane::Role,
     model::{Forwarding, Protocol, Services},
@@ -14,75 +13,9 @@ use xdplb_tests::{
     packet::{checksum_ok_ipv4_header, Packet, TCP_ACK, TCP_PSH, TCP_SYN},
 };
 
-fn services() -> Services {
-    use Forwarding::*;
-    use Protocol::*;
-    Services {
-        settings: settings(SEED),
-        vips: vec![
-            vip_spec(
-                "web4",
-                vip(v4(192, 0, 2, 10), 80, Tcp),
-                Dsr,
-                13,
-                &[(v4(10, 1, 0, 11), mac(0x11), 100)],
-            ),
-            vip_spec(
-                "any4",
-                vip(v4(192, 0, 2, 20), 0, Tcp),
-                Dsr,
-                13,
-                &[(v4(10, 1, 0, 12), mac(0x12), 100)],
-            ),
-            vip_spec(
-                "dns4",
-                vip(v4(192, 0, 2, 30), 53, Udp),
-                Dsr,
-                13,
-                &[(v4(10, 1, 0, 13), mac(0x13), 100)],
-            ),
-            vip_spec(
-                "web6",
-                vip(v6("2001:db8::10"), 80, Tcp),
-                Dsr,
-                13,
-                &[(v6("2001:db8:1::11"), mac(0x14), 100)],
-            ),
-            vip_spec(
-                "tun4",
-                vip(v4(192, 0, 2, 40), 80, Tcp),
-                Ipip,
-                13,
-                &[(v4(10, 2, 0, 11), mac(0x21), 100)],
-            ),
-            vip_spec(
-                "tun6",
-                vip(v6("2001:db8::40"), 80, Tcp),
-                Ipip,
-                13,
-                &[(v6("2001:db8:2::11"), mac(0x22), 100)],
-            ),
-            vip_spec(
-                "tun46",
-                vip(v4(192, 0, 2, 50), 80, Tcp),
-                Ipip,
-                13,
-                &[(v6("2001:db8:2::12"), mac(0x23), 100)],
-            ),
-            vip_spec(
-                "empty",
-                vip(v4(192, 0, 2, 60), 80, Tcp),
-                Dsr,
-                13,
-                &[(v4(10, 1, 0, 14), mac(0x15), 0)],
-            ),
-        ],
-    }
-}
-
 fn lb() -> Harness {
     let mut harness = Harness::new(Role::Balancer);
-    harness.apply(&services());
+    harness.apply(&every_mode());
     harness
 }
 
@@ -270,23 +203,7 @@ fn ipip_too_big_for_the_mtu_is_passed_untouched() {
 
 #[test]
 fn decap_restores_the_inner_packet() {
-    let mut decap = Harness::new(Role::Decap);
-    decap
-        .dataplane
-        .set_decap_local(&[
-            addr_key(v4(10, 2, 0, 11)),
-            addr_key(v6("2001:db8:2::11")),
-            addr_key(v6("2001:db8:2::12")),
-        ])
-        .unwrap();
-    decap
-        .dataplane
-        .set_decap_vips(&[
-            addr_key(v4(192, 0, 2, 40)),
-            addr_key(v6("2001:db8::40")),
-            addr_key(v4(192, 0, 2, 50)),
-        ])
-        .unwrap();
+    let mut decap = every_mode_backends_decap();
     let mut fixtures: Vec<Fixture> = encapsulated()
         .into_iter()
         .map(|(kind, client_frame, tunnelled)| {

@@ -191,6 +191,8 @@ fn services(vips: &[TestVip]) -> Services {
     Services {
         settings: DataPathSettings {
             hash_seed: 0x5eed,
+            // Never rate limited here: every too-big reply is checked byte for byte.
+            icmp_too_big_rate: 1_000_000,
             ..DataPathSettings::default()
         },
         vips: vips
@@ -217,6 +219,8 @@ enum Expect {
     Forward(usize),
     Pass,
     Drop,
+    /// Too big for an `ipip` tunnel, IPv6 or DF: answered with ICMP "too big".
+    TooBig,
 }
 
 /// A packet built by [`valid_packet`].
@@ -355,7 +359,13 @@ fn valid_packet(rng: &mut Rng, vips: &[TestVip], max_payload: usize) -> Valid {
             } else if !vip.has_backends() {
                 Expect::Drop
             } else if vip.forwarding == Forwarding::Ipip && l3_len + vip.outer_len() > MTU.into() {
-                Expect::Pass
+                let df = frame[l2_len(&frame) + 6] & 0x40 != 0;
+                let answerable = frame[l2_len(&frame)] >> 4 == 6 || df;
+                if answerable && ip_end == frame.len() {
+                    Expect::TooBig
+                } else {
+                    Expect::Pass
+                }
             } else {
                 Expect::Forward(index)
             }
@@ -583,6 +593,7 @@ impl Balancer {
                     Err("dropped a packet that is not for a VIP without backends".into())
                 }
             }
+            Action::Tx if output[..6] == input[6..12] => self.check_too_big(input, &output),
             Action::Tx | Action::Redirect => self.check_forwarded(input, &output),
             Action::Aborted => unreachable!("Fuzz::run fails on ABORTED"),
         };
@@ -627,6 +638,22 @@ impl Balancer {
         }
     }
 
+    /// `output` is the ICMP "too big" reply to `input`, byte for byte, for an `ipip` VIP.
+    fn check_too_big(&self, input: &[u8], output: &[u8]) -> Result<Expect, String> {
+        let vip = self
+            .vips
+            .iter()
+            .find(|v| v.forwarding == Forwarding::Ipip && addressed_to(input, v.addr))
+            .ok_or("sent back to the client, but not addressed to an ipip VIP")?;
+        let expected = too_big_reply(input, MTU - vip.outer_len() as u16);
+        match hex_diff(&expected, output) {
+            None => Ok(Expect::TooBig),
+            Some(diff) => Err(format!(
+                "sent back to the client, but not the too-big reply:\n{diff}"
+            )),
+        }
+    }
+
     /// Checks the action counters against the runs, and that every counted packet has exactly
     /// one reason: pass reasons add up to passes, drop reasons to drops, and every packet that
     /// reached backend selection counts one flow-table outcome.
@@ -644,16 +671,18 @@ impl Balancer {
             PASS_NOT_TCP_UDP,
             PASS_NOT_VIP,
             PASS_TOO_BIG,
+            PASS_ICMP_NO_BACKEND,
         ];
         assert_eq!(d(ACTION_PASS), sum(&pass_reasons), "pass reasons");
         assert_eq!(
             d(ACTION_DROP),
-            sum(&[DROP_NO_BACKEND, DROP_INTERNAL]),
+            sum(&[DROP_NO_BACKEND, DROP_INTERNAL, DROP_TOO_BIG_RATE_LIMITED]),
             "drop reasons"
         );
+        // ICMP errors reach their backend without touching the flow table.
         assert_eq!(
             sum(&[FLOW_HIT, FLOW_MISS, FLOW_REHASH]),
-            sum(&[ACTION_TX, ACTION_REDIRECT, ACTION_DROP, PASS_TOO_BIG]),
+            sum(&[ACTION_TX, ACTION_REDIRECT, ACTION_DROP, PASS_TOO_BIG]) - d(ICMP_ERROR_FORWARDED),
             "flow-table outcomes"
         );
         assert_eq!(sum(&[DECAP_OK, DECAP_NOT_OURS]), 0, "decap counters");
@@ -744,7 +773,7 @@ fn balancer_survives_valid_truncated_mutated_and_random_packets() {
     let seed = seed();
     let mut rng = Rng::new(seed);
     let mut lb = Balancer::new(seed);
-    let mut expected = [0u64; 3];
+    let mut expected = [0u64; 4];
 
     lb.fuzz.phase("valid");
     for _ in 0..40_000 {
@@ -753,11 +782,15 @@ fn balancer_survives_valid_truncated_mutated_and_random_packets() {
             Expect::Forward(_) => 0,
             Expect::Pass => 1,
             Expect::Drop => 2,
+            Expect::TooBig => 3,
         }] += 1;
         lb.run(&packet.frame, Some(packet.expect));
     }
-    // The generator must exercise every outcome, or the phase proves little.
-    assert!(expected.iter().all(|n| *n > 500), "{expected:?}");
+    // The generator must exercise every outcome, or the phase proves little (too big is rarer).
+    assert!(
+        expected[..3].iter().all(|n| *n > 500) && expected[3] > 100,
+        "{expected:?}"
+    );
 
     // Cut short anywhere inside the IP packet: passed untouched. Cut in the Ethernet padding:
     // as if whole.

@@ -412,9 +412,10 @@ fn stop_and_restart(check: &str) {
         thread::sleep(Duration::from_millis(300));
 
         let server = &mut servers[0].0;
+        // Taken before the signal: an attempt the kill resets may end before `wait` returns.
+        times.kill = Instant::now();
         server.kill().unwrap();
         server.wait().unwrap();
-        times.kill = Instant::now();
         let Waited { took, status, .. } = wait_for(daemon, "b0 down", |s| is_down(backend(s, 0)));
         times.down = Instant::now();
         assert_within(

@@ -437,6 +437,12 @@ fn a_drained_backend_gets_no_new_flows_and_keeps_counting_its_established_one() 
             before.value("xdplb_backend_active_flows", &labels) >= 1.0,
             "the transfer is an active flow of b{drained}"
         );
+        assert_eq!(
+            before.value("xdplb_backend_drain_complete", &labels),
+            0.0,
+            "drain complete while the transfer runs"
+        );
+        assert!(before.get("xdplb_active_flows_age_seconds", &[]) >= Some(0.0));
 
         let names: Vec<String> = lab
             .client
@@ -498,6 +504,7 @@ fn a_drained_backend_gets_no_new_flows_and_keeps_counting_its_established_one() 
     wait_metrics(lab, "no active flow left on the drained backend", |m| {
         m.get("xdplb_backend_active_flows", &labels) == Some(0.0)
             && m.get("xdplb_backend_drained", &labels) == Some(1.0)
+            && m.get("xdplb_backend_drain_complete", &labels) == Some(1.0)
     });
 }
 

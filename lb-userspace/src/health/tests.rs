@@ -179,6 +179,7 @@ fn vip(name: &str, port: u16, health: HealthSpec, backends: Vec<BackendSpec>) ->
         },
         forwarding: Forwarding::Dsr,
         scheduler: Default::default(),
+        affinity: Default::default(),
         ring_size: 251,
         health,
         backends,

@@ -4,6 +4,7 @@
 //! TCP protocol, one request line per connection:
 //! * `NAME` -> `<name>\n`, then close.
 //! * `STREAM <bytes> <bytes per second>` -> `<name>\n` then exactly `<bytes>` bytes, then close.
+//! * `SINK <bytes>` then up to `<bytes>` bytes -> `<name> <bytes read>\n` (an upload).
 //! * HTTP `GET /` -> `<name>\n`; `GET /bytes/<bytes>/<bytes per second>` -> that many bytes
 //!   (paced); any other path (e.g. `/healthz`) -> `<name>\n`. The status is 200, or the number
 //!   in the status file when one is given and exists (so a test can make health checks fail
@@ -66,6 +67,11 @@ fn serve(stream: impl Read + Write, name: &str, status_file: Option<&str>) -> st
             let out = reader.get_mut();
             writeln!(out, "{name}")?;
             paced(out, bytes.parse().unwrap_or(0), rate.parse().unwrap_or(1))?;
+        }
+        ["SINK", bytes] => {
+            let total: u64 = bytes.parse().unwrap_or(0);
+            let read = std::io::copy(&mut (&mut reader).take(total), &mut std::io::sink())?;
+            writeln!(reader.get_mut(), "{name} {read}")?;
         }
         ["GET", path, ..] => {
             // Skip the request headers.

@@ -82,6 +82,7 @@ fn services() -> Services {
             hash_seed: SEED,
             ipip_source_v4: "172.16.0.0/16".parse::<Prefix>().expect("prefix"),
             ipip_source_v6: "fd00:1b::/96".parse::<Prefix>().expect("prefix"),
+            ..DataPathSettings::default()
         },
         vips: vec![
             vip_spec("web4", vip(WEB4.into()), Forwarding::Dsr, RING, &four),
