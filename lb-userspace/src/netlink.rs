@@ -14,7 +14,7 @@ use rtnetlink::{
     },
     packet_route::{
         address::{AddressAttribute, AddressMessage, AddressScope},
-        link::{LinkAttribute, LinkMessage, LinkXdp},
+        link::LinkMessage,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
         route::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -194,22 +194,10 @@ impl Netlink {
         let mut query = LinkMessage::default();
         query.header.index = ifindex;
         let replies = self.request(RouteNetlinkMessage::GetLink(query), 0)?;
-        Ok(replies
-            .iter()
-            .filter_map(|reply| match reply {
-                RouteNetlinkMessage::NewLink(link) => Some(link),
-                _ => None,
-            })
-            .flat_map(|link| &link.attributes)
-            .filter_map(|attribute| match attribute {
-                LinkAttribute::Xdp(xdp) => Some(xdp),
-                _ => None,
-            })
-            .flatten()
-            .find_map(|x| match x {
-                LinkXdp::ProgId(id) if *id != 0 => Some(*id),
-                _ => None,
-            }))
+        Ok(replies.iter().find_map(|reply| match reply {
+            RouteNetlinkMessage::NewLink(link) => crate::links::xdp_program(link),
+            _ => None,
+        }))
     }
 
     /// Adds (or takes over) the blackhole host route for `addr` in `table`, marked as

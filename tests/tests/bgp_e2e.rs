@@ -102,6 +102,13 @@ fn wait_hops(router: &Host, vip: Ipv4Addr, want: &[Ipv4Addr], within: Duration) 
     }
 }
 
+/// The routes of an LB's announce table, for `family` ("-4" or "-6").
+fn announce_table(lb: &Host, family: &str) -> String {
+    lb.ns
+        .exec(&format!("ip {family} route show table {ANNOUNCE_TABLE}"))
+        .unwrap()
+}
+
 /// The VIP's announce line in `xdplb status --json`.
 fn announce_state(daemon: &Daemon, vip: &str) -> String {
     let status = daemon.cli_json(&["status"]).unwrap();
@@ -383,11 +390,7 @@ fn two_lbs_announce_over_bgp_and_fail_over_without_loss() {
         announce_state(&lb2_daemon, "always"),
         "announced: announce = \"always\""
     );
-    let table6 = lab
-        .lb
-        .ns
-        .exec(&format!("ip -6 route show table {ANNOUNCE_TABLE}"))
-        .unwrap();
+    let table6 = announce_table(&lab.lb, "-6");
     assert!(
         table6
             .lines()
@@ -401,11 +404,7 @@ fn two_lbs_announce_over_bgp_and_fail_over_without_loss() {
         !main.contains("192.0.2."),
         "VIP route in LB1's main table:\n{main}"
     );
-    let table = lab
-        .lb
-        .ns
-        .exec(&format!("ip route show table {ANNOUNCE_TABLE}"))
-        .unwrap();
+    let table = announce_table(&lab.lb, "-4");
     assert!(
         table.contains(&format!("blackhole {WEB} proto 250"))
             && table.contains(&format!("blackhole {ALWAYS} proto 250"))
