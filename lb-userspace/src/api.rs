@@ -100,6 +100,9 @@ pub struct VipStatus {
     pub ring_size: u32,
     /// Backends that new flows can go to now.
     pub available: usize,
+    /// `announced: ...` or `withdrawn: why`; none when `[daemon.announce]` is off.
+    #[serde(default)]
+    pub announce: Option<String>,
     pub backends: Vec<BackendStatus>,
     #[serde(default)]
     pub acl: AclStatus,

@@ -353,6 +353,9 @@ pub fn render_status(report: &StatusReport) -> String {
             vip.available,
             vip.backends.len()
         ));
+        if let Some(announce) = &vip.announce {
+            out.push_str(&format!("  {announce}\n"));
+        }
         let filter_lines = vip
             .acl
             .line()
@@ -656,6 +659,7 @@ mod tests {
                 affinity: "client".into(),
                 ring_size: 65537,
                 available: 1,
+                announce: Some("announced: 1 backend up".into()),
                 backends: vec![
                     backend("10.1.0.11", 100, None, false, "up", 12),
                     backend("10.1.0.12", 0, None, true, "up", 3),
@@ -682,6 +686,7 @@ config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 active flows (counted 8.2 s ago)
 
 web  192.0.2.10:80/tcp  dsr  maglev  affinity client  ring 65537  1/4 backends available
+  announced: 1 backend up
   sources: allow 10.0.0.0/8, 2001:db8::/32; deny 10.9.0.0/16
   limits: 10 new flows/s per source (burst 10), 1000 new flows/s in total
   BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  NEXT HOP                     LAST FAILURE
@@ -707,6 +712,7 @@ config /etc/xdplb/xdplb.toml  interfaces eth0  maps fresh
 active flows (counted 8.2 s ago)
 
 web  192.0.2.10:80/tcp  dsr  least-conn  affinity connection  ring 65537  1/4 backends available
+  announced: 1 backend up
   sources: allow 10.0.0.0/8, 2001:db8::/32; deny 10.9.0.0/16
   limits: 10 new flows/s per source (burst 10), 1000 new flows/s in total
   BACKEND    WEIGHT                  STATE     HEALTH  SINCE  ACTIVE  CONNS  NEXT HOP                     LAST FAILURE

@@ -14,11 +14,12 @@
 //! mistake does not turn into a cascade of messages.
 
 use crate::{
+    announce::AnnounceConfig,
     dataplane::{AttachMode, Sizes},
     maglev::{self, MaglevError},
     model::{
-        Affinity, BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec, OnAllDown,
-        Prefix, Protocol, Services, TlsSpec, VipAddr, VipSpec,
+        Affinity, Announce, BackendSpec, CheckKind, DataPathSettings, Forwarding, HealthSpec,
+        OnAllDown, Prefix, Protocol, Services, TlsSpec, VipAddr, VipSpec,
     },
     scheduler::{self, Scheduler},
 };
@@ -59,6 +60,8 @@ pub struct DaemonConfig {
     pub flow_idle_timeout: Duration,
     /// How often counters are read from the maps.
     pub stats_interval: Duration,
+    /// `[daemon.announce]`: VIP routes for a BGP daemon; off when absent.
+    pub announce: Option<AnnounceConfig>,
 }
 
 /// One thing wrong with the file.
@@ -417,7 +420,9 @@ const DAEMON_KEYS: &[&str] = &[
     "ipip_source_v6",
     "icmp_too_big_rate",
     "pinned_flows_per_second",
+    "announce",
 ];
+const ANNOUNCE_KEYS: &[&str] = &["table", "withdraw_grace"];
 const VIP_KEYS: &[&str] = &[
     "name",
     "address",
@@ -433,6 +438,7 @@ const VIP_KEYS: &[&str] = &[
     "allow_sources",
     "deny_sources",
     "limits",
+    "announce",
 ];
 const HEALTH_KEYS: &[&str] = &[
     "kind",
@@ -460,6 +466,11 @@ const AFFINITIES: [(&str, Affinity); 2] = [
     ("client", Affinity::Client { ipv6_host: false }),
 ];
 const ON_ALL_DOWN: [(&str, OnAllDown); 2] = [("keep", OnAllDown::Keep), ("drop", OnAllDown::Drop)];
+const ANNOUNCE_MODES: [(&str, Announce); 3] = [
+    ("healthy", Announce::Healthy),
+    ("always", Announce::Always),
+    ("never", Announce::Never),
+];
 
 /// `[vip.health] kind`, read before the keys that depend on it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -663,6 +674,9 @@ fn read_daemon(
     let stats_interval = t
         .duration(p, "stats_interval")
         .map(|d| d.unwrap_or(Duration::from_secs(1)));
+    let announce = t
+        .table(p, "announce", "[daemon.announce]")
+        .and_then(|announce| announce.map(|a| read_announce(&a, p)).transpose());
     Ok(DaemonConfig {
         interfaces: interfaces?,
         xdp_mode: xdp_mode?,
@@ -673,6 +687,47 @@ fn read_daemon(
         metrics_listen: metrics_listen?,
         flow_idle_timeout: flow_idle_timeout?,
         stats_interval: stats_interval?,
+        announce: announce?,
+    })
+}
+
+/// Tables the kernel itself uses: writing VIP routes there would change how the host routes.
+const RESERVED_TABLES: [(u32, &str); 4] = [
+    (0, "unspec"),
+    (253, "default"),
+    (254, "main"),
+    (255, "local"),
+];
+
+fn read_announce(t: &Table, p: &mut Problems) -> Result<AnnounceConfig, Reported> {
+    t.reject_unknown(p, ANNOUNCE_KEYS);
+    let table = t
+        .int(p, "table", 0..=u32::MAX)
+        .and_then(|table| match table {
+            Some(table) => match RESERVED_TABLES.iter().find(|(id, _)| *id == table) {
+                Some((_, name)) => Err(p.report(
+                    t.key("table"),
+                    format!(
+                        "{table} is the kernel's {name} table: use a table of its own that no \
+                     `ip rule` looks up (e.g. 4242), so the routes only feed the BGP daemon"
+                    ),
+                )),
+                None => Ok(Some(table)),
+            },
+            None => Ok(None),
+        });
+    let table = t.require(
+        table,
+        p,
+        "table",
+        "add e.g. table = 4242 (the kernel table the BGP daemon exports)",
+    );
+    let withdraw_grace = t
+        .duration(p, "withdraw_grace")
+        .map(|d| d.unwrap_or(AnnounceConfig::DEFAULT_WITHDRAW_GRACE));
+    Ok(AnnounceConfig {
+        table: table?,
+        withdraw_grace: withdraw_grace?,
     })
 }
 
@@ -873,6 +928,10 @@ fn read_vip(
             None => Ok(HealthSpec::default()),
         });
 
+    let announce = t
+        .choice(p, "announce", &ANNOUNCE_MODES)
+        .map(Option::unwrap_or_default);
+
     let backend_tables = t.tables(p, "backend", "[[vip.backend]]");
     let backends: Vec<Result<BackendSpec, Reported>> = match &backend_tables {
         Ok(list) => list
@@ -948,6 +1007,7 @@ fn read_vip(
         backends: backends?,
         acl: acl?,
         limits: limits?,
+        announce: announce?,
     })
 }
 
@@ -1485,6 +1545,10 @@ mod tests {
             ipip_source_v4 = "10.255.0.0/16"
             ipip_source_v6 = "fd00:2::/64"
 
+            [daemon.announce]
+            table = 4242
+            withdraw_grace = "5s"
+
             [[vip]]
             name = "web"
             address = "192.0.2.10"
@@ -1492,6 +1556,7 @@ mod tests {
             protocol = "tcp"
             forwarding = "dsr"
             ring_size = 1009
+            announce = "always"
 
             [vip.health]
             kind = "http"
@@ -1543,6 +1608,10 @@ mod tests {
                 metrics_listen: Some("[::1]:9650".parse().unwrap()),
                 flow_idle_timeout: Duration::from_secs(300),
                 stats_interval: Duration::from_millis(500),
+                announce: Some(AnnounceConfig {
+                    table: 4242,
+                    withdraw_grace: Duration::from_secs(5),
+                }),
             },
             services: Services {
                 settings: DataPathSettings {
@@ -1594,6 +1663,7 @@ mod tests {
                         }],
                         acl: Default::default(),
                         limits: None,
+                        announce: Announce::Always,
                     },
                     VipSpec {
                         name: "dns".into(),
@@ -1619,6 +1689,7 @@ mod tests {
                         }],
                         acl: Default::default(),
                         limits: None,
+                        announce: Announce::Healthy,
                     },
                 ],
             },
@@ -1673,7 +1744,17 @@ mod tests {
                 metrics_listen: None,
                 flow_idle_timeout: Duration::from_secs(300),
                 stats_interval: Duration::from_secs(1),
+                announce: None,
             }
+        );
+        assert_eq!(
+            valid(&format!("{DAEMON}[daemon.announce]\ntable = 300\n"))
+                .daemon
+                .announce,
+            Some(AnnounceConfig {
+                table: 300,
+                withdraw_grace: AnnounceConfig::DEFAULT_WITHDRAW_GRACE,
+            })
         );
         assert_eq!(config.services.settings, DataPathSettings::default());
         let vip = &config.services.vips[0];
@@ -1682,6 +1763,7 @@ mod tests {
         assert_eq!(vip.affinity, Affinity::Connection);
         assert_eq!(vip.ring_size, 65537);
         assert_eq!(vip.health, HealthSpec::default());
+        assert_eq!(vip.announce, Announce::Healthy);
         assert_eq!(
             vip.backends,
             [BackendSpec {
@@ -1735,6 +1817,8 @@ mod tests {
         );
         assert!(web.vip.addr.is_ipv4());
         assert!(matches!(web.health.kind, CheckKind::Http { .. }));
+        assert_eq!(web.announce, Announce::Healthy);
+        assert_eq!(config.daemon.announce.map(|a| a.table), Some(4242));
         assert_eq!(
             (api.name.as_str(), api.forwarding, api.health.kind.clone()),
             ("api", Forwarding::Ipip, CheckKind::Tcp)
@@ -2098,6 +2182,50 @@ mod tests {
         for (keys, key, message) in cases {
             assert_rejected(&format!("{DAEMON}{keys}\n"), key, message);
         }
+        let cases = [
+            (
+                "",
+                "daemon.announce.table",
+                "missing; add e.g. table = 4242",
+            ),
+            (
+                "table = 254",
+                "daemon.announce.table",
+                "254 is the kernel's main table: use a table of its own that no `ip rule` looks up",
+            ),
+            (
+                "table = 0",
+                "daemon.announce.table",
+                "0 is the kernel's unspec table",
+            ),
+            (
+                "table = -1",
+                "daemon.announce.table",
+                "-1 is too small: use at least 0",
+            ),
+            (
+                "table = 10\nwithdraw_grace = \"0s\"",
+                "daemon.announce.withdraw_grace",
+                "must be longer than zero",
+            ),
+            (
+                "table = 10\ngrace = \"1s\"",
+                "daemon.announce.grace",
+                "unknown key in [daemon.announce]; the keys there are: table, withdraw_grace",
+            ),
+        ];
+        for (keys, key, message) in cases {
+            assert_rejected(
+                &format!("{DAEMON}[daemon.announce]\n{keys}\n"),
+                key,
+                message,
+            );
+        }
+        assert_rejected(
+            &format!("{DAEMON}{WEB}announce = \"sometimes\"\n"),
+            "vip[0] (web).announce",
+            "\"sometimes\" is not one of \"healthy\", \"always\", \"never\"",
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! model + overrides + health + cached next hops -> target -> plan -> map writes.
 //!
 //! Every task shares the daemon behind one mutex, held only to plan and apply: slow work
-//! (reading the config, resolving next hops with `ip`) runs without it, so the admin API and
+//! (reading the config, looking next hops up) runs without it, so the admin API and
 //! `/metrics` answer during a reload; `/healthz` reads an atomic and never waits.
 
 mod host;
@@ -13,6 +13,7 @@ mod tasks;
 pub use tasks::run;
 
 use crate::{
+    announce::{self, Announcer},
     api::{
         BackendStatus as ApiBackend, FlowInfo, FlowList, Request, Response, StatusReport, VipStatus,
     },
@@ -42,7 +43,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -74,6 +75,9 @@ pub struct Daemon {
     last_healthy: BTreeMap<String, BTreeSet<IpAddr>>,
     stats: Stats,
     health_metrics: metrics::HealthMetrics,
+    /// VIP routes for a BGP daemon (`[daemon.announce]`); none when off, and until the
+    /// programs are attached.
+    announcer: Option<Announcer>,
     /// Held while the daemon runs: a second `xdplb run` on the same state would take over the
     /// links and the admin socket of this one.
     _instance_lock: std::fs::File,
@@ -152,6 +156,7 @@ impl Daemon {
             last_healthy: BTreeMap::new(),
             stats: Stats::default(),
             health_metrics,
+            announcer: None,
             _instance_lock: instance_lock,
         };
         daemon.sync_health();
@@ -167,6 +172,10 @@ impl Daemon {
             .detach_others(&daemon.config.daemon.interfaces)?
         {
             info!(%iface, "XDP program detached: the interface is no longer in daemon.interfaces");
+        }
+        if let Some(config) = daemon.config.daemon.announce.clone() {
+            daemon.announcer = Some(Announcer::start(config)?);
+            daemon.sync_announcements();
         }
         Ok(daemon)
     }
@@ -250,7 +259,89 @@ impl Daemon {
         self.live = next;
         self.unresolved = target.unresolved;
         self.publish_health();
+        // The maps are written: a failed route write is the announcer's to report and retry
+        // (every second), not a reason to undo this change.
+        self.sync_announcements();
         Ok(())
+    }
+
+    /// Announces or withdraws each VIP's route to match what it can serve now.
+    fn sync_announcements(&mut self) {
+        if self.announcer.is_none() {
+            return;
+        }
+        let program = match self.dataplane.program_id() {
+            Ok(id) => id,
+            Err(e) => {
+                error!("announce: reading the XDP program's id: {e}");
+                return;
+            }
+        };
+        let vips: Vec<announce::VipFacts> = self
+            .config
+            .services
+            .vips
+            .iter()
+            .map(|vip| announce::VipFacts {
+                name: &vip.name,
+                addr: vip.vip.addr,
+                mode: vip.announce,
+                backends: vip
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let cli = self.overrides.get(&vip.name, b.addr);
+                        announce::BackendFacts {
+                            health: self.health.status(vip, b).state,
+                            drained: cli.drained,
+                            weight_zero: cli.weight.unwrap_or(b.weight) == 0,
+                            unresolved: self
+                                .unresolved
+                                .iter()
+                                .any(|u| u.vip == vip.name && u.backend == b.addr),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        if let Some(announcer) = &mut self.announcer {
+            if let Err(e) = announcer.sync(&self.config.daemon.interfaces, program, &vips) {
+                error!("announce: {e}");
+            }
+        }
+    }
+
+    /// SIGTERM: withdraws every VIP; returns how long to keep forwarding before exiting.
+    fn withdraw_all(&mut self) -> Duration {
+        let Some(announcer) = &mut self.announcer else {
+            return Duration::ZERO;
+        };
+        if let Err(e) = announcer.withdraw_all() {
+            error!("withdrawing the VIP routes: {e}");
+        }
+        announcer.withdraw_grace()
+    }
+
+    /// The backends whose neighbour (the backend or its gateway) now has another MAC, or none
+    /// (failed, deleted: looking up again restarts ARP/ND; the last good MAC is kept
+    /// meanwhile): those to look up at once.
+    fn neighbours_changed(&self, changes: &[crate::net::NeighbourChange]) -> BTreeSet<IpAddr> {
+        let due: BTreeSet<IpAddr> = changes
+            .iter()
+            .flat_map(|change| {
+                self.resolver
+                    .backends_via(change.addr)
+                    .into_iter()
+                    .filter(move |b| {
+                        change.mac.is_none()
+                            || self.next_hops.get(*b).map(|hop| hop.dst_mac) != change.mac
+                    })
+            })
+            .collect();
+        if !due.is_empty() {
+            info!(backends = due.len(), "neighbour change: resolving again");
+        }
+        due
     }
 
     /// Every backend address of the config, sorted and once.
@@ -510,6 +601,11 @@ impl Daemon {
                     affinity: vip.affinity.to_string(),
                     ring_size: vip.ring_size,
                     available: backends.iter().filter(|b| b.effective_weight > 0).count(),
+                    announce: self
+                        .announcer
+                        .as_ref()
+                        .and_then(|a| a.announcement(&vip.name))
+                        .map(|a| a.state),
                     backends,
                     acl: vip.acl.status(),
                     limits: vip.limits,
@@ -656,7 +752,12 @@ impl Daemon {
     }
 
     fn metrics_text(&self) -> String {
-        metrics::render(&self.snapshot(), &self.health_metrics)
+        let announced = self
+            .announcer
+            .as_ref()
+            .map(Announcer::announced)
+            .unwrap_or_default();
+        metrics::render(&self.snapshot(), &self.health_metrics, &announced)
     }
 
     /// Drops metric series and cached per-backend state of VIPs and backends the new config
@@ -766,6 +867,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             o.stats_interval != n.stats_interval,
             "daemon.stats_interval",
         ),
+        (o.announce != n.announce, "daemon.announce"),
     ]
     .into_iter()
     .filter_map(|(changed, key)| changed.then_some(key))

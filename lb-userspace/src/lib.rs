@@ -5,8 +5,10 @@
 //!   in a VIP's ring area, and least-conn count reconciliation (pure).
 //! * [`state`]: desired state -> diff -> ordered map writes (the only place state changes).
 //! * [`dataplane`]: the kernel object, its maps and programs (the only map writer).
-//! * [`net`]: next hops toward backends (routes, neighbours, interfaces); [`nexthops`]: their
-//!   cache, looked up outside the daemon's lock.
+//! * [`net`]: next hops toward backends (routes, neighbours, interfaces); [`netlink`]: the
+//!   rtnetlink requests behind it; [`nexthops`]: their cache, looked up outside the daemon's
+//!   lock.
+//! * [`announce`]: VIP routes for a BGP daemon, gated by health.
 //! * [`links`]: interface events over rtnetlink; [`attachments`]: the program kept on the
 //!   configured interfaces.
 //! * [`health`]: health checks and their state machines.
@@ -19,6 +21,7 @@
 //!   [`cli`], [`watch`]: the command line.
 
 pub mod acl;
+pub mod announce;
 pub mod api;
 pub mod attachments;
 pub mod blocklist;
@@ -35,6 +38,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod netlink;
 pub mod nexthops;
 pub mod overrides;
 pub mod persist;

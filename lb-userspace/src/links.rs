@@ -113,17 +113,9 @@ pub fn watch(names: Vec<String>) -> Result<mpsc::UnboundedReceiver<LinkEvent>, L
     Ok(rx)
 }
 
-fn link_event(link: &LinkMessage, present: bool) -> Option<LinkEvent> {
-    let name = link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(name) => Some(name.clone()),
-        _ => None,
-    })?;
-    let ifindex = link.header.index;
-    if !present {
-        return Some(LinkEvent::Removed { name, ifindex });
-    }
-    let xdp_program = link
-        .attributes
+/// The id of the XDP program a link message says is attached, if any.
+pub fn xdp_program(link: &LinkMessage) -> Option<u32> {
+    link.attributes
         .iter()
         .filter_map(|a| match a {
             LinkAttribute::Xdp(xdp) => Some(xdp),
@@ -133,10 +125,21 @@ fn link_event(link: &LinkMessage, present: bool) -> Option<LinkEvent> {
         .find_map(|x| match x {
             LinkXdp::ProgId(id) if *id != 0 => Some(*id),
             _ => None,
-        });
+        })
+}
+
+fn link_event(link: &LinkMessage, present: bool) -> Option<LinkEvent> {
+    let name = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
+        _ => None,
+    })?;
+    let ifindex = link.header.index;
+    if !present {
+        return Some(LinkEvent::Removed { name, ifindex });
+    }
     Some(LinkEvent::Present {
         name,
         ifindex,
-        xdp_program,
+        xdp_program: xdp_program(link),
     })
 }

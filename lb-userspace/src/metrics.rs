@@ -229,8 +229,13 @@ fn gauge(value: impl TryInto<i64>) -> ConstGauge<i64> {
     ConstGauge::new(value.try_into().unwrap_or(i64::MAX))
 }
 
-/// The OpenMetrics exposition of `snapshot` and the health-check metrics.
-pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
+/// The OpenMetrics exposition of `snapshot`, the health-check metrics and, per VIP name,
+/// whether its route is announced (empty when announcing is off).
+pub fn render(
+    snapshot: &Snapshot,
+    health: &HealthMetrics,
+    announced: &BTreeMap<String, bool>,
+) -> String {
     let mut registry = Registry::default();
 
     let mut backend_packets = Counters::new();
@@ -410,6 +415,15 @@ pub fn render(snapshot: &Snapshot, health: &HealthMetrics) -> String {
         "xdplb_health_check_duration_seconds",
         "Duration of health checks, by VIP and result",
         health.durations.clone(),
+    );
+    let mut vip_announced = Gauges::new();
+    for (vip, announced) in announced {
+        vip_announced.push(vec![("vip", vip.clone())], gauge(u8::from(*announced)));
+    }
+    registry.register(
+        "xdplb_vip_announced",
+        "1 while the VIP's route is in the announce table (the BGP daemon announces it), 0 when withdrawn",
+        vip_announced,
     );
     registry.register(
         "xdplb_build",
@@ -625,8 +639,12 @@ mod tests {
         health
     }
 
+    fn announced() -> BTreeMap<String, bool> {
+        [("web".to_string(), true), ("api".to_string(), false)].into()
+    }
+
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 29] = [
+    const FAMILIES: [(&str, &str); 30] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -655,12 +673,13 @@ mod tests {
         ("xdplb_pinned_flows", "gauge"),
         ("xdplb_health_transitions", "counter"),
         ("xdplb_health_check_duration_seconds", "histogram"),
+        ("xdplb_vip_announced", "gauge"),
         ("xdplb_build", "info"),
     ];
 
     #[test]
     fn families_and_types_are_as_documented() {
-        let text = render(&snapshot(), &health());
+        let text = render(&snapshot(), &health(), &announced());
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         let expected: Vec<String> = FAMILIES
             .iter()
@@ -675,7 +694,7 @@ mod tests {
 
     #[test]
     fn samples_and_label_sets() {
-        let text = render(&snapshot(), &health());
+        let text = render(&snapshot(), &health(), &announced());
         let lines: Vec<&str> = text.lines().collect();
         for expected in [
             r#"xdplb_backend_packets_total{vip="web",backend="10.0.0.1"} 700"#,
@@ -698,6 +717,8 @@ mod tests {
             r#"xdplb_backend_scheduler_connections{vip="web",backend="10.0.0.1"} 31"#,
             r#"xdplb_vip_scheduler{vip="web",scheduler="least-conn"} 1"#,
             r#"xdplb_vip_packets_total{vip="web"} 1000"#,
+            r#"xdplb_vip_announced{vip="web"} 1"#,
+            r#"xdplb_vip_announced{vip="api"} 0"#,
             r#"xdplb_vip_bytes_total{vip="web"} 64000"#,
             r#"xdplb_vip_new_flows_total{vip="web"} 50"#,
             r#"xdplb_vip_dropped_total{vip="web"} 3"#,
@@ -773,7 +794,7 @@ mod tests {
     fn without_vips_only_global_families_are_rendered() {
         let mut snap = snapshot();
         snap.vips.clear();
-        let text = render(&snap, &HealthMetrics::default());
+        let text = render(&snap, &HealthMetrics::default(), &BTreeMap::new());
         assert!(!text.contains("xdplb_backend_"), "{text}");
         assert!(!text.contains("xdplb_vip_"), "{text}");
         assert!(!text.contains("xdplb_health_"), "{text}");
@@ -784,11 +805,11 @@ mod tests {
     fn forgotten_series_disappear() {
         let health = health();
         health.forget_backend("web", "10.0.0.3");
-        let text = render(&snapshot(), &health);
+        let text = render(&snapshot(), &health, &announced());
         assert!(!text.contains(r#"backend="10.0.0.3",to="#), "{text}");
         assert!(text.contains(r#"backend="10.0.0.1",to="up"} 1"#), "{text}");
         health.forget_vip("web");
-        let text = render(&snapshot(), &health);
+        let text = render(&snapshot(), &health, &announced());
         assert!(!text.contains("xdplb_health_"), "{text}");
     }
 
@@ -839,7 +860,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_metrics_and_health() {
-        let text = render(&snapshot(), &health());
+        let text = render(&snapshot(), &health(), &announced());
         let (addr, stop, server) = start(text.clone(), true).await;
 
         let response = get(addr, "/metrics").await;

@@ -230,6 +230,19 @@ pub struct VipSpec {
     pub acl: crate::acl::AclSpec,
     /// New-flow limits (`[vip.limits]`).
     pub limits: Option<crate::limits::LimitsSpec>,
+    /// When the VIP's route is announced (with `[daemon.announce]`).
+    pub announce: Announce,
+}
+
+/// A VIP's `announce` key: when [`crate::announce`] puts its route in the announce table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Announce {
+    /// While this LB can serve it: XDP attached, checks running, a backend up.
+    #[default]
+    Healthy,
+    /// Whenever the daemon runs with XDP attached, whatever the backends' health.
+    Always,
+    Never,
 }
 
 /// How backends of a VIP are checked.

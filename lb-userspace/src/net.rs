@@ -1,27 +1,35 @@
 //! Next hops on the host where the LB runs: the route and the neighbour entry toward each
-//! backend (from `ip -j`), and the facts of the egress interface.
+//! backend (over netlink, [`crate::netlink`]), the facts of the egress interface, and the
+//! neighbour-table notifications that tell the daemon when a next hop changed.
 //!
-//! Everything is read in the calling thread's network namespace: `ip` children inherit it, and
-//! interface facts come from ioctls on a socket created here. (`/sys/class/net` is not used: it
-//! shows the namespace sysfs was mounted in, which after a bare `setns` is not the caller's.)
+//! Everything is read in the namespace of the thread that created the resolver: netlink and
+//! ioctl sockets belong to the namespace they were created in. (`/sys/class/net` is not used:
+//! it shows the namespace sysfs was mounted in, which after a bare `setns` is not the
+//! caller's.)
 
 use crate::{
     model::{BackendSpec, Mac},
+    netlink::{Neighbour, Netlink},
     state::{NextHop, Resolve},
 };
-use serde::Deserialize;
+use futures_util::StreamExt;
+use rtnetlink::{
+    constants::RTMGRP_NEIGH,
+    packet_core::NetlinkPayload,
+    packet_route::{neighbour::NeighbourState, route::RouteType, RouteNetlinkMessage},
+    sys::AsyncSocket,
+};
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
     os::{fd::AsRawFd, unix::net::UnixDatagram},
-    process::Command,
+    sync::{Arc, Mutex, MutexGuard},
 };
+use tokio::sync::mpsc;
 
 /// The discard service: where the datagram that starts ARP/ND is sent.
 const DISCARD_PORT: u16 = 9;
-
-/// Neighbour states whose link-layer address can be used.
-const USABLE_STATES: [&str; 5] = ["REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -101,11 +109,17 @@ pub fn interface_mtu(name: &str) -> Result<u16, NetError> {
     Ok(u16::try_from(mtu.max(0)).unwrap_or(u16::MAX))
 }
 
-/// Resolves next hops on the host where the LB runs.
+/// Resolves next hops on the host where the LB runs, over netlink. Clones share the socket
+/// and what was learnt (lookups run on blocking threads, away from the daemon's lock).
 #[derive(Clone, Debug)]
 pub struct HostResolver {
     /// The interfaces XDP is attached to: the only ones packets can leave through.
     interfaces: Vec<String>,
+    /// Opened in the caller's namespace by [`new`](Self::new); one request at a time.
+    netlink: Arc<Mutex<Netlink>>,
+    /// Backend address -> the neighbour its packets go to (itself or its gateway), from the
+    /// last resolution: what a neighbour notification concerns.
+    hops: Arc<Mutex<HashMap<IpAddr, IpAddr>>>,
 }
 
 impl HostResolver {
@@ -114,9 +128,31 @@ impl HostResolver {
         for name in interfaces {
             interface_index(name)?;
         }
+        let netlink = Netlink::open().map_err(|source| NetError::Io {
+            name: interfaces.join(","),
+            what: "routes (netlink)",
+            source,
+        })?;
         Ok(Self {
             interfaces: interfaces.to_vec(),
+            netlink: Arc::new(Mutex::new(netlink)),
+            hops: Arc::default(),
         })
+    }
+
+    fn netlink(&self) -> MutexGuard<'_, Netlink> {
+        // A request that panicked leaves nothing half-done in the socket worth refusing.
+        self.netlink.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backends whose last resolution went through neighbour `hop` (the backend itself or
+    /// its gateway): those a change of `hop`'s entry concerns.
+    pub fn backends_via(&self, hop: IpAddr) -> Vec<IpAddr> {
+        let hops = self.hops.lock().unwrap_or_else(|p| p.into_inner());
+        hops.iter()
+            .filter(|(_, via)| **via == hop)
+            .map(|(backend, _)| *backend)
+            .collect()
     }
 
     /// The destination MAC for `hop` (the backend or its gateway), seen from `dev`.
@@ -127,11 +163,16 @@ impl HostResolver {
         dev: &str,
         ifindex: u32,
     ) -> Result<Mac, String> {
-        let json = ip_json(&["neigh", "show", "to", &hop.to_string(), "dev", dev])?;
-        let state = match parse_neighbour(&json, hop)? {
-            Neighbour::Usable(mac) => return Ok(mac),
-            Neighbour::Unusable(state) => Some(state),
-            Neighbour::Missing => None,
+        let entry = self
+            .netlink()
+            .neighbour(ifindex, hop)
+            .map_err(|e| format!("cannot read the neighbour entry of {hop} on {dev}: {e}"))?;
+        let state = match entry {
+            Some(entry) => match usable_mac(&entry) {
+                Some(mac) => return Ok(mac),
+                None => Some(entry.state),
+            },
+            None => None,
         };
         let who = if hop == backend {
             hop.to_string()
@@ -142,8 +183,8 @@ impl HostResolver {
             Ok(()) => String::new(),
             Err(e) => format!(" (could not send a datagram to start it: {e})"),
         };
-        Err(match state.as_deref() {
-            Some("FAILED") => format!(
+        Err(match state {
+            Some(NeighbourState::Failed) => format!(
                 "{who} does not answer ARP/ND on {dev} (neighbour entry FAILED){trigger}: \
                  check that it is up and on that link, or set its `mac`"
             ),
@@ -155,32 +196,42 @@ impl HostResolver {
 impl Resolve for HostResolver {
     fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
         let addr = backend.addr;
-        let route = ip_json(&["route", "get", &addr.to_string()])
-            .and_then(|json| parse_route(&json))
-            .map_err(|e| {
-                format!(
-                    "no route to {addr} ({e}): add one through an interface of daemon.interfaces"
-                )
-            })?;
-        if route.kind.as_deref() == Some("local") {
+        let route = self.netlink().route_to(addr).map_err(|e| {
+            format!("no route to {addr} ({e}): add one through an interface of daemon.interfaces")
+        })?;
+        if route.kind == RouteType::Local {
             return Err(format!(
                 "{addr} is an address of this host: a backend must be another host"
             ));
         }
-        let dev = &route.dev;
-        if !self.interfaces.contains(dev) {
+        let ifindex = route.oif.ok_or_else(|| {
+            format!(
+                "the route to {addr} has no egress interface (a {:?} route): add one through an \
+                 interface of daemon.interfaces",
+                route.kind
+            )
+        })?;
+        let dev = interface_name(ifindex)
+            .map_err(|e| format!("route to {addr} leaves through ifindex {ifindex}: {e}"))?;
+        if !self.interfaces.contains(&dev) {
             return Err(format!(
                 "route to {addr} leaves through {dev}, which has no XDP program attached: \
                  add it to daemon.interfaces"
             ));
         }
         let facts = |e: NetError| format!("route to {addr} leaves through {dev}: {e}");
-        let ifindex = interface_index(dev).map_err(facts)?;
-        let src_mac = interface_mac(dev).map_err(facts)?;
-        let mtu = interface_mtu(dev).map_err(facts)?;
+        let src_mac = interface_mac(&dev).map_err(facts)?;
+        let mtu = interface_mtu(&dev).map_err(facts)?;
         let dst_mac = match backend.mac {
             Some(mac) => mac,
-            None => self.neighbour_mac(addr, route.gateway.unwrap_or(addr), dev, ifindex)?,
+            None => {
+                let hop = route.gateway.unwrap_or(addr);
+                self.hops
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(addr, hop);
+                self.neighbour_mac(addr, hop, &dev, ifindex)?
+            }
         };
         Ok(NextHop {
             dst_mac,
@@ -191,99 +242,88 @@ impl Resolve for HostResolver {
     }
 }
 
+/// The name of interface `index` in the caller's namespace.
+fn interface_name(index: u32) -> Result<String, NetError> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    if unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null() {
+        return Err(NetError::Io {
+            name: format!("ifindex {index}"),
+            what: "name",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}
+
+/// The link-layer address of a neighbour entry, when its state makes it usable.
+fn usable_mac(entry: &Neighbour) -> Option<Mac> {
+    let usable = matches!(
+        entry.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+    );
+    let lladdr = entry.lladdr.as_deref()?;
+    let mac: [u8; 6] = lladdr.try_into().ok()?;
+    usable.then_some(Mac(mac))
+}
+
 /// The global (non-link-local) addresses of an interface: where tunnels to this host end.
 pub fn interface_addresses(name: &str) -> Result<Vec<IpAddr>, String> {
-    parse_addresses(&ip_json(&["addr", "show", "dev", name])?)
+    let index = interface_index(name).map_err(|e| e.to_string())?;
+    let mut netlink = Netlink::open().map_err(|e| format!("opening netlink: {e}"))?;
+    netlink
+        .global_addresses(index)
+        .map_err(|e| format!("reading the addresses of {name} over netlink: {e}"))
 }
 
-/// `ip -j addr show dev X`: one entry with its `addr_info`.
-fn parse_addresses(json: &str) -> Result<Vec<IpAddr>, String> {
-    #[derive(Deserialize)]
-    struct Link {
-        addr_info: Vec<AddrInfo>,
-    }
-    #[derive(Deserialize)]
-    struct AddrInfo {
-        local: IpAddr,
-        scope: String,
-    }
-    let links: Vec<Link> = serde_json::from_str(json)
-        .map_err(|e| format!("cannot parse `ip -j addr show` output ({e}): {json}"))?;
-    Ok(links
-        .into_iter()
-        .flat_map(|l| l.addr_info)
-        .filter(|a| a.scope == "global")
-        .map(|a| a.local)
-        .collect())
+/// A neighbour entry changed (added, updated, deleted) on interface `ifindex`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NeighbourChange {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    /// The usable MAC it has now; none when it failed, is being resolved or was deleted.
+    pub mac: Option<Mac>,
 }
 
-/// Runs `ip -j ARGS` and returns its output.
-fn ip_json(args: &[&str]) -> Result<String, String> {
-    let command = format!("ip -j {}", args.join(" "));
-    let output = Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `{command}` ({e}): install iproute2"))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(format!("`{command}` failed: {}", stderr.trim()));
-    }
-    String::from_utf8(output.stdout).map_err(|e| format!("`{command}` printed non-UTF-8: {e}"))
-}
-
-/// One entry of `ip -j route get`.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
-struct Route {
-    /// Only printed for non-unicast routes, e.g. `local`.
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    dev: String,
-    /// Absent when the destination is on-link.
-    gateway: Option<IpAddr>,
-}
-
-fn parse_route(json: &str) -> Result<Route, String> {
-    let routes: Vec<Route> = serde_json::from_str(json)
-        .map_err(|e| format!("cannot parse `ip -j route get` output ({e}): {json}"))?;
-    routes
-        .into_iter()
-        .next()
-        .ok_or_else(|| "`ip -j route get` printed no route".to_string())
-}
-
-/// What the neighbour table says about one address on one device.
-#[derive(Debug, PartialEq, Eq)]
-enum Neighbour {
-    Usable(Mac),
-    /// An entry without a usable address, in this state (e.g. `FAILED`, `INCOMPLETE`).
-    Unusable(String),
-    Missing,
-}
-
-/// One entry of `ip -j neigh show`.
-#[derive(Debug, Deserialize)]
-struct NeighbourEntry {
-    dst: IpAddr,
-    lladdr: Option<String>,
-    #[serde(default)]
-    state: Vec<String>,
-}
-
-fn parse_neighbour(json: &str, addr: IpAddr) -> Result<Neighbour, String> {
-    let entries: Vec<NeighbourEntry> = serde_json::from_str(json)
-        .map_err(|e| format!("cannot parse `ip -j neigh show` output ({e}): {json}"))?;
-    let Some(entry) = entries.into_iter().find(|entry| entry.dst == addr) else {
-        return Ok(Neighbour::Missing);
-    };
-    let usable = entry
-        .state
-        .iter()
-        .any(|state| USABLE_STATES.contains(&state.as_str()));
-    match (usable, entry.lladdr) {
-        (true, Some(lladdr)) => lladdr.parse().map(Neighbour::Usable),
-        _ => Ok(Neighbour::Unusable(entry.state.join(","))),
-    }
+/// Subscribes to neighbour-table changes (ARP/ND) of the caller's namespace and sends each.
+/// The subscription is in place when this returns. Must be called within a tokio runtime; the
+/// watch ends when the receiver is dropped.
+pub fn watch_neighbours() -> io::Result<mpsc::UnboundedReceiver<NeighbourChange>> {
+    let (mut connection, _handle, mut messages) = rtnetlink::new_connection()?;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&rtnetlink::sys::SocketAddr::new(0, RTMGRP_NEIGH))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let connection = tokio::spawn(connection);
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            let (entry, present) = match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => (n, true),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n)) => (n, false),
+                _ => continue,
+            };
+            let Some(entry) = crate::netlink::neighbour(&entry) else {
+                continue;
+            };
+            let change = NeighbourChange {
+                ifindex: entry.ifindex,
+                addr: entry.addr,
+                mac: if present { usable_mac(&entry) } else { None },
+            };
+            if tx.send(change).is_err() {
+                break;
+            }
+        }
+        connection.abort();
+    });
+    Ok(rx)
 }
 
 /// Sends one datagram to `hop`'s discard port out of `dev`: the kernel starts ARP/ND for it.
@@ -328,106 +368,55 @@ fn trigger_resolution(hop: IpAddr, dev: &str, ifindex: u32) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    // Captured from `ip -j route get` (iproute2 6.1) in a lab namespace.
-    const ROUTE_V4_ON_LINK: &str =
-        r#"[{"dst":"10.1.0.11","dev":"eth0","prefsrc":"10.1.0.1","flags":[],"uid":0,"cache":[]}]"#;
-    const ROUTE_V4_GATEWAY: &str = r#"[{"dst":"10.9.0.5","gateway":"10.1.0.11","dev":"eth0","prefsrc":"10.1.0.1","flags":[],"uid":0,"cache":[]}]"#;
-    const ROUTE_V6_ON_LINK: &str = r#"[{"dst":"fd00:1::11","from":"::","dev":"eth0","protocol":"kernel","prefsrc":"fd00:1::1","metric":256,"flags":[],"pref":"medium"}]"#;
-    const ROUTE_V6_GATEWAY: &str = r#"[{"dst":"fd00:9::5","from":"::","gateway":"fd00:1::11","dev":"eth0","prefsrc":"fd00:1::1","metric":1024,"flags":[],"pref":"medium"}]"#;
-    const ROUTE_LOCAL: &str = r#"[{"type":"local","dst":"10.1.0.1","dev":"lo","prefsrc":"10.1.0.1","flags":[],"uid":0,"cache":["local"]}]"#;
-
-    // Captured from `ip -j neigh show to ADDR dev eth0`.
-    const NEIGH_REACHABLE: &str =
-        r#"[{"dst":"10.1.0.11","lladdr":"e2:ba:5f:07:7a:46","state":["REACHABLE"]}]"#;
-    const NEIGH_STALE: &str =
-        r#"[{"dst":"10.1.0.11","lladdr":"e2:ba:5f:07:7a:46","state":["STALE"]}]"#;
-    const NEIGH_PERMANENT: &str =
-        r#"[{"dst":"10.1.0.99","lladdr":"02:00:00:00:00:99","state":["PERMANENT"]}]"#;
-    const NEIGH_V6_ROUTER: &str = r#"[{"dst":"fd00:1::12","lladdr":"e2:ba:5f:07:7a:46","router":null,"state":["REACHABLE"]}]"#;
-    const NEIGH_V6_DELAY: &str =
-        r#"[{"dst":"fe80::e0ba:5fff:fe07:7a46","lladdr":"e2:ba:5f:07:7a:46","state":["DELAY"]}]"#;
-    const NEIGH_INCOMPLETE: &str = r#"[{"dst":"10.1.0.77","state":["INCOMPLETE"]}]"#;
-    const NEIGH_FAILED: &str = r#"[{"dst":"10.1.0.77","state":["FAILED"]}]"#;
-
     const MAC: Mac = Mac([0xe2, 0xba, 0x5f, 0x07, 0x7a, 0x46]);
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn parses_routes() {
-        let route = |dev: &str, gateway: Option<&str>| Route {
-            kind: None,
-            dev: dev.to_string(),
-            gateway: gateway.map(ip),
-        };
-        assert_eq!(parse_route(ROUTE_V4_ON_LINK), Ok(route("eth0", None)));
-        assert_eq!(
-            parse_route(ROUTE_V4_GATEWAY),
-            Ok(route("eth0", Some("10.1.0.11")))
-        );
-        assert_eq!(parse_route(ROUTE_V6_ON_LINK), Ok(route("eth0", None)));
-        assert_eq!(
-            parse_route(ROUTE_V6_GATEWAY),
-            Ok(route("eth0", Some("fd00:1::11")))
-        );
-        let local = parse_route(ROUTE_LOCAL).unwrap();
-        assert_eq!(
-            (local.kind.as_deref(), local.dev.as_str()),
-            (Some("local"), "lo")
-        );
-    }
-
-    #[test]
-    fn rejects_unparsable_routes() {
-        assert!(parse_route("[]").unwrap_err().contains("no route"));
-        assert!(parse_route("not json")
-            .unwrap_err()
-            .contains("cannot parse"));
+    fn entry(state: NeighbourState, lladdr: Option<&[u8]>) -> Neighbour {
+        Neighbour {
+            ifindex: 2,
+            addr: IpAddr::from([10, 1, 0, 11]),
+            state,
+            lladdr: lladdr.map(<[u8]>::to_vec),
+        }
     }
 
     #[test]
     fn usable_neighbour_states_give_the_mac() {
-        for (json, addr) in [
-            (NEIGH_REACHABLE, "10.1.0.11"),
-            (NEIGH_STALE, "10.1.0.11"),
-            (NEIGH_V6_ROUTER, "fd00:1::12"),
-            (NEIGH_V6_DELAY, "fe80::e0ba:5fff:fe07:7a46"),
+        for state in [
+            NeighbourState::Reachable,
+            NeighbourState::Stale,
+            NeighbourState::Delay,
+            NeighbourState::Probe,
+            NeighbourState::Permanent,
         ] {
-            assert_eq!(parse_neighbour(json, ip(addr)), Ok(Neighbour::Usable(MAC)));
+            assert_eq!(
+                usable_mac(&entry(state, Some(&MAC.0))),
+                Some(MAC),
+                "{state:?}"
+            );
         }
-        assert_eq!(
-            parse_neighbour(NEIGH_PERMANENT, ip("10.1.0.99")),
-            Ok(Neighbour::Usable(Mac([2, 0, 0, 0, 0, 0x99])))
-        );
     }
 
     #[test]
-    fn unusable_or_missing_neighbours_give_no_mac() {
-        let unusable = |state: &str| Ok(Neighbour::Unusable(state.to_string()));
+    fn unusable_neighbours_give_no_mac() {
+        for state in [
+            NeighbourState::Incomplete,
+            NeighbourState::Failed,
+            NeighbourState::None,
+        ] {
+            assert_eq!(usable_mac(&entry(state, Some(&MAC.0))), None, "{state:?}");
+        }
+        assert_eq!(usable_mac(&entry(NeighbourState::Reachable, None)), None);
+        // Not an Ethernet address (e.g. an IPoIB neighbour).
         assert_eq!(
-            parse_neighbour(NEIGH_INCOMPLETE, ip("10.1.0.77")),
-            unusable("INCOMPLETE")
-        );
-        assert_eq!(
-            parse_neighbour(NEIGH_FAILED, ip("10.1.0.77")),
-            unusable("FAILED")
-        );
-        assert_eq!(
-            parse_neighbour("[]", ip("10.1.0.11")),
-            Ok(Neighbour::Missing)
-        );
-        // `to ADDR` is a prefix match: entries for other addresses do not count.
-        assert_eq!(
-            parse_neighbour(NEIGH_REACHABLE, ip("10.1.0.12")),
-            Ok(Neighbour::Missing)
+            usable_mac(&entry(NeighbourState::Reachable, Some(&[1, 2, 3, 4]))),
+            None
         );
     }
 
     #[test]
     fn interface_facts_of_loopback() {
         assert_eq!(interface_index("lo").unwrap(), 1);
+        assert_eq!(interface_name(1).unwrap(), "lo");
         assert_eq!(interface_mtu("lo").unwrap(), u16::MAX);
         assert!(matches!(
             interface_mac("lo"),
@@ -444,18 +433,11 @@ mod tests {
     }
 
     #[test]
-    fn global_addresses_of_an_interface() {
-        let json = r#"[{"ifindex":2,"ifname":"eth0","addr_info":[
-            {"family":"inet","local":"10.0.0.11","prefixlen":24,"scope":"global"},
-            {"family":"inet6","local":"fd00::11","prefixlen":64,"scope":"global"},
-            {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
-        let addrs = parse_addresses(json).unwrap();
-        assert_eq!(
-            addrs,
-            [
-                "10.0.0.11".parse::<IpAddr>().unwrap(),
-                "fd00::11".parse().unwrap()
-            ]
-        );
+    fn routes_and_addresses_of_loopback_over_netlink() {
+        let mut netlink = Netlink::open().unwrap();
+        let route = netlink.route_to(IpAddr::from([127, 0, 0, 1])).unwrap();
+        assert_eq!((route.kind, route.oif), (RouteType::Local, Some(1)));
+        // Loopback's 127.0.0.1 and ::1 have host scope, not global.
+        assert_eq!(interface_addresses("lo").unwrap(), Vec::<IpAddr>::new());
     }
 }

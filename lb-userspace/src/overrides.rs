@@ -110,6 +110,7 @@ mod tests {
                 affinity: Default::default(),
                 ring_size: 13,
                 health: HealthSpec::default(),
+                announce: Default::default(),
                 backends: backends
                     .iter()
                     .map(|b| BackendSpec {

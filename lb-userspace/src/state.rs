@@ -823,6 +823,7 @@ mod tests {
             affinity: Default::default(),
             ring_size: 13,
             health: HealthSpec::default(),
+            announce: Default::default(),
             backends: backends
                 .iter()
                 .map(|(b, weight)| BackendSpec {

@@ -260,6 +260,7 @@ pub fn vip_spec(
         affinity: Default::default(),
         ring_size,
         health: Default::default(),
+        announce: Default::default(),
         backends: backends
             .iter()
             .map(|(addr, mac, weight)| BackendSpec {

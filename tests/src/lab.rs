@@ -19,7 +19,8 @@
 //!                                 b1..bN (.11+) -------+
 //! ```
 //! Backends answer the client through the router (DSR), so only client-to-VIP packets cross
-//! the LBs.
+//! the LBs. [`Lab::with_bgp`] is the same without the router's static route: the router learns
+//! the VIPs from the LBs over BGP (see [`crate::bird`]).
 //!
 //! [`Lab::behind_router`] is the same with one LB and a smaller MTU on the router's
 //! client-side interface (the client and every other interface keep 1500): replies larger
@@ -296,6 +297,16 @@ impl Lab {
     /// behind a router with a multipath route to the VIPs hashed on the 5-tuple.
     pub fn with_ecmp(backends: usize) -> Result<Self> {
         Self::build(backends, Front::Ecmp)
+    }
+
+    /// The ECMP topology with no route to the VIPs on the router: BGP brings them.
+    pub fn with_bgp(backends: usize) -> Result<Self> {
+        let lab = Self::build(backends, Front::Ecmp)?;
+        let router = lab.router.as_ref().expect("an ECMP lab has a router");
+        router.ns.exec(&format!(
+            "ip route del {VIP_NET4} && ip -6 route del {VIP_NET6}"
+        ))?;
+        Ok(lab)
     }
 
     /// The client behind a router whose client-side interface has MTU `client_link_mtu`
@@ -675,6 +686,41 @@ impl Daemon {
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `xdplb <args> --json` against this daemon and parses its answer.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut args = args.to_vec();
+        args.push("--json");
+        Ok(serde_json::from_str(&self.cli(&args)?)?)
+    }
+
+    /// The entries of `xdplb flows VIP --json` (client, backend, state, age_s, ...).
+    pub fn flows(&self, vip: &str) -> Result<Vec<serde_json::Value>> {
+        match self.cli_json(&["flows", vip])?["flows"].take() {
+            serde_json::Value::Array(flows) => Ok(flows),
+            other => bail!("xdplb flows: no list of flows in {other}"),
+        }
+    }
+
+    /// SIGTERM (`systemctl stop`): the daemon withdraws its VIPs, waits `withdraw_grace`, exits.
+    /// Returns at once; poll [`exited`](Self::exited).
+    pub fn terminate(&self) -> Result<()> {
+        let child = self.process.as_ref().context("the daemon is not running")?;
+        // `ip netns exec` execs the daemon, so the child is xdplb itself.
+        // SAFETY: kill(2) on our own child's pid.
+        if unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) } != 0 {
+            bail!("SIGTERM: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the daemon process has exited (reaping it if so).
+    pub fn exited(&mut self) -> Result<bool> {
+        match self.process.as_mut() {
+            None => Ok(true),
+            Some(child) => Ok(child.try_wait()?.is_some()),
+        }
     }
 
     /// `kill -9`: no cleanup at all, the pinned program keeps forwarding.

@@ -270,3 +270,63 @@ fn cli_errors_are_one_clear_line() {
     assert!(err.contains("not running"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// A backend's MAC changes (here: the LB's neighbour entry is replaced, as a gratuitous ARP
+/// would): the netlink notification makes the daemon resolve again and write the new MAC,
+/// without waiting for its periodic refresh. A deleted entry keeps the last good MAC.
+#[test]
+fn a_neighbour_change_reaches_the_data_path_from_its_notification() {
+    let (lab, _servers, daemon) = lab_with_daemon(1, 1);
+    let backend = backend4(0);
+    let next_hop = || -> String {
+        let status: serde_json::Value =
+            serde_json::from_str(&daemon.cli(&["status", "--json"]).unwrap()).unwrap();
+        status["vips"][0]["backends"][0]["next_hop"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let wait_next_hop = |mac: &str| -> Duration {
+        let start = std::time::Instant::now();
+        while !next_hop().starts_with(mac) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "next hop still {} instead of {mac}",
+                next_hop()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        start.elapsed()
+    };
+    let real_mac = lab.backends[0]
+        .ns
+        .exec("cat /sys/class/net/eth0/address")
+        .unwrap()
+        .trim()
+        .to_string();
+    wait_next_hop(&real_mac);
+
+    let moved = "02:00:00:00:00:77";
+    lab.lb
+        .ns
+        .exec(&format!(
+            "ip neigh replace {backend} lladdr {moved} dev eth0 nud reachable"
+        ))
+        .unwrap();
+    let took = wait_next_hop(moved);
+    eprintln!("new MAC in the data path {took:?} after the neighbour change");
+    assert!(
+        daemon.log().contains("neighbour change: resolving again"),
+        "the change was not applied from its notification; log:\n{}",
+        daemon.log()
+    );
+
+    // A deleted (or failed) entry: the last good MAC stays while ARP runs again, which finds
+    // the real backend and its MAC, and connections work.
+    lab.lb
+        .ns
+        .exec(&format!("ip neigh del {backend} dev eth0"))
+        .unwrap();
+    wait_next_hop(&real_mac);
+    assert_eq!(spread(&lab, 3), ["b0", "b0", "b0"]);
+}

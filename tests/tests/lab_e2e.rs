@@ -385,10 +385,8 @@ fn a_flow_moved_to_the_other_ecmp_lb_keeps_its_backend() {
 
     // The flows each LB holds for the VIP: (client, backend).
     let flows = |daemon: &Daemon| -> Vec<(String, String)> {
-        let json: serde_json::Value =
-            serde_json::from_str(&daemon.cli(&["flows", "web", "--json"]).unwrap()).unwrap();
-        json["flows"]
-            .as_array()
+        daemon
+            .flows("web")
             .unwrap()
             .iter()
             .map(|f| {

@@ -103,8 +103,9 @@ fn setup() -> Setup {
             }
         })
         .unwrap();
+    // Announcing on (into a table of the lab's LB namespace), so xdplb_vip_announced is served.
     let settings = format!(
-        "metrics_listen = \"{}\"\nstats_interval = \"{}ms\"\n",
+        "metrics_listen = \"{}\"\nstats_interval = \"{}ms\"\n[daemon.announce]\ntable = 4244\n",
         metrics_addr(),
         STATS_INTERVAL.as_millis()
     );

@@ -70,7 +70,7 @@ impl Lab {
         lab
     }
 
-    /// Runs `f` on a thread inside the LB namespace (the `ip` children it starts inherit it).
+    /// Runs `f` on a thread inside the LB namespace (the resolver's netlink socket opens there).
     fn in_lb<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         self.lb.enter(f).expect("running in the LB namespace")
     }

@@ -22,6 +22,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "bpftool",
+    // The HA lab (tests/tests/bgp_e2e.rs): BIRD 2 on a router and on each LB. Each test runs
+    // its own BIRDs, one per namespace, with their own config and control socket.
+    "bird2",
 ];
 
 /// Baselines `cargo xtask bench` measures xdplb against (nftables DNAT, HAProxy); installed
@@ -40,6 +43,7 @@ pub fn setup() -> Result<()> {
     let started = Instant::now();
     require_root()?;
     debian_packages()?;
+    system_bird_off()?;
     nightly_components()?;
     bpf_linker()?;
     bpffs()?;
@@ -109,6 +113,29 @@ fn install_debian_packages(step: &str, packages: &[&str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing),
+        step,
+    )
+}
+
+/// Installing bird2 enables a system-wide `bird.service`: where systemd runs, it would start
+/// with /etc/bird/bird.conf and program the host's main table. The labs run their own BIRDs
+/// in namespaces, so the system one is stopped and disabled (a second run only checks).
+fn system_bird_off() -> Result<()> {
+    let step = "setup: system-wide bird.service off";
+    if !Path::new("/run/systemd/system").exists() {
+        println!("{step} (no systemd: nothing starts it) ... ok");
+        return Ok(());
+    }
+    let mut enabled = Command::new("systemctl");
+    enabled.args(["is-enabled", "--quiet", "bird.service"]);
+    let mut active = Command::new("systemctl");
+    active.args(["is-active", "--quiet", "bird.service"]);
+    if !probe(&mut enabled, step)?.status.success() && !probe(&mut active, step)?.status.success() {
+        println!("{step} ... ok");
+        return Ok(());
+    }
+    run(
+        Command::new("systemctl").args(["disable", "--now", "bird.service"]),
         step,
     )
 }

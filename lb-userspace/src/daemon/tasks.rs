@@ -169,6 +169,8 @@ pub async fn run(options: Options) -> Result<()> {
     // Subscribed before attaching, so no change after the attachment is missed.
     let interfaces = config.daemon.interfaces.clone();
     let mut link_events = links::watch(interfaces.clone())?;
+    let mut neighbours =
+        crate::net::watch_neighbours().context("subscribing to neighbour changes (netlink)")?;
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let healthz = Arc::new(AtomicBool::new(false));
     let daemon = Daemon::start(&options, config, health_tx, healthz.clone())?;
@@ -234,6 +236,16 @@ pub async fn run(options: Options) -> Result<()> {
                     error!("applying a health change: {e:#}");
                 }
             }
+            Some(change) = neighbours.recv() => {
+                let mut changes = vec![change];
+                while let Ok(change) = neighbours.try_recv() {
+                    changes.push(change);
+                }
+                let due = |daemon: &mut Daemon| daemon.neighbours_changed(&changes);
+                if let Err(e) = resolve_then_apply(&shared, due).await {
+                    error!("applying a neighbour change: {e:#}");
+                }
+            }
             _ = resolve_tick.tick() => {
                 if let Err(e) = resolve_then_apply(&shared, Daemon::refresh_slice).await {
                     error!("refreshing next hops: {e:#}");
@@ -250,6 +262,13 @@ pub async fn run(options: Options) -> Result<()> {
         }
     }
     host::notify_systemd(sd_notify::NotifyState::Stopping);
+    // Routers move the traffic while the data path still forwards; status and metrics stay
+    // up meanwhile.
+    let grace = shared.lock().withdraw_all();
+    if !grace.is_zero() {
+        info!("VIPs withdrawn; forwarding for withdraw_grace ({grace:?}) before exiting");
+        tokio::time::sleep(grace).await;
+    }
     api_task.abort();
     if let Some(task) = metrics_task {
         task.abort();

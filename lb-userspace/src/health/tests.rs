@@ -185,6 +185,7 @@ fn vip(name: &str, port: u16, health: HealthSpec, backends: Vec<BackendSpec>) ->
         backends,
         acl: Default::default(),
         limits: None,
+        announce: Default::default(),
     }
 }
 
