@@ -1414,6 +1414,17 @@ impl Config {
             for filter in filter_lines.chain(vip.limits.map(|l| l.line())) {
                 out += &format!("  {filter}\n");
             }
+            let announced = self.daemon.announce.is_some() && vip.announce != Announce::Never;
+            if announced && vip.scheduler != Scheduler::Maglev {
+                out += &format!(
+                    "  warning: scheduler \"{}\" chooses per load balancer and this VIP is \
+                     announced over BGP: a flow moved to another load balancer (an LB failure, \
+                     an ECMP change) keeps its backend only if that load balancer's flow table \
+                     knows it; scheduler = \"maglev\" makes the same choice on every load \
+                     balancer\n",
+                    vip.scheduler
+                );
+            }
             for line in backend_lines.by_ref().take(vip.backends.len()) {
                 out += "  ";
                 out += &line;
@@ -1823,6 +1834,25 @@ mod tests {
             (api.name.as_str(), api.forwarding, api.health.kind.clone()),
             ("api", Forwarding::Ipip, CheckKind::Tcp)
         );
+    }
+
+    #[test]
+    fn check_warns_when_a_per_lb_scheduler_is_announced_over_bgp() {
+        let text = |announce: &str, scheduler: &str| {
+            format!(
+                "{DAEMON}{announce}{WEB}scheduler = \"{scheduler}\"\n\
+                 [[vip.backend]]\naddress = \"10.1.0.11\"\n"
+            )
+        };
+        let bgp = "[daemon.announce]\ntable = 100\n";
+        let warned = |text: String| valid(&text).summary().contains("warning: scheduler");
+        assert!(warned(text(bgp, "least-conn")));
+        assert!(warned(text(bgp, "round-robin")));
+        assert!(
+            !warned(text(bgp, "maglev")),
+            "Maglev chooses alike on every LB"
+        );
+        assert!(!warned(text("", "least-conn")), "not announced: one LB");
     }
 
     #[test]
