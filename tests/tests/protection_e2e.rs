@@ -463,28 +463,45 @@ fn a_spoofed_flood_does_not_break_idle_connections_of_a_drained_backend() {
         .unwrap();
 
     // Flood: 40,000 tuples of each pattern (160,000 tuples, ~40x the table, 280,000 packets),
-    // while a new client connects every 100 ms.
-    let flooding = AtomicBool::new(true);
-    let (sent, new_clients) = thread::scope(|scope| {
-        let flood = scope.spawn(|| {
-            let sent = lab.client.ns.enter(|| spoofed_flood(40_000));
-            flooding.store(false, Ordering::Relaxed);
-            sent
+    // while a new client connects every 100 ms. The kernel's LRU does not evict in a fixed
+    // order (per-CPU lists, reference bits): one flood usually evicts some of the idle flows
+    // but may spare all five, so it is repeated, at most three times, until it evicted one.
+    let b0 = backend4(0).to_string();
+    let mut evicted = 0;
+    let mut sent = 0;
+    let mut new_clients = Vec::new();
+    for _round in 0..3 {
+        let flooding = AtomicBool::new(true);
+        let (round_sent, round_clients) = thread::scope(|scope| {
+            let flood = scope.spawn(|| {
+                let sent = lab.client.ns.enter(|| spoofed_flood(40_000));
+                flooding.store(false, Ordering::Relaxed);
+                sent
+            });
+            let clients = scope.spawn(|| {
+                lab.client.ns.enter(|| {
+                    let mut results = Vec::new();
+                    while flooding.load(Ordering::Relaxed) || results.len() < 5 {
+                        results.push(who_from(CLIENT_A, web()).map_err(|e| e.to_string()));
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                    results
+                })
+            });
+            let sent = flood.join().unwrap().unwrap().unwrap();
+            (sent, clients.join().unwrap().unwrap())
         });
-        let clients = scope.spawn(|| {
-            lab.client.ns.enter(|| {
-                let mut results = Vec::new();
-                while flooding.load(Ordering::Relaxed) || results.len() < 5 {
-                    results.push(who_from(CLIENT_A, web()).map_err(|e| e.to_string()));
-                    thread::sleep(Duration::from_millis(100));
-                }
-                results
-            })
-        });
-        let sent = flood.join().unwrap().unwrap().unwrap();
-        (sent, clients.join().unwrap().unwrap())
-    });
-    assert!(sent >= 250_000, "only {sent} flood packets were sent");
+        assert!(
+            round_sent >= 250_000,
+            "only {round_sent} flood packets were sent"
+        );
+        sent += round_sent;
+        new_clients.extend(round_clients);
+        evicted = 5 - flows_on(&daemon, &b0);
+        if evicted > 0 {
+            break;
+        }
+    }
     let failed: Vec<&String> = new_clients
         .iter()
         .filter_map(|r| r.as_ref().err())
@@ -497,14 +514,10 @@ fn a_spoofed_flood_does_not_break_idle_connections_of_a_drained_backend() {
         new_clients.iter().flatten().all(|name| name == "b1"),
         "new clients go to the backend in service"
     );
-
-    // The flood evicted idle flows from the LRU flow table (the kernel's LRU may spare a few
-    // on a loaded machine: one evicted flow is enough to show the restore)...
-    let b0 = backend4(0).to_string();
-    let evicted = 5 - flows_on(&daemon, &b0);
+    // ... the floods evicted idle flows from the LRU flow table...
     assert!(
         evicted >= 1,
-        "the flood evicted none of b0's idle flows from the flow table: make it larger"
+        "three floods evicted none of b0's idle flows from the flow table: make them larger"
     );
     lab.client
         .ns
