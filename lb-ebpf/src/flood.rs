@@ -16,7 +16,8 @@ use lb_common::{
 };
 
 /// Pins a flow seen for the second time (or later, after a deferred pin), within the budget.
-#[inline(always)]
+/// Once per flow: a BPF-to-BPF call keeps it out of the hit path's code.
+#[inline(never)]
 pub fn pin(key: &FlowKey, flow: &mut FlowValue) {
     let Some(budget) = FLOOD.get_ptr_mut(0) else {
         return;
@@ -63,8 +64,8 @@ fn pinned_copy(flow: &FlowValue) -> FlowValue {
 /// A pinned flow's backend or state bits changed (a re-pick, FIN, RST, least-conn's count):
 /// the copy follows, so a restore never brings back an old backend or an old count. Updating
 /// an existing entry takes no budget. A copy the daemon expired meanwhile is gone: the flow
-/// is pinned again by its next packet.
-#[inline(always)]
+/// is pinned again by its next packet. Rare, so a call rather than inlined into the hit path.
+#[inline(never)]
 pub fn sync(key: &FlowKey, flow: &mut FlowValue) {
     if PINNED.insert(key, &*flow, BPF_EXIST).is_err() {
         flow.state &= !FLOW_PINNED;
