@@ -686,7 +686,7 @@ impl Daemon {
         )?;
         if let Some(flows) = scanned {
             let now = stats::monotonic_seconds();
-            let idle_timeout_s = u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX);
+            let idle_timeout_s = stats::whole_seconds(idle_timeout);
             scheduler::settle_counts(&mut self.dataplane, &self.live, &flows, now, idle_timeout_s)?;
             self.pinned_scan
                 .run(&mut self.dataplane, &pinned, &flows, now, idle_timeout)?;

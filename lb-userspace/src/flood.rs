@@ -63,7 +63,7 @@ pub fn expired(
     now_s: u32,
     idle_timeout: Duration,
 ) -> Vec<FlowKey> {
-    let idle_timeout = idle_timeout.as_secs() as u32;
+    let idle_timeout = crate::stats::whole_seconds(idle_timeout);
     pinned
         .iter()
         .filter(|(key, pinned)| {

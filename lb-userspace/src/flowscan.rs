@@ -79,7 +79,7 @@ impl FlowScan {
         self.active = stats::active_flows(
             &flows,
             stats::monotonic_seconds(),
-            u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX),
+            stats::whole_seconds(idle_timeout),
         );
         self.entries = flows.len() as u64;
         self.countdown = (flows.len() / FLOWS_PER_SCAN_PERIOD) as u32;

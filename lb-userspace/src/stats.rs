@@ -14,7 +14,11 @@
 
 use lb_common::{FlowKey, FlowValue, TrafficCounters, FLOW_FIN_SEEN, FLOW_RST_SEEN};
 use serde::{Deserialize, Serialize};
-use std::{collections::HashMap, fmt::Write as _, time::Instant};
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
 
 /// Counter values read from the maps at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -411,6 +415,11 @@ pub fn active_flows(
     active
 }
 
+/// A duration in whole seconds as the data path's `u32` times compare it (saturating).
+pub fn whole_seconds(duration: Duration) -> u32 {
+    u32::try_from(duration.as_secs()).unwrap_or(u32::MAX)
+}
+
 /// Seconds of `CLOCK_MONOTONIC_COARSE`: the clock and unit of [`FlowValue`]'s times (the kernel
 /// stores `bpf_ktime_get_coarse_ns() / 1e9`).
 pub fn monotonic_seconds() -> u32 {
@@ -572,7 +581,6 @@ fn human(value: f64) -> String {
 mod tests {
     use super::*;
     use lb_common::{counters, FLOW_SYN_SEEN};
-    use std::time::Duration;
 
     fn traffic(packets: u64, bytes: u64, new_flows: u64, not_forwarded: u64) -> TrafficCounters {
         TrafficCounters {
