@@ -30,6 +30,8 @@
 //! | [`map_names::VIP_DROPS`] | `PERCPU_ARRAY` | `max_vips` | per-VIP [`VipDrops`] by reason |
 //! | [`map_names::PINNED`] | `HASH` | `flow_table_size` | flows pinned by the flood defence: never evicted by inserts (full = no more pins); the daemon expires idle ones |
 //! | [`map_names::FLOOD`] | `ARRAY` | 1 | the pin budget ([`FloodState`]) |
+//! | [`map_names::EVENTS`] | `RINGBUF` | [`LOG_RING_BYTES`] bytes | connection log ([`LogRecord`]): one ring shared by every CPU keeps records in time order, costs no syscall per record, and a full ring fails the reserve (counted) instead of blocking |
+//! | [`map_names::LOG_BUDGET`] | `ARRAY` | 1 | the connection log's kernel budget ([`LogBudget`]): one shared GCRA bucket, so the cap holds for the whole LB, not per CPU |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -37,7 +39,7 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
@@ -72,6 +74,8 @@ pub mod map_names {
     pub const VIP_DROPS: &str = "VIP_DROPS";
     pub const PINNED: &str = "PINNED";
     pub const FLOOD: &str = "FLOOD";
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOG_BUDGET: &str = "LOG_BUDGET";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -361,6 +365,9 @@ const _: () = assert!(core::mem::size_of::<LbConfig>() == 52);
 pub const CONFIG_HAS_PORT0_VIPS: u8 = 1;
 /// The blocklist has entries for every VIP: look each VIP packet's source up.
 pub const CONFIG_BLOCK_ALL_VIPS: u8 = 2;
+/// The connection log is on (`[daemon.log]`): new flows and filter drops emit a [`LogRecord`].
+/// Off, the log costs the packet path this one flag test.
+pub const CONFIG_LOG: u8 = 4;
 
 /// LPM-trie key data of `BLOCKLIST` and `ACL`: a scope (VIP id, or [`SCOPE_ALL_VIPS`] in the
 /// blocklist) then the source address, IPv4 as `::ffff:a.b.c.d` so both families share one
@@ -485,6 +492,67 @@ pub fn gcra(tat_ns: u64, now_ns: u64, interval_ns: u64, tolerance_ns: u64) -> Op
     (next - now_ns <= tolerance_ns).then_some(next)
 }
 
+/// Bytes of the connection log's ring buffer (a power of two, a multiple of the page size):
+/// 2 MiB holds about 29,000 records, well over a second at the default budget of 20,000/s,
+/// while the daemon drains it every few milliseconds.
+pub const LOG_RING_BYTES: u32 = 1 << 21;
+
+/// [`LogRecord::event`]: what the record reports.
+/// A packet created a flow (flow-table miss) and the scheduler picked `backend_id`.
+pub const LOG_NEW: u8 = 1;
+/// A flow entry was re-picked (its backend left the VIP, went down for UDP/SYN, or the
+/// tuple was reused after FIN/RST).
+pub const LOG_REHASH: u8 = 2;
+/// Dropped by the VIP's source ACL.
+pub const LOG_DENIED: u8 = 3;
+/// Dropped by the blocklist.
+pub const LOG_BLOCKED: u8 = 4;
+/// Dropped by a new-flow limit (`reason` says which).
+pub const LOG_RATE_LIMITED: u8 = 5;
+
+/// One connection-log record, written by the XDP program into `EVENTS`, decoded by the
+/// daemon with the VIP and backend names valid at `time_ns`.
+///
+/// The NAT fields (issue #12, built in parallel) are part of the layout now, zero until
+/// NAT fills them in, so adding NAT does not change the record again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogRecord {
+    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`); userspace converts to wall time.
+    pub time_ns: u64,
+    /// Client address, in the flow key's layout (IPv4 in the first four bytes).
+    pub client: [u8; 16],
+    /// NAT source address toward the backend (`nat` forwarding); zero otherwise.
+    pub nat_addr: [u8; 16],
+    pub vip_id: u32,
+    /// The backend chosen ([`NO_BACKEND`] for drops).
+    pub backend_id: u32,
+    /// Ports in network byte order.
+    pub client_port: u16,
+    pub nat_port: u16,
+    /// The destination port (a VIP of all ports serves many).
+    pub vip_port: u16,
+    /// `LOG_*`.
+    pub event: u8,
+    pub proto: u8,
+    pub family: u8,
+    /// The drop counter (`counters::DROP_*`) of drop events; 0 for `new` and `rehash`.
+    pub reason: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<LogRecord>() == 64);
+
+/// The connection log's budget (`LOG_BUDGET[0]`): GCRA like [`VipLimits`], written by
+/// userspace (`tat_ns` = 0, `tolerance_ns` = one second's worth), advanced by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogBudget {
+    pub interval_ns: u64,
+    pub tolerance_ns: u64,
+    pub tat_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<LogBudget>() == 24);
+
 /// Per-VIP and per-backend traffic counters (per CPU; userspace sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -553,6 +621,9 @@ pub mod counters {
         FLOOD_PIN_DEFERRED = 28, "flood_pin_deferred", "flood defence: pin deferred, over the pin rate";
         FLOOD_PIN_FAILED = 29, "flood_pin_failed", "flood defence: pin failed, the pinned table is full";
         FLOOD_RESTORED = 30, "flood_restored", "flood defence: flow evicted from the flow table restored from the pinned table";
+        // Issue #15, the connection log.
+        LOG_RECORDS_DROPPED_BUDGET = 31, "log_records_dropped_budget", "connection log: record not emitted, over [daemon.log] max_per_second";
+        LOG_RECORDS_DROPPED_RING_FULL = 32, "log_records_dropped_ring_full", "connection log: record not emitted, the ring buffer was full (the daemon reads too slowly)";
     }
 }
 
@@ -574,4 +645,6 @@ mod pod {
     unsafe impl aya::Pod for VipLimits {}
     unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for FloodState {}
+    unsafe impl aya::Pod for LogRecord {}
+    unsafe impl aya::Pod for LogBudget {}
 }

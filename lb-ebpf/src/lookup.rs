@@ -83,6 +83,8 @@ pub struct Choice {
     pub backend_id: u32,
     pub backend: &'static Backend,
     pub new_flow: bool,
+    /// A new flow that replaced an entry of the same tuple (see `choose_backend`).
+    pub rehash: bool,
 }
 
 #[inline(always)]
@@ -169,6 +171,7 @@ pub fn choose_backend(
                         backend_id: flow.backend_id,
                         backend,
                         new_flow: false,
+                        rehash: false,
                     });
                 }
             }
@@ -192,6 +195,7 @@ pub fn choose_backend(
             backend_id,
             backend,
             new_flow: true,
+            rehash: true,
         });
     }
     crate::counters::global(counters::FLOW_MISS);
@@ -215,5 +219,6 @@ pub fn choose_backend(
         backend_id,
         backend,
         new_flow: true,
+        rehash: false,
     })
 }

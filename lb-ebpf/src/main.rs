@@ -3,7 +3,8 @@
 //! * `xdplb` (the load balancer): parse -> VIP lookup -> filter (blocklist, source ACL) ->
 //!   flow table with flood defence / new-flow limits / scheduler (Maglev ring, round robin,
 //!   least-conn) -> forward (`dsr` MAC rewrite or `ipip` encapsulation; too big to
-//!   encapsulate: ICMP to the client) -> count. ICMP errors about a VIP's flow branch off
+//!   encapsulate: ICMP to the client) -> count. New flows and filter drops go to the
+//!   connection log (`events`) when it is on. ICMP errors about a VIP's flow branch off
 //!   after parse to the flow's backend.
 //! * `xdplb_decap` (on backends): removes the `ipip` outer header for local VIPs.
 //!
@@ -19,6 +20,7 @@
 
 mod counters;
 mod decap;
+mod events;
 mod filter;
 mod flood;
 mod forward;
@@ -62,6 +64,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         return pass(idx::PASS_NOT_VIP);
     };
     if let Err(reason) = filter::admit(&pkt.key, vip, flags) {
+        events::dropped(flags, &pkt.key, vip, reason);
         return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
     }
     let hash = lb_common::flow_hash(&pkt.key, seed);
@@ -69,8 +72,12 @@ fn balance(ctx: &XdpContext) -> u32 {
     let limit_new = || filter::limit_new_flow(&pkt.key, vip, seed);
     let choice = match lookup::choose_backend(&pkt, ring_hash, vip, limit_new) {
         Ok(choice) => choice,
-        Err(reason) => return counters::vip_drop(vip.vip_id, pkt.l3_len, reason),
+        Err(reason) => {
+            events::dropped(flags, &pkt.key, vip, reason);
+            return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
+        }
     };
+    events::chosen(flags, &pkt.key, vip, &choice);
     match forward::to_backend(ctx, &pkt, vip, choice.backend, hash) {
         Err(idx::PASS_TOO_BIG) => {
             counters::not_forwarded(vip.vip_id, choice.backend_id, pkt.l3_len);

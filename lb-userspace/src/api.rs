@@ -3,7 +3,9 @@
 //! and `decap` is a client of it. The types here are the whole protocol (sozu's model: one
 //! command module shared by both sides).
 
-use crate::{acl::AclStatus, blocklist::BlockInfo, limits::LimitsSpec, model::Prefix};
+use crate::{
+    acl::AclStatus, blocklist::BlockInfo, connlog::Entry, limits::LimitsSpec, model::Prefix,
+};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
@@ -12,8 +14,12 @@ use std::{
     path::{Path, PathBuf},
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines},
+    net::{
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+        UnixListener, UnixStream,
+    },
+    sync::mpsc,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xdplb/admin.sock";
@@ -58,6 +64,14 @@ pub enum Request {
         vip: Option<String>,
     },
     BlockList,
+    /// `xdplb log`: the last `limit` records, or (`follow`) a stream of new ones, answered
+    /// with one `Log` line per batch until the client closes the connection.
+    Log {
+        vip: Option<String>,
+        event: Option<String>,
+        limit: usize,
+        follow: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,7 +82,17 @@ pub enum Response {
     Flows(FlowList),
     Stats(crate::stats::Snapshot),
     Blocklist(Vec<BlockInfo>),
+    Log(Vec<Entry>),
+    /// A follower fell behind and missed this many records.
+    LogMissed(u64),
     Error(String),
+}
+
+/// What a request gets: one response, or (`xdplb log --follow`) responses until the stream
+/// ends or the client goes away.
+pub enum Reply {
+    One(Response),
+    Stream(mpsc::Receiver<Response>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -169,9 +193,8 @@ pub enum ApiError {
     Protocol(String),
 }
 
-/// Sends one request and waits for its response.
-pub async fn call(socket: &Path, request: &Request) -> Result<Response, ApiError> {
-    let io_err = |source: io::Error| match source.kind() {
+fn io_error(socket: &Path) -> impl Fn(io::Error) -> ApiError + '_ {
+    move |source| match source.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ApiError::NotRunning(socket.to_path_buf())
         }
@@ -180,18 +203,55 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response, ApiError
             path: socket.to_path_buf(),
             source,
         },
-    };
-    let stream = UnixStream::connect(socket).await.map_err(io_err)?;
+    }
+}
+
+/// Connects and sends `request`; returns the response lines.
+async fn send(
+    socket: &Path,
+    request: &Request,
+) -> Result<(Lines<BufReader<OwnedReadHalf>>, OwnedWriteHalf), ApiError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(io_error(socket))?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
-    write.write_all(line.as_bytes()).await.map_err(io_err)?;
-    let mut response = String::new();
-    BufReader::new(read)
-        .read_line(&mut response)
+    write
+        .write_all(line.as_bytes())
         .await
-        .map_err(io_err)?;
+        .map_err(io_error(socket))?;
+    // The caller keeps the write half open while it reads: closing it ends a stream.
+    Ok((BufReader::new(read).lines(), write))
+}
+
+/// Sends one request and waits for its response.
+pub async fn call(socket: &Path, request: &Request) -> Result<Response, ApiError> {
+    let (mut lines, _write) = send(socket, request).await?;
+    let response = lines
+        .next_line()
+        .await
+        .map_err(io_error(socket))?
+        .unwrap_or_default();
     serde_json::from_str(&response).map_err(|e| ApiError::Protocol(e.to_string()))
+}
+
+/// Sends one request and hands every response line to `each` until the daemon ends the
+/// stream or `each` returns false.
+pub async fn stream(
+    socket: &Path,
+    request: &Request,
+    mut each: impl FnMut(Response) -> bool,
+) -> Result<(), ApiError> {
+    let (mut lines, _write) = send(socket, request).await?;
+    while let Some(line) = lines.next_line().await.map_err(io_error(socket))? {
+        let response =
+            serde_json::from_str(&line).map_err(|e| ApiError::Protocol(e.to_string()))?;
+        if !each(response) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Binds the admin socket: removes a stale one, creates the directory, mode 0600.
@@ -208,23 +268,40 @@ pub fn bind(socket: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves one connection: reads request lines, answers each with `handle`.
+async fn write_response(write: &mut OwnedWriteHalf, response: &Response) -> io::Result<()> {
+    let mut out = serde_json::to_string(response).expect("responses serialize");
+    out.push('\n');
+    write.write_all(out.as_bytes()).await
+}
+
+/// Serves one connection: reads request lines, answers each with `handle`. A streamed reply
+/// lasts until it ends or the client closes its side.
 pub async fn serve_connection<F, Fut>(stream: UnixStream, handle: F) -> io::Result<()>
 where
     F: Fn(Request) -> Fut,
-    Fut: std::future::Future<Output = Response>,
+    Fut: std::future::Future<Output = Reply>,
 {
     let (read, mut write) = stream.into_split();
     // A client that never sends a newline cannot make the daemon buffer without limit.
     let mut lines = BufReader::new(read.take(MAX_CONNECTION_BYTES)).lines();
     while let Some(line) = lines.next_line().await? {
-        let response = match serde_json::from_str::<Request>(&line) {
+        let reply = match serde_json::from_str::<Request>(&line) {
             Ok(request) => handle(request).await,
-            Err(e) => Response::Error(format!("bad request: {e}")),
+            Err(e) => Reply::One(Response::Error(format!("bad request: {e}"))),
         };
-        let mut out = serde_json::to_string(&response).expect("responses serialize");
-        out.push('\n');
-        write.write_all(out.as_bytes()).await?;
+        match reply {
+            Reply::One(response) => write_response(&mut write, &response).await?,
+            Reply::Stream(mut responses) => loop {
+                tokio::select! {
+                    response = responses.recv() => match response {
+                        Some(response) => write_response(&mut write, &response).await?,
+                        None => return Ok(()),
+                    },
+                    // The client closed (or sent more, which a stream does not take).
+                    _ = lines.next_line() => return Ok(()),
+                }
+            },
+        }
     }
     Ok(())
 }

@@ -92,6 +92,24 @@ pub enum Command {
         #[command(subcommand)]
         command: BlockCommand,
     },
+    /// Connection log: the last records (new flows, filter drops), or a live stream.
+    Log {
+        /// Keep printing records as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this VIP's records (its name).
+        #[arg(long)]
+        vip: Option<String>,
+        /// Only one kind of record.
+        #[arg(long, value_parser = crate::connlog::EVENT_KINDS)]
+        event: Option<String>,
+        /// JSON lines (the file's format) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Records shown from the daemon's memory (before following).
+        #[arg(short = 'n', long, default_value_t = 20)]
+        last: usize,
+    },
     /// Counters and rates per VIP and backend.
     Stats {
         #[arg(long)]
@@ -248,6 +266,22 @@ pub async fn main(cli: Cli) -> Result<()> {
                 bail!("unexpected response");
             };
             print_either(json, &list, render_flows)
+        }
+        Command::Log {
+            follow,
+            vip,
+            event,
+            json,
+            last,
+        } => {
+            let args = crate::connlog::cli::LogArgs {
+                follow,
+                vip,
+                event,
+                json,
+                last,
+            };
+            crate::connlog::cli::run(socket, args).await
         }
         Command::Stats { json, watch } => stats_command(socket, json, watch).await,
         Command::Block { command } => block_command(socket, command).await,

@@ -62,6 +62,8 @@ pub struct DaemonConfig {
     pub stats_interval: Duration,
     /// `[daemon.announce]`: VIP routes for a BGP daemon; off when absent.
     pub announce: Option<AnnounceConfig>,
+    /// `[daemon.log]`: the connection log; off when absent.
+    pub log: Option<crate::connlog::LogSpec>,
 }
 
 /// One thing wrong with the file.
@@ -421,6 +423,7 @@ const DAEMON_KEYS: &[&str] = &[
     "icmp_too_big_rate",
     "pinned_flows_per_second",
     "announce",
+    "log",
 ];
 const ANNOUNCE_KEYS: &[&str] = &["table", "withdraw_grace"];
 const VIP_KEYS: &[&str] = &[
@@ -677,6 +680,9 @@ fn read_daemon(
     let announce = t
         .table(p, "announce", "[daemon.announce]")
         .and_then(|announce| announce.map(|a| read_announce(&a, p)).transpose());
+    let log = t
+        .table(p, "log", "[daemon.log]")
+        .and_then(|log| log.map(|l| crate::connlog::read(&l, p)).transpose());
     Ok(DaemonConfig {
         interfaces: interfaces?,
         xdp_mode: xdp_mode?,
@@ -688,6 +694,7 @@ fn read_daemon(
         flow_idle_timeout: flow_idle_timeout?,
         stats_interval: stats_interval?,
         announce: announce?,
+        log: log?,
     })
 }
 
@@ -1623,6 +1630,7 @@ mod tests {
                     table: 4242,
                     withdraw_grace: Duration::from_secs(5),
                 }),
+                log: None,
             },
             services: Services {
                 settings: DataPathSettings {
@@ -1756,6 +1764,7 @@ mod tests {
                 flow_idle_timeout: Duration::from_secs(300),
                 stats_interval: Duration::from_secs(1),
                 announce: None,
+                log: None,
             }
         );
         assert_eq!(
@@ -2251,10 +2260,58 @@ mod tests {
                 message,
             );
         }
+        let cases = [
+            (
+                "path = \"connections.jsonl\"",
+                "daemon.log.path",
+                "\"connections.jsonl\" is not an absolute path; start it with '/'",
+            ),
+            (
+                "path = \"/var/log/xdplb/\"",
+                "daemon.log.path",
+                "is a directory; name the file in it",
+            ),
+            (
+                "max_per_second = 0",
+                "daemon.log.max_per_second",
+                "0 is too small: use at least 1",
+            ),
+            (
+                "rate = 5",
+                "daemon.log.rate",
+                "unknown key in [daemon.log]; the keys there are: path, max_per_second",
+            ),
+        ];
+        for (keys, key, message) in cases {
+            assert_rejected(&format!("{DAEMON}[daemon.log]\n{keys}\n"), key, message);
+        }
         assert_rejected(
             &format!("{DAEMON}{WEB}announce = \"sometimes\"\n"),
             "vip[0] (web).announce",
             "\"sometimes\" is not one of \"healthy\", \"always\", \"never\"",
+        );
+    }
+
+    #[test]
+    fn the_connection_log_is_on_with_its_section() {
+        use crate::connlog::LogSpec;
+        assert_eq!(valid(DAEMON).daemon.log, None);
+        assert_eq!(
+            valid(&format!("{DAEMON}[daemon.log]\n")).daemon.log,
+            Some(LogSpec {
+                path: None,
+                max_per_second: 20_000
+            })
+        );
+        let text = format!(
+            "{DAEMON}[daemon.log]\npath = \"/var/log/xdplb/c.jsonl\"\nmax_per_second = 500\n"
+        );
+        assert_eq!(
+            valid(&text).daemon.log,
+            Some(LogSpec {
+                path: Some("/var/log/xdplb/c.jsonl".into()),
+                max_per_second: 500
+            })
         );
     }
 

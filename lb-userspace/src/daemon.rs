@@ -7,6 +7,7 @@
 //! `/metrics` answer during a reload; `/healthz` reads an atomic and never waits.
 
 mod host;
+mod log;
 mod protection;
 mod tasks;
 
@@ -20,6 +21,7 @@ use crate::{
     attachments::Attachments,
     blocklist::{self, Blocklist},
     config::Config,
+    connlog::{self, ConnLog},
     dataplane::{Adoption, Dataplane, Role},
     flood::{self, PinnedScan},
     flowscan::FlowScan,
@@ -78,6 +80,8 @@ pub struct Daemon {
     /// VIP routes for a BGP daemon (`[daemon.announce]`); none when off, and until the
     /// programs are attached.
     announcer: Option<Announcer>,
+    /// The connection log's reader and file; reads the ring whether or not the log is on.
+    connlog: ConnLog,
     /// Held while the daemon runs: a second `xdplb run` on the same state would take over the
     /// links and the admin socket of this one.
     _instance_lock: std::fs::File,
@@ -99,6 +103,7 @@ impl Daemon {
             daemon_config.sizes,
             Some(&daemon_config.pin_dir),
         )?;
+        let connlog = ConnLog::start(dataplane.take_events(), daemon_config.log.as_ref());
         let live = match dataplane.adoption() {
             Adoption::Adopted => {
                 info!("adopting pinned maps: established flows keep their backends");
@@ -157,6 +162,7 @@ impl Daemon {
             stats: Stats::default(),
             health_metrics,
             announcer: None,
+            connlog,
             _instance_lock: instance_lock,
         };
         daemon.sync_health();
@@ -242,6 +248,12 @@ impl Daemon {
             &self.next_hops,
         )?;
         target.blocked = self.blocklist.target();
+        target.log = self
+            .config
+            .daemon
+            .log
+            .as_ref()
+            .map(connlog::LogSpec::budget);
         let (changes, next) = state::plan(&self.live, &target)?;
         if let Err(e) = state::apply(&mut self.dataplane, &changes) {
             // The maps are the truth: re-read them so the next attempt diffs correctly.
@@ -257,6 +269,8 @@ impl Daemon {
             }
         }
         self.live = next;
+        self.connlog
+            .set_names(connlog::Names::of(&self.live, &self.config.services.vips));
         self.unresolved = target.unresolved;
         self.publish_health();
         // The maps are written: a failed route write is the announcer's to report and retry
@@ -536,6 +550,11 @@ impl Daemon {
                 .map(Response::Done),
             Request::BlockDel { prefix, vip } => self.block_del(prefix, vip).map(Response::Done),
             Request::BlockList => self.block_rows().map(Response::Blocklist),
+            Request::Log {
+                vip, event, limit, ..
+            } => Ok(Response::Log(
+                self.connlog.recent(&self.log_filter(vip, event), limit),
+            )),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }
@@ -757,7 +776,12 @@ impl Daemon {
             .as_ref()
             .map(Announcer::announced)
             .unwrap_or_default();
-        metrics::render(&self.snapshot(), &self.health_metrics, &announced)
+        metrics::render(
+            &self.snapshot(),
+            &self.health_metrics,
+            &announced,
+            self.connlog.counters(),
+        )
     }
 
     /// Drops metric series and cached per-backend state of VIPs and backends the new config

@@ -5,7 +5,7 @@
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -16,9 +16,9 @@ use aya::{
 };
 use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
-    SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta,
-    FLOW_PINNED, LAYOUT_VERSION, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS,
-    MAX_TX_PORTS, SOURCE_RATE_SLOTS,
+    LogBudget, SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta,
+    FLOW_PINNED, LAYOUT_VERSION, LOG_RING_BYTES, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES,
+    MAX_DECAP_ADDRS, MAX_TX_PORTS, SOURCE_RATE_SLOTS,
 };
 use std::{
     borrow::Cow,
@@ -186,6 +186,9 @@ pub struct Dataplane {
     pinned: HashMap<MapData, FlowKey, FlowValue>,
     pinned_fd: std::os::fd::OwnedFd,
     flood: Array<MapData, FloodState>,
+    log_budget: Array<MapData, LogBudget>,
+    /// The connection log's ring, until [`Self::take_events`] hands it to its reader.
+    events: Option<RingBuf<MapData>>,
 }
 
 /// A key of the ACL or blocklist trie.
@@ -285,6 +288,8 @@ impl Dataplane {
             pinned_fd: duplicate_fd(&ebpf, map_names::PINNED)?,
             pinned: take(&mut ebpf, map_names::PINNED)?,
             flood: take(&mut ebpf, map_names::FLOOD)?,
+            log_budget: take(&mut ebpf, map_names::LOG_BUDGET)?,
+            events: Some(take(&mut ebpf, map_names::EVENTS)?),
             ebpf,
             role,
             sizes,
@@ -712,6 +717,23 @@ impl Dataplane {
         self.flood.get(&0, 0).map_err(map_err(map_names::FLOOD))
     }
 
+    pub fn set_log_budget(&mut self, budget: &LogBudget) -> Result<()> {
+        self.log_budget
+            .set(0, budget, 0)
+            .map_err(map_err(map_names::LOG_BUDGET))
+    }
+
+    pub fn log_budget(&self) -> Result<LogBudget> {
+        self.log_budget
+            .get(&0, 0)
+            .map_err(map_err(map_names::LOG_BUDGET))
+    }
+
+    /// The connection log's ring buffer, for its one reader (`None` once taken).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
     /// Every pinned flow (the flood defence's table), read in batches like [`Self::flows`].
     pub fn pinned(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
         read_flow_map(&self.pinned_fd, &self.pinned, map_names::PINNED)
@@ -994,6 +1016,8 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::VIP_DROPS, sizes.max_vips),
         (map_names::PINNED, sizes.flow_table_size),
         (map_names::FLOOD, 1),
+        (map_names::EVENTS, LOG_RING_BYTES),
+        (map_names::LOG_BUDGET, 1),
     ]
 }
 

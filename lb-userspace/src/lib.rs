@@ -15,6 +15,8 @@
 //! * [`overrides`]: drains and CLI weights, persisted ([`persist`]).
 //! * [`acl`], [`blocklist`], [`limits`], [`flood`]: edge protection (source ACLs, the runtime
 //!   blocklist, new-flow limits, the flow table's flood defence).
+//! * [`connlog`]: the connection log (records from the data path's ring buffer, decoded,
+//!   written as JSON lines and streamed to `xdplb log`).
 //! * [`stats`], [`metrics`]: counters, rates, Prometheus export; [`flowscan`]: active flows
 //!   per backend, and when a drain is complete.
 //! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
@@ -27,6 +29,7 @@ pub mod attachments;
 pub mod blocklist;
 pub mod cli;
 pub mod config;
+pub mod connlog;
 pub mod daemon;
 pub mod dataplane;
 pub mod flood;

@@ -7,7 +7,7 @@
 //! xdplb_backend_packets counter`) and their samples carry it (`xdplb_backend_packets_total`).
 //! docs/metrics.md lists every metric; a test keeps it in step with this file.
 
-use crate::stats::Snapshot;
+use crate::{connlog::LogCounters, stats::Snapshot};
 use axum::{
     http::{header, StatusCode},
     routing::get,
@@ -25,7 +25,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     future::Future,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
     time::Duration,
 };
 use tokio::{
@@ -46,7 +46,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// its name (`drop_no_backend` -> `xdplb_packets_dropped_total{reason="no_backend"}`). A new
 /// kernel counter with one of these prefixes is exported without touching this file; a new
 /// prefix fails the `every_global_counter_is_exported` test.
-const GLOBAL_FAMILIES: [GlobalFamily; 7] = [
+const GLOBAL_FAMILIES: [GlobalFamily; 8] = [
     GlobalFamily {
         prefix: "action_",
         family: "xdplb_xdp_actions",
@@ -90,7 +90,16 @@ const GLOBAL_FAMILIES: [GlobalFamily; 7] = [
         help:
             "Flood defence of the flow table: flows pinned, pins deferred or failed, flows restored",
     },
+    GlobalFamily {
+        prefix: LOG_DROPPED_PREFIX,
+        family: "xdplb_log_records_dropped",
+        label: "reason",
+        help: "Connection-log records lost, by reason: over the kernel budget (budget), ring buffer full (ring_full), file writer behind (file_backlog)",
+    },
 ];
+
+/// The kernel's connection-log drop counters; the daemon adds its own reason to the family.
+const LOG_DROPPED_PREFIX: &str = "log_records_dropped_";
 
 struct GlobalFamily {
     prefix: &'static str,
@@ -235,6 +244,7 @@ pub fn render(
     snapshot: &Snapshot,
     health: &HealthMetrics,
     announced: &BTreeMap<String, bool>,
+    log: &LogCounters,
 ) -> String {
     let mut registry = Registry::default();
 
@@ -372,8 +382,29 @@ pub fn render(
                 );
             }
         }
+        if family.prefix == LOG_DROPPED_PREFIX {
+            samples.push(
+                vec![(family.label, "file_backlog".to_string())],
+                ConstCounter::new(log.dropped_file_backlog.load(Ordering::Relaxed)),
+            );
+        }
         registry.register(family.family, family.help, samples);
     }
+    registry.register(
+        "xdplb_log_records_read",
+        "Connection-log records the daemon read from the ring buffer",
+        ConstCounter::new(log.read.load(Ordering::Relaxed)),
+    );
+    registry.register(
+        "xdplb_log_records_written",
+        "Connection-log records written to the [daemon.log] file",
+        ConstCounter::new(log.written.load(Ordering::Relaxed)),
+    );
+    registry.register(
+        "xdplb_log_write_errors",
+        "Failed opens, writes and flushes of the connection-log file (see the daemon's log)",
+        ConstCounter::new(log.write_errors.load(Ordering::Relaxed)),
+    );
 
     registry.register(
         "xdplb_flow_table_entries",
@@ -644,7 +675,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 30] = [
+    const FAMILIES: [(&str, &str); 34] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -667,6 +698,10 @@ mod tests {
         ("xdplb_decap_packets", "counter"),
         ("xdplb_icmp_packets", "counter"),
         ("xdplb_flood_defence_events", "counter"),
+        ("xdplb_log_records_dropped", "counter"),
+        ("xdplb_log_records_read", "counter"),
+        ("xdplb_log_records_written", "counter"),
+        ("xdplb_log_write_errors", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
         ("xdplb_active_flows_age_seconds", "gauge"),
         ("xdplb_blocklist_entries", "gauge"),
@@ -679,7 +714,12 @@ mod tests {
 
     #[test]
     fn families_and_types_are_as_documented() {
-        let text = render(&snapshot(), &health(), &announced());
+        let text = render(
+            &snapshot(),
+            &health(),
+            &announced(),
+            &LogCounters::default(),
+        );
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         let expected: Vec<String> = FAMILIES
             .iter()
@@ -694,7 +734,12 @@ mod tests {
 
     #[test]
     fn samples_and_label_sets() {
-        let text = render(&snapshot(), &health(), &announced());
+        let text = render(
+            &snapshot(),
+            &health(),
+            &announced(),
+            &LogCounters::default(),
+        );
         let lines: Vec<&str> = text.lines().collect();
         for expected in [
             r#"xdplb_backend_packets_total{vip="web",backend="10.0.0.1"} 700"#,
@@ -768,12 +813,21 @@ mod tests {
                     "decap_packets",
                     "icmp_packets",
                     "flood_defence_events",
+                    "log_records_dropped",
                 ]
                 .iter()
                 .any(|f| l.starts_with(&format!("xdplb_{f}_total{{")))
             })
             .count();
-        assert_eq!(global, counters::ALL.len());
+        // The log's drops have one reason counted by the daemon, not the kernel.
+        assert_eq!(global, counters::ALL.len() + 1);
+        for expected in [
+            r#"xdplb_log_records_dropped_total{reason="budget"} 310"#,
+            r#"xdplb_log_records_dropped_total{reason="ring_full"} 320"#,
+            r#"xdplb_log_records_dropped_total{reason="file_backlog"} 0"#,
+        ] {
+            assert!(lines.contains(&expected), "{expected} missing:\n{text}");
+        }
     }
 
     #[test]
@@ -794,7 +848,12 @@ mod tests {
     fn without_vips_only_global_families_are_rendered() {
         let mut snap = snapshot();
         snap.vips.clear();
-        let text = render(&snap, &HealthMetrics::default(), &BTreeMap::new());
+        let text = render(
+            &snap,
+            &HealthMetrics::default(),
+            &BTreeMap::new(),
+            &LogCounters::default(),
+        );
         assert!(!text.contains("xdplb_backend_"), "{text}");
         assert!(!text.contains("xdplb_vip_"), "{text}");
         assert!(!text.contains("xdplb_health_"), "{text}");
@@ -805,11 +864,11 @@ mod tests {
     fn forgotten_series_disappear() {
         let health = health();
         health.forget_backend("web", "10.0.0.3");
-        let text = render(&snapshot(), &health, &announced());
+        let text = render(&snapshot(), &health, &announced(), &LogCounters::default());
         assert!(!text.contains(r#"backend="10.0.0.3",to="#), "{text}");
         assert!(text.contains(r#"backend="10.0.0.1",to="up"} 1"#), "{text}");
         health.forget_vip("web");
-        let text = render(&snapshot(), &health, &announced());
+        let text = render(&snapshot(), &health, &announced(), &LogCounters::default());
         assert!(!text.contains("xdplb_health_"), "{text}");
     }
 
@@ -860,7 +919,12 @@ mod tests {
 
     #[tokio::test]
     async fn serves_metrics_and_health() {
-        let text = render(&snapshot(), &health(), &announced());
+        let text = render(
+            &snapshot(),
+            &health(),
+            &announced(),
+            &LogCounters::default(),
+        );
         let (addr, stop, server) = start(text.clone(), true).await;
 
         let response = get(addr, "/metrics").await;

@@ -17,9 +17,9 @@ use crate::{
     scheduler::{self, Scheduler, SchedulerError},
 };
 use lb_common::{
-    AddrKey, Backend, FloodState, LbConfig, VipKey, VipLimits, VipMeta, BACKEND_DOWN,
-    BACKEND_PRESENT, CONFIG_BLOCK_ALL_VIPS, CONFIG_HAS_PORT0_VIPS, FAMILY_IPV4, FAMILY_IPV6,
-    FILTER_BLOCKED, FILTER_LIMITS, SCOPE_ALL_VIPS,
+    AddrKey, Backend, FloodState, LbConfig, LogBudget, VipKey, VipLimits, VipMeta, BACKEND_DOWN,
+    BACKEND_PRESENT, CONFIG_BLOCK_ALL_VIPS, CONFIG_HAS_PORT0_VIPS, CONFIG_LOG, FAMILY_IPV4,
+    FAMILY_IPV6, FILTER_BLOCKED, FILTER_LIMITS, SCOPE_ALL_VIPS,
 };
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -84,6 +84,9 @@ pub struct Target {
     pub blocked: BTreeSet<(Option<String>, SourceEntry)>,
     /// The flood defence's pin budget.
     pub flood: FloodState,
+    /// The connection log's budget when the log is on (`[daemon.log]`, filled in by the
+    /// caller from [`crate::connlog`]); `None` clears `CONFIG_LOG`.
+    pub log: Option<LogBudget>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,6 +247,7 @@ pub fn target(
         unresolved,
         blocked: BTreeSet::new(),
         flood: settings.flood.state(),
+        log: None,
     })
 }
 
@@ -284,6 +288,8 @@ pub struct Live {
     blocked: BTreeSet<(u32, SourceEntry)>,
     /// The pin budget's parameters (its running state zeroed).
     flood: Option<FloodState>,
+    /// The log budget's parameters (running state zeroed; unknown when adopted).
+    log: Option<LogBudget>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -331,6 +337,7 @@ impl Live {
             orphan_acl: Vec::new(),
             blocked: BTreeSet::new(),
             flood: None,
+            log: None,
         }
     }
 
@@ -449,6 +456,8 @@ pub enum Change {
     AddBlock(u32, SourceEntry),
     RemoveBlock(u32, SourceEntry),
     SetFlood(FloodState),
+    /// Written before the `CONFIG_LOG` flag that makes the data path use it.
+    SetLogBudget(LogBudget),
 }
 
 /// The changes that turn `live` into `target`, and the live state after them. Pure.
@@ -461,6 +470,13 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
     let mut config = target.config;
     if target.blocked.iter().any(|(vip, _)| vip.is_none()) {
         config.flags |= CONFIG_BLOCK_ALL_VIPS;
+    }
+    if let Some(budget) = target.log {
+        config.flags |= CONFIG_LOG;
+        if next.log != Some(budget) {
+            changes.push(Change::SetLogBudget(budget));
+            next.log = Some(budget);
+        }
     }
     if next.config != Some(config) {
         changes.push(Change::SetConfig(config));
@@ -774,6 +790,7 @@ pub fn apply(dataplane: &mut Dataplane, changes: &[Change]) -> Result<(), Datapl
             Change::AddBlock(scope, entry) => dataplane.add_block(&entry.key(*scope))?,
             Change::RemoveBlock(scope, entry) => dataplane.remove_block(&entry.key(*scope))?,
             Change::SetFlood(state) => dataplane.set_flood(state)?,
+            Change::SetLogBudget(budget) => dataplane.set_log_budget(budget)?,
         }
     }
     Ok(())
@@ -875,6 +892,7 @@ mod tests {
                 Change::AddBlock(..) => "add-block",
                 Change::RemoveBlock(..) => "remove-block",
                 Change::SetFlood(_) => "flood",
+                Change::SetLogBudget(_) => "log-budget",
             })
             .collect()
     }

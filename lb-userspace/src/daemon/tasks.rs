@@ -3,7 +3,7 @@
 
 use super::{host, Daemon, Options};
 use crate::{
-    api::{self, Request, Response},
+    api::{self, Reply, Request, Response},
     config, links, metrics,
     model::BackendSpec,
     net::HostResolver,
@@ -75,11 +75,20 @@ async fn resolve_then_apply(
     daemon.apply()
 }
 
-/// Re-reads the config file and applies it. A file that fails validation, or that changes
-/// settings only a restart can apply, is rejected and the running config keeps serving. The
-/// file is read and every backend looked up again (a reload may change a backend's `mac` or
-/// bring new ones) without the daemon's lock.
+/// Re-reads the config file and applies it, then reopens the connection log's file, also
+/// when the new config is rejected: logrotate's `xdplb reload` must not leave the daemon
+/// writing to the rotated file.
 async fn reload(shared: &Shared) -> Result<String> {
+    let result = reload_config(shared).await;
+    shared.lock().reopen_log();
+    result
+}
+
+/// A file that fails validation, or that changes settings only a restart can apply, is
+/// rejected and the running config keeps serving. The file is read and every backend looked
+/// up again (a reload may change a backend's `mac` or bring new ones) without the daemon's
+/// lock.
+async fn reload_config(shared: &Shared) -> Result<String> {
     let _one_at_a_time = shared.reloading.lock().await;
     let (path, resolver) = {
         let daemon = shared.lock();
@@ -119,13 +128,20 @@ async fn follow_interfaces(shared: &Shared, interfaces: &[String]) {
     }
 }
 
-/// Answers one admin request; only a reload does its slow part without the lock.
-async fn handle(shared: &Shared, request: Request) -> Response {
+/// Answers one admin request; only a reload does its slow part without the lock, and a
+/// followed log streams without it.
+async fn handle(shared: &Shared, request: Request) -> Reply {
     let result = match request {
         Request::Reload => reload(shared).await.map(Response::Done),
-        request => return shared.lock().handle(request),
+        Request::Log {
+            vip,
+            event,
+            follow: true,
+            ..
+        } => return Reply::Stream(shared.lock().follow_log(vip, event)),
+        request => return Reply::One(shared.lock().handle(request)),
     };
-    result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+    Reply::One(result.unwrap_or_else(|e| Response::Error(format!("{e:#}"))))
 }
 
 /// Serves the admin socket, at most [`MAX_ADMIN_CONNECTIONS`] connections at once.
