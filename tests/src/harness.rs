@@ -6,7 +6,7 @@
 
 use crate::packet::hex_diff;
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::counters;
+use lb_common::{counters, LogBudget};
 use lb_userspace::{
     acl::SourceEntry,
     dataplane::{Dataplane, Role, Sizes},
@@ -106,6 +106,8 @@ pub struct Harness {
     pub status: BTreeMap<(String, std::net::IpAddr), BackendStatus>,
     /// Blocklist entries (VIP name or every VIP, prefix) the next apply writes.
     pub blocked: BTreeSet<(Option<String>, SourceEntry)>,
+    /// The connection log's budget the next apply writes (`None`: the log is off).
+    pub log: Option<LogBudget>,
 }
 
 impl Harness {
@@ -117,6 +119,7 @@ impl Harness {
             live: Live::empty(FIXTURE_SIZES),
             status: BTreeMap::new(),
             blocked: BTreeSet::new(),
+            log: None,
         }
     }
 
@@ -135,6 +138,7 @@ impl Harness {
         };
         let mut target = state::target(services, status, resolver).expect("target");
         target.blocked = self.blocked.clone();
+        target.log = self.log;
         let (changes, next) = state::plan(&self.live, &target).expect("plan");
         state::apply(&mut self.dataplane, &changes).expect("apply");
         self.live = next;

@@ -1,0 +1,413 @@
+//! The connection log's kernel side: which packets put which record in the ring buffer, field
+//! by field; the budget and a full ring drop records and count them, never packets.
+
+use aya::maps::{MapData, RingBuf};
+use lb_common::{
+    counters::*, LogBudget, LogRecord, FAMILY_IPV4, FAMILY_IPV6, LOG_BLOCKED, LOG_DENIED, LOG_NEW,
+    LOG_RATE_LIMITED, LOG_REHASH, LOG_RING_BYTES, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+};
+use lb_userspace::{
+    acl::{AclSpec, SourceEntry},
+    connlog::{monotonic_ns, LogSpec},
+    dataplane::Role,
+    limits::LimitsSpec,
+    model::{Forwarding, Protocol, Services},
+};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use xdplb_tests::fixture::*;
+use xdplb_tests::{
+    harness::{vip_spec, Action, Fixture, Harness, LB_MAC},
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_SYN},
+};
+
+const WEB4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const OPEN4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+const WEB6: &str = "2001:db8::10";
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const DENIED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+const BLOCKED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+const CLIENT6: &str = "2001:db8:c::7";
+
+/// "web" (IPv4, with a deny ACL and a limit of one new flow per source) and its IPv6 twin,
+/// and "open" (no filter, UDP too).
+fn services() -> Services {
+    let mut web = vip_spec(
+        "web",
+        vip(IpAddr::V4(WEB4), 80, Protocol::Tcp),
+        Forwarding::Dsr,
+        13,
+        &[(v4(10, 1, 0, 11), mac(0x11), 100)],
+    );
+    web.acl = AclSpec {
+        allow: None,
+        deny: vec!["198.51.100.128/25".parse().unwrap()],
+    };
+    web.limits = Some(LimitsSpec {
+        per_source: Some(1),
+        burst: Some(1),
+        total: None,
+    });
+    Services {
+        settings: settings(SEED),
+        vips: vec![
+            web,
+            vip_spec(
+                "web6",
+                vip(v6(WEB6), 80, Protocol::Tcp),
+                Forwarding::Dsr,
+                13,
+                &[(v6("2001:db8:1::11"), mac(0x14), 100)],
+            ),
+            vip_spec(
+                "open",
+                vip(IpAddr::V4(OPEN4), 0, Protocol::Tcp),
+                Forwarding::Dsr,
+                13,
+                &[(v4(10, 1, 0, 12), mac(0x12), 100)],
+            ),
+            vip_spec(
+                "open-udp",
+                vip(IpAddr::V4(OPEN4), 53, Protocol::Udp),
+                Forwarding::Dsr,
+                13,
+                &[(v4(10, 1, 0, 13), mac(0x13), 100)],
+            ),
+        ],
+    }
+}
+
+fn budget(max_per_second: u32) -> Option<LogBudget> {
+    Some(
+        LogSpec {
+            path: None,
+            max_per_second,
+        }
+        .budget(),
+    )
+}
+
+/// A balancer with the log on (budget `max_per_second`) and 203.0.113.0/24 blocked for web.
+fn lb(max_per_second: u32) -> (Harness, RingBuf<MapData>) {
+    let mut lb = Harness::new(Role::Balancer);
+    lb.log = budget(max_per_second);
+    lb.blocked = [(
+        Some("web".to_string()),
+        SourceEntry::of(&"203.0.113.0/24".parse().unwrap()),
+    )]
+    .into();
+    lb.apply(&services());
+    let ring = lb.dataplane.take_events().expect("the ring");
+    (lb, ring)
+}
+
+fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Packet {
+    Packet::new()
+        .ipv4(src, dst)
+        .tcp(sport, dport)
+        .flags(flags)
+        .seq(1000)
+}
+
+fn forwarded(
+    description: &'static str,
+    packet: Packet,
+    backend: u8,
+    counters: &'static [(u32, u64)],
+) -> Fixture {
+    Fixture {
+        description,
+        input: from_client(&packet),
+        action: Action::Tx,
+        output: Some(framed(LB_MAC, mac(backend), &packet.build())),
+        counters,
+    }
+}
+
+fn dropped(description: &'static str, packet: Packet, counters: &'static [(u32, u64)]) -> Fixture {
+    Fixture {
+        description,
+        input: from_client(&packet),
+        action: Action::Drop,
+        output: None,
+        counters,
+    }
+}
+
+fn ids(lb: &Harness, vip: &str) -> (u32, u32) {
+    let live = lb.live().vips.values().find(|v| v.name == vip).unwrap();
+    let backend = live.backends.values().next().unwrap().id;
+    (live.meta.vip_id, backend)
+}
+
+/// Every record in the ring, oldest first.
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<LogRecord> {
+    let mut records = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), size_of::<LogRecord>());
+        // SAFETY: a whole LogRecord (checked length), plain old data.
+        records.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<LogRecord>()) });
+    }
+    records
+}
+
+fn v4_bytes(addr: Ipv4Addr) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    bytes[..4].copy_from_slice(&addr.octets());
+    bytes
+}
+
+struct Expected {
+    event: u8,
+    vip: (u32, u32),
+    backend: bool,
+    client: [u8; 16],
+    family: u8,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    reason: u32,
+}
+
+impl Expected {
+    fn record(&self, time_ns: u64) -> LogRecord {
+        LogRecord {
+            time_ns,
+            client: self.client,
+            nat_addr: [0; 16],
+            vip_id: self.vip.0,
+            backend_id: if self.backend { self.vip.1 } else { NO_BACKEND },
+            client_port: self.sport.to_be(),
+            nat_port: 0,
+            vip_port: self.dport.to_be(),
+            event: self.event,
+            proto: self.proto,
+            family: self.family,
+            reason: self.reason as u8,
+            _pad: [0; 6],
+        }
+    }
+}
+
+#[test]
+fn each_event_kind_puts_one_exact_record_in_the_ring() {
+    let (mut lb, mut ring) = lb(20_000);
+    let web = ids(&lb, "web");
+    let web6 = ids(&lb, "web6");
+    let open = ids(&lb, "open");
+    let open_udp = ids(&lb, "open-udp");
+    let start = monotonic_ns();
+    lb.check_all(&[
+        forwarded(
+            "new flow: a record",
+            tcp(CLIENT, WEB4, 40001, 80, TCP_SYN),
+            0x11,
+            &[(FLOW_MISS, 1)],
+        ),
+        forwarded(
+            "the flow's next packet: no record",
+            tcp(CLIENT, WEB4, 40001, 80, TCP_ACK),
+            0x11,
+            &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
+        ),
+        dropped(
+            "a second new flow from the source: over its limit",
+            tcp(CLIENT, WEB4, 40002, 80, TCP_SYN),
+            &[(FLOW_MISS, 1), (DROP_RATE_LIMITED_SOURCE, 1)],
+        ),
+        dropped(
+            "denied by the ACL",
+            tcp(DENIED, WEB4, 40003, 80, TCP_SYN),
+            &[(DROP_SOURCE_DENIED, 1)],
+        ),
+        dropped(
+            "blocked, also mid-flow (an ACK)",
+            tcp(BLOCKED, WEB4, 40004, 80, TCP_ACK),
+            &[(DROP_BLOCKED, 1)],
+        ),
+        forwarded(
+            "IPv6 new flow",
+            Packet::new()
+                .ipv6(CLIENT6.parse::<Ipv6Addr>().unwrap(), WEB6.parse().unwrap())
+                .tcp(40005, 80)
+                .flags(TCP_SYN)
+                .seq(1000),
+            0x14,
+            &[(FLOW_MISS, 1)],
+        ),
+        forwarded(
+            "all-ports VIP: the destination port is recorded",
+            tcp(BLOCKED, OPEN4, 40006, 8443, TCP_SYN),
+            0x12,
+            &[(FLOW_MISS, 1)],
+        ),
+        forwarded(
+            "its FIN: no record",
+            tcp(BLOCKED, OPEN4, 40006, 8443, TCP_FIN | TCP_ACK),
+            0x12,
+            &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
+        ),
+        forwarded(
+            "a SYN reusing the closed tuple: re-picked, a rehash record",
+            tcp(BLOCKED, OPEN4, 40006, 8443, TCP_SYN),
+            0x12,
+            &[(FLOW_REHASH, 1)],
+        ),
+        forwarded(
+            "UDP new flow",
+            Packet::new()
+                .ipv4(CLIENT, OPEN4)
+                .udp(40007, 53)
+                .payload(b"q"),
+            0x13,
+            &[(FLOW_MISS, 1)],
+        ),
+        Fixture {
+            description: "not a VIP: nothing",
+            input: from_client(&tcp(
+                CLIENT,
+                Ipv4Addr::new(192, 0, 2, 99),
+                40008,
+                80,
+                TCP_SYN,
+            )),
+            action: Action::Pass,
+            output: None,
+            counters: &[(PASS_NOT_VIP, 1)],
+        },
+    ]);
+    let end = monotonic_ns();
+    let v4 = |event, vip, backend, client, sport, dport, reason| Expected {
+        event,
+        vip,
+        backend,
+        client: v4_bytes(client),
+        family: FAMILY_IPV4,
+        proto: PROTO_TCP,
+        sport,
+        dport,
+        reason,
+    };
+    let expected = [
+        v4(LOG_NEW, web, true, CLIENT, 40001, 80, 0),
+        v4(
+            LOG_RATE_LIMITED,
+            web,
+            false,
+            CLIENT,
+            40002,
+            80,
+            DROP_RATE_LIMITED_SOURCE,
+        ),
+        v4(
+            LOG_DENIED,
+            web,
+            false,
+            DENIED,
+            40003,
+            80,
+            DROP_SOURCE_DENIED,
+        ),
+        v4(LOG_BLOCKED, web, false, BLOCKED, 40004, 80, DROP_BLOCKED),
+        Expected {
+            client: CLIENT6.parse::<Ipv6Addr>().unwrap().octets(),
+            family: FAMILY_IPV6,
+            ..v4(LOG_NEW, web6, true, CLIENT, 40005, 80, 0)
+        },
+        v4(LOG_NEW, open, true, BLOCKED, 40006, 8443, 0),
+        v4(LOG_REHASH, open, true, BLOCKED, 40006, 8443, 0),
+        Expected {
+            proto: PROTO_UDP,
+            ..v4(LOG_NEW, open_udp, true, CLIENT, 40007, 53, 0)
+        },
+    ];
+    let records = drain(&mut ring);
+    assert_eq!(records.len(), expected.len(), "{records:#?}");
+    let mut last = start;
+    for (record, want) in records.iter().zip(&expected) {
+        assert!(
+            (last..=end).contains(&record.time_ns),
+            "times are monotonic and within the test: {record:?}"
+        );
+        last = record.time_ns;
+        assert_eq!(*record, want.record(record.time_ns));
+    }
+}
+
+#[test]
+fn with_the_log_off_nothing_is_recorded() {
+    let (mut lb, mut ring) = lb(20_000);
+    lb.log = None;
+    lb.apply(&services());
+    lb.check_all(&[
+        forwarded(
+            "new flow",
+            tcp(CLIENT, WEB4, 41001, 80, TCP_SYN),
+            0x11,
+            &[(FLOW_MISS, 1)],
+        ),
+        dropped(
+            "denied",
+            tcp(DENIED, WEB4, 41002, 80, TCP_SYN),
+            &[(DROP_SOURCE_DENIED, 1)],
+        ),
+    ]);
+    assert_eq!(drain(&mut ring), []);
+}
+
+#[test]
+fn records_over_the_budget_are_counted_and_the_packets_still_forwarded() {
+    // Two per second, bursts of one second's worth: two records, then the budget is spent.
+    let (mut lb, mut ring) = lb(2);
+    lb.check_all(&[
+        forwarded(
+            "first new flow: recorded",
+            tcp(CLIENT, OPEN4, 42001, 80, TCP_SYN),
+            0x12,
+            &[(FLOW_MISS, 1)],
+        ),
+        forwarded(
+            "second: recorded",
+            tcp(CLIENT, OPEN4, 42002, 80, TCP_SYN),
+            0x12,
+            &[(FLOW_MISS, 1)],
+        ),
+        forwarded(
+            "third: forwarded, its record over the budget",
+            tcp(CLIENT, OPEN4, 42003, 80, TCP_SYN),
+            0x12,
+            &[(FLOW_MISS, 1), (LOG_RECORDS_DROPPED_BUDGET, 1)],
+        ),
+        dropped(
+            "a denied packet over the budget: dropped as before, its record counted",
+            tcp(DENIED, WEB4, 42004, 80, TCP_SYN),
+            &[(DROP_SOURCE_DENIED, 1), (LOG_RECORDS_DROPPED_BUDGET, 1)],
+        ),
+    ]);
+    let ports: Vec<u16> = drain(&mut ring)
+        .iter()
+        .map(|r| u16::from_be(r.client_port))
+        .collect();
+    assert_eq!(ports, [42001, 42002]);
+}
+
+#[test]
+fn a_full_ring_drops_records_and_counts_them() {
+    let (mut lb, mut ring) = lb(10_000_000);
+    // Each record takes its 64 bytes plus the ring's 8-byte header.
+    let capacity = (LOG_RING_BYTES as usize) / (size_of::<LogRecord>() + 8);
+    let sent = capacity + 100;
+    let before = lb.global_counters()[LOG_RECORDS_DROPPED_RING_FULL as usize];
+    for i in 0..sent {
+        let client = Ipv4Addr::from(0xc633_0000 + i as u32);
+        let outcome = lb.run(&from_client(&tcp(client, OPEN4, 43000, 80, TCP_SYN)));
+        assert_eq!(
+            outcome.action,
+            Action::Tx as u32,
+            "packet {i} not forwarded"
+        );
+    }
+    let full = lb.global_counters()[LOG_RECORDS_DROPPED_RING_FULL as usize] - before;
+    let records = drain(&mut ring).len();
+    assert_eq!(records, capacity);
+    assert_eq!(full as usize, sent - capacity);
+}
