@@ -2,9 +2,11 @@
 //! a table saying what each figure measures, and writes `bench/results.json` and
 //! `bench/results.svg`.
 //!
-//! Sections (all by default; `--only micro,sched,pps,tcp,control,reload` picks some):
+//! Sections (all by default; `--only micro,log,sched,pps,tcp,control,reload` picks some):
 //! * `micro`: per-packet cost through `BPF_PROG_TEST_RUN` next to a trivial XDP_TX program;
 //!   and what edge protection costs: 10,000 ACL prefixes, new-flow limits, a spoofed flood.
+//! * `log`: the connection log: the new-flow path with it off and on, records written to the
+//!   file at the default budget and at peak.
 //! * `sched`: the new-flow path of round-robin and least-conn VIPs next to Maglev's.
 //! * `pps`: packet rate through the LB attached natively on veth in namespaces, from an XDP
 //!   live-frames generator, next to the trivial program and an nftables DNAT balancer.
@@ -16,6 +18,7 @@
 //!
 //! Every address lives in namespaces the bench creates and removes; every loop is bounded.
 
+mod connlog;
 mod control;
 mod micro;
 mod micro_protection;
@@ -29,7 +32,7 @@ use anyhow::{bail, Result};
 use report::Report;
 use std::{path::Path, time::Instant};
 
-const SECTIONS: &[&str] = &["micro", "sched", "pps", "tcp", "control", "reload"];
+const SECTIONS: &[&str] = &["micro", "log", "sched", "pps", "tcp", "control", "reload"];
 
 const SHARED_CPU_NOTE: &str = "This is a shared 2-core VM: in the lab measurements the client \
     (generator), the LB and the backends run on the same 2 cores and compete for CPU, so rates \
@@ -80,6 +83,9 @@ fn run() -> Result<()> {
     if wants("micro") {
         micro::run(&mut report)?;
         micro_protection::run(&mut report)?;
+    }
+    if wants("log") {
+        connlog::run(&mut report)?;
     }
     if wants("sched") {
         sched::run(&mut report)?;

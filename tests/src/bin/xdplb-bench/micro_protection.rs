@@ -31,12 +31,12 @@ use xdplb_tests::{
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-const PLAIN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub(crate) const PLAIN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const FILTERED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
 const LIMITED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
 const ACL_PREFIXES: u32 = 10_000;
 
-fn services(acl: AclSpec, limits: Option<LimitsSpec>) -> Services {
+pub(crate) fn services(acl: AclSpec, limits: Option<LimitsSpec>) -> Services {
     let vip = |addr: Ipv4Addr| VipAddr {
         addr: addr.into(),
         port: 80,
