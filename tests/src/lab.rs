@@ -850,6 +850,52 @@ pub fn upload(vip: SocketAddr, bytes: u64) -> Result<(String, u64)> {
     Ok((name.to_string(), read.parse()?))
 }
 
+/// Sends IPv4 `packets` (whole IP packets, any source: spoofed floods) to `dst` through a raw
+/// socket of the calling thread's namespace, until they run out or `deadline`. Returns how
+/// many were sent.
+pub fn send_raw_v4(
+    dst: Ipv4Addr,
+    packets: impl Iterator<Item = Vec<u8>>,
+    deadline: Instant,
+) -> std::io::Result<u64> {
+    // SAFETY: plain socket syscalls on a descriptor owned here and closed at the end.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(dst).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut sent = 0u64;
+    for packet in packets {
+        if Instant::now() > deadline {
+            break;
+        }
+        // SAFETY: the buffer and the address outlive the call.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if n > 0 {
+            sent += 1;
+        }
+    }
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    Ok(sent)
+}
+
 pub fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }

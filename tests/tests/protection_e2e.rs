@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 use xdplb_tests::{
-    lab::{addr, backend4, Daemon, Lab, Process, CLIENT4},
+    lab::{addr, backend4, send_raw_v4, Daemon, Lab, Process, CLIENT4},
     packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN},
 };
 
@@ -366,55 +366,21 @@ const FLOOD_PATTERNS: [&[(u8, usize)]; 4] = [
 /// `tuples` fresh tuples per pattern of [`FLOOD_PATTERNS`] (SYN then ACK, SYN only, ACK only,
 /// SYN then ACK with data), one pattern after the other. Bounded in count and in time (30 s).
 fn spoofed_flood(tuples: u32) -> io::Result<u64> {
-    // SAFETY: plain socket syscalls on a descriptor owned here and closed at the end.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let dst = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(WEB).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut sent = 0u64;
     let packets = FLOOD_PATTERNS.iter().enumerate().flat_map(|(n, pattern)| {
         let first = n as u32 * tuples;
         (first..first + tuples).flat_map(move |i| pattern.iter().map(move |p| (i, *p)))
     });
-    for (i, (flags, payload)) in packets {
-        if Instant::now() > deadline {
-            break;
-        }
+    let packets = packets.map(|(i, (flags, payload))| {
         let src = Ipv4Addr::from(0x0ac8_0000 + (i >> 8));
-        let packet = Packet::new()
+        Packet::new()
             .ipv4(src, WEB)
             .tcp(1024 + (i & 0xff) as u16, 80)
             .flags(flags)
             .seq(i)
             .payload(&[0x5a; 100][..payload])
-            .build();
-        // SAFETY: the buffer and the address outlive the call.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&dst as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        if n > 0 {
-            sent += 1;
-        }
-    }
-    // SAFETY: closing the descriptor opened above.
-    unsafe { libc::close(fd) };
-    Ok(sent)
+            .build()
+    });
+    send_raw_v4(WEB, packets, Instant::now() + Duration::from_secs(30))
 }
 
 /// An idle connection held open on a backend (ECHO mode), with the backend's name.
