@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use std::{io::Write, path::Path};
 
 /// Column widths of the table; a live stream cannot measure its rows in advance.
-const WIDTHS: [usize; 6] = [30, 12, 16, 5, 46, 0];
+const WIDTHS: [usize; 6] = [30, 19, 12, 5, 24, 0];
 const HEADER: [&str; 6] = ["TIME", "EVENT", "VIP", "PROTO", "CLIENT", "BACKEND"];
 
 pub struct LogArgs {
