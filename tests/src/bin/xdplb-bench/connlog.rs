@@ -94,6 +94,12 @@ pub fn run(report: &mut Report) -> Result<()> {
     let _ = drainer.join();
     let call: Vec<f64> = call.into_iter().map(median).collect();
     let extra = call[1] / call[0] - 1.0;
+    println!(
+        "  new flow: log off {:.0} ns, on {:.0} ns ({:+.1} %)",
+        call[0],
+        call[1],
+        extra * 100.0
+    );
     let section = report.section("Connection log");
     section.push(Figure::new(
         "connlog.per_call.new_flow_log_off",
