@@ -850,6 +850,47 @@ pub fn upload(vip: SocketAddr, bytes: u64) -> Result<(String, u64)> {
     Ok((name.to_string(), read.parse()?))
 }
 
+/// The client's address in a second subnet (see [`two_subnet_lab`]).
+pub const CLIENT_B: Ipv4Addr = Ipv4Addr::new(10, 0, 5, 10);
+
+/// A lab whose client also has [`CLIENT_B`]/24 (backends route it back through the client),
+/// with the TCP server `b<n>` on port 80 of every backend, listening when this returns.
+pub fn two_subnet_lab(backends: usize) -> (Lab, Vec<Process>) {
+    let lab = Lab::new(backends).expect("lab");
+    lab.client
+        .ns
+        .exec(&format!("ip addr add {CLIENT_B}/24 dev eth0"))
+        .unwrap();
+    let servers = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            b.ns.exec(&format!("ip route add 10.0.5.0/24 via {CLIENT4}"))
+                .unwrap();
+            let server = b.serve(&format!("b{i}"), "0.0.0.0:80", "tcp").unwrap();
+            b.wait_sockets(1, 0).unwrap();
+            server
+        })
+        .collect();
+    (lab, servers)
+}
+
+/// `[[vip]]` tables of two TCP port-80 VIPs, "web" at `web` (with `web_keys`) and "other" at
+/// `other`, each on the lab's first `backends` backends.
+pub fn web_and_other(web: Ipv4Addr, other: Ipv4Addr, backends: usize, web_keys: &str) -> String {
+    let mut text = String::new();
+    for (name, vip, keys) in [("web", web, web_keys), ("other", other, "")] {
+        text.push_str(&format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nport = 80\nring_size = 1021\n{keys}\n"
+        ));
+        for n in 0..backends {
+            text.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", backend4(n)));
+        }
+    }
+    text
+}
+
 /// Sends IPv4 `packets` (whole IP packets, any source: spoofed floods) to `dst` through a raw
 /// socket of the calling thread's namespace, until they run out or `deadline`. Returns how
 /// many were sent.

@@ -18,52 +18,27 @@ use std::{
     time::{Duration, Instant},
 };
 use xdplb_tests::{
-    lab::{addr, backend4, send_raw_v4, xdplb_binary, Daemon, Lab, Process, CLIENT4},
+    lab::{
+        addr, backend4, send_raw_v4, two_subnet_lab, web_and_other, xdplb_binary, Daemon, Lab,
+        Process, CLIENT4, CLIENT_B,
+    },
     packet::{Packet, TCP_SYN},
 };
 
 const WEB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const OTHER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
-/// The client's address in a second subnet (denied by web's ACL where a test says so).
-const CLIENT_B: Ipv4Addr = Ipv4Addr::new(10, 0, 5, 10);
 /// How long records may take to reach the file or the daemon's memory (drained every 10 ms,
 /// written in batches; generous for a shared CPU).
 const SETTLE: Duration = Duration::from_secs(20);
 
 /// "web" (with `web_keys`) and "other" on every backend.
 fn services(backends: usize, web_keys: &str) -> String {
-    let mut text = String::new();
-    for (name, vip, keys) in [("web", WEB, web_keys), ("other", OTHER, "")] {
-        text.push_str(&format!(
-            "[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nport = 80\nring_size = 1021\n{keys}\n"
-        ));
-        for n in 0..backends {
-            text.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", backend4(n)));
-        }
-    }
-    text
+    web_and_other(WEB, OTHER, backends, web_keys)
 }
 
 /// The lab, TCP servers `b<n>` on every backend, the client also at 10.0.5.10.
 fn lab(backends: usize) -> (Lab, Vec<Process>) {
-    let lab = Lab::new(backends).expect("lab");
-    lab.client
-        .ns
-        .exec(&format!("ip addr add {CLIENT_B}/24 dev eth0"))
-        .unwrap();
-    let servers = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            b.ns.exec(&format!("ip route add 10.0.5.0/24 via {CLIENT4}"))
-                .unwrap();
-            let server = b.serve(&format!("b{i}"), "0.0.0.0:80", "tcp").unwrap();
-            b.wait_sockets(1, 0).unwrap();
-            server
-        })
-        .collect();
-    (lab, servers)
+    two_subnet_lab(backends)
 }
 
 /// The log file of the daemon the lab `id` will run (inside its directory, removed with it).
