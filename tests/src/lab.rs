@@ -731,6 +731,15 @@ impl Daemon {
         }
     }
 
+    /// Waits until every VIP has `backends` backends available for new flows (bounded).
+    pub fn wait_available(&self, backends: usize) -> Result<()> {
+        self.wait_status("every backend available", |s| {
+            s["vips"]
+                .as_array()
+                .is_some_and(|v| v.iter().all(|v| v["available"] == backends))
+        })
+    }
+
     /// Waits until `xdplb status --json` satisfies `ready` (bounded).
     pub fn wait_status(
         &self,

@@ -51,13 +51,7 @@ fn log_path(lab: &Lab) -> PathBuf {
 
 fn start(lab: &Lab, log_keys: &str, services: &str, backends: usize) -> Daemon {
     let daemon = Daemon::start(lab, &format!("[daemon.log]\n{log_keys}\n"), services).unwrap();
-    daemon
-        .wait_status("every backend available", |s| {
-            s["vips"]
-                .as_array()
-                .is_some_and(|v| v.iter().all(|v| v["available"] == backends))
-        })
-        .unwrap();
+    daemon.wait_available(backends).unwrap();
     daemon
 }
 

@@ -44,13 +44,7 @@ fn lab(backends: usize) -> (Lab, Vec<Process>) {
 }
 
 fn wait_ready(daemon: &Daemon, backends: usize) {
-    daemon
-        .wait_status("every backend available", |s| {
-            s["vips"]
-                .as_array()
-                .is_some_and(|v| v.iter().all(|v| v["available"] == backends))
-        })
-        .unwrap();
+    daemon.wait_available(backends).unwrap();
 }
 
 /// A TCP connection from `src` (one of the client's addresses).
