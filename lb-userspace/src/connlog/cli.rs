@@ -2,7 +2,7 @@
 
 use super::Entry;
 use crate::api::{self, Request, Response};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::{io::Write, path::Path};
 
 /// Column widths of the table; a live stream cannot measure its rows in advance.
@@ -14,31 +14,25 @@ pub struct LogArgs {
     pub vip: Option<String>,
     pub event: Option<String>,
     pub json: bool,
-    /// Records shown before following (all of them without `--follow`).
+    /// How many of the last records to show (then, following, the new ones).
     pub last: usize,
 }
 
 pub async fn run(socket: &Path, args: LogArgs) -> Result<()> {
-    let request = |limit, follow| Request::Log {
+    let request = Request::Log {
         vip: args.vip.clone(),
         event: args.event.clone(),
-        limit,
-        follow,
+        limit: args.last,
+        follow: args.follow,
     };
     let mut out = std::io::stdout().lock();
     if !args.json {
         writeln!(out, "{}", row(HEADER.map(str::to_string)))?;
     }
-    match api::call(socket, &request(args.last, false)).await? {
-        Response::Log(entries) => print(&mut out, &entries, args.json)?,
-        Response::Error(e) => bail!("{e}"),
-        other => bail!("unexpected response: {other:?}"),
-    }
-    if !args.follow {
-        return Ok(());
-    }
+    // Following, the daemon sends the last records first, then new ones as they come: none
+    // is missed or shown twice in between.
     let mut failure = Ok(());
-    api::stream(socket, &request(0, true), |response| {
+    api::stream(socket, &request, |response| {
         let printed = match response {
             Response::Log(entries) => print(&mut out, &entries, args.json),
             Response::LogMissed(n) => {
@@ -48,9 +42,9 @@ pub async fn run(socket: &Path, args: LogArgs) -> Result<()> {
             Response::Error(e) => Err(anyhow::anyhow!("{e}")),
             other => Err(anyhow::anyhow!("unexpected response: {other:?}")),
         };
-        // Stop on a closed stdout (`| head`) or an error.
+        // Stop on an error or a closed stdout (`| head`); without --follow after one answer.
         failure = printed;
-        failure.is_ok()
+        failure.is_ok() && args.follow
     })
     .await?;
     failure

@@ -98,24 +98,25 @@ impl ConnLog {
 
     /// The last `limit` records matching `filter`, oldest first.
     pub fn recent(&self, filter: &Filter, limit: usize) -> Vec<Entry> {
-        let recent = lock(&self.inner.recent);
-        let mut out: Vec<Entry> = recent
-            .iter()
-            .rev()
-            .filter(|e| filter.matches(e))
-            .take(limit)
-            .map(|e| (**e).clone())
-            .collect();
-        out.reverse();
-        out
+        last_matching(&lock(&self.inner.recent), filter, limit)
     }
 
-    /// Records from now on matching `filter`, as `Log` batches (`LogMissed` when the follower
-    /// fell behind). The stream ends when the receiver is dropped.
-    pub fn follow(&self, filter: Filter) -> mpsc::Receiver<Response> {
-        let mut records = self.inner.follow.subscribe();
+    /// The last `limit` records matching `filter`, then every new one, as `Log` batches
+    /// (`LogMissed` when the follower fell behind). The stream ends when the receiver is
+    /// dropped.
+    pub fn follow(&self, filter: Filter, limit: usize) -> mpsc::Receiver<Response> {
+        let (mut records, last) = {
+            let recent = lock(&self.inner.recent);
+            (
+                self.inner.follow.subscribe(),
+                last_matching(&recent, &filter, limit),
+            )
+        };
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            if tx.send(Response::Log(last)).await.is_err() {
+                return;
+            }
             loop {
                 let first = tokio::select! {
                     received = records.recv() => received,
@@ -163,6 +164,19 @@ impl Drop for ConnLog {
     }
 }
 
+/// The last `limit` of `recent` matching `filter`, oldest first.
+fn last_matching(recent: &VecDeque<Arc<Entry>>, filter: &Filter, limit: usize) -> Vec<Entry> {
+    let mut out: Vec<Entry> = recent
+        .iter()
+        .rev()
+        .filter(|e| filter.matches(e))
+        .take(limit)
+        .map(|e| (**e).clone())
+        .collect();
+    out.reverse();
+    out
+}
+
 fn read_loop(mut ring: RingBuf<MapData>, inner: &Inner) {
     let mut records: Vec<LogRecord> = Vec::new();
     while !inner.stop.load(Ordering::Relaxed) {
@@ -192,14 +206,16 @@ fn read_loop(mut ring: RingBuf<MapData>, inner: &Inner) {
                 .collect()
         };
         {
+            // Sent to followers under the lock: a follower that subscribes under it sees
+            // each record either in the recent ones or in its stream, never both or neither.
             let mut recent = lock(&inner.recent);
             recent.extend(batch.iter().cloned());
             let excess = recent.len().saturating_sub(RECENT_RECORDS);
             recent.drain(..excess);
-        }
-        for entry in &batch {
-            // No follower is not an error.
-            let _ = inner.follow.send(entry.clone());
+            for entry in &batch {
+                // No follower is not an error.
+                let _ = inner.follow.send(entry.clone());
+            }
         }
         if let Err(e) = inner.file.write(batch) {
             error!("connection log: {e}");

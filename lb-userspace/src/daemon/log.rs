@@ -12,13 +12,14 @@ impl Daemon {
         Filter { vip, event }
     }
 
-    /// `xdplb log --follow`: records from now on.
+    /// `xdplb log --follow`: the last `limit` records, then those from now on.
     pub(super) fn follow_log(
         &self,
         vip: Option<String>,
         event: Option<String>,
+        limit: usize,
     ) -> mpsc::Receiver<Response> {
-        self.connlog.follow(self.log_filter(vip, event))
+        self.connlog.follow(self.log_filter(vip, event), limit)
     }
 
     /// SIGHUP / `xdplb reload`: the file again at the configured path (logrotate).

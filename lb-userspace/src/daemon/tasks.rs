@@ -136,9 +136,9 @@ async fn handle(shared: &Shared, request: Request) -> Reply {
         Request::Log {
             vip,
             event,
+            limit,
             follow: true,
-            ..
-        } => return Reply::Stream(shared.lock().follow_log(vip, event)),
+        } => return Reply::Stream(shared.lock().follow_log(vip, event, limit)),
         request => return Reply::One(shared.lock().handle(request)),
     };
     Reply::One(result.unwrap_or_else(|e| Response::Error(format!("{e:#}"))))
