@@ -154,7 +154,7 @@ fn follow(daemon: &Daemon, args: &[&str]) -> (Process, mpsc::Receiver<Entry>) {
 }
 
 #[test]
-fn five_hundred_connections_give_five_hundred_records_as_the_client_saw_them() {
+fn connlog_five_hundred_connections_give_five_hundred_records_as_the_client_saw_them() {
     const CONNECTIONS: usize = 500;
     let (lab, _servers) = lab(2);
     let path = log_path(&lab);
@@ -256,7 +256,7 @@ fn five_hundred_connections_give_five_hundred_records_as_the_client_saw_them() {
 }
 
 #[test]
-fn denials_limits_rotation_and_renames_are_logged_as_they_happened() {
+fn connlog_denials_limits_rotation_and_renames_are_logged_as_they_happened() {
     let (lab, _servers) = lab(1);
     let path = log_path(&lab);
     let web_keys = "deny_sources = [\"10.0.5.0/24\"]\n[vip.limits]\nnew_flows_per_source = 1\nnew_flows_burst = 1";
@@ -393,7 +393,7 @@ fn global(daemon: &Daemon, name: &str) -> u64 {
 }
 
 #[test]
-fn a_flood_beyond_the_budget_is_counted_and_forwarding_and_the_daemon_stay_responsive() {
+fn connlog_a_flood_beyond_the_budget_is_counted_and_forwarding_and_the_daemon_stay_responsive() {
     const BUDGET: u64 = 200;
     const FLOOD: u32 = 30_000;
     let (lab, _servers) = lab(1);

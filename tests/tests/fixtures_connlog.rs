@@ -189,7 +189,7 @@ impl Expected {
 }
 
 #[test]
-fn each_event_kind_puts_one_exact_record_in_the_ring() {
+fn connlog_each_event_kind_puts_one_exact_record_in_the_ring() {
     let (mut lb, mut ring) = lb(20_000);
     let web = ids(&lb, "web");
     let web6 = ids(&lb, "web6");
@@ -334,7 +334,7 @@ fn each_event_kind_puts_one_exact_record_in_the_ring() {
 }
 
 #[test]
-fn with_the_log_off_nothing_is_recorded() {
+fn connlog_with_the_log_off_nothing_is_recorded() {
     let (mut lb, mut ring) = lb(20_000);
     lb.log = None;
     lb.apply(&services());
@@ -355,7 +355,7 @@ fn with_the_log_off_nothing_is_recorded() {
 }
 
 #[test]
-fn records_over_the_budget_are_counted_and_the_packets_still_forwarded() {
+fn connlog_records_over_the_budget_are_counted_and_the_packets_still_forwarded() {
     // Two per second, bursts of one second's worth: two records, then the budget is spent.
     let (mut lb, mut ring) = lb(2);
     lb.check_all(&[
@@ -391,7 +391,7 @@ fn records_over_the_budget_are_counted_and_the_packets_still_forwarded() {
 }
 
 #[test]
-fn a_full_ring_drops_records_and_counts_them() {
+fn connlog_a_full_ring_drops_records_and_counts_them() {
     let (mut lb, mut ring) = lb(10_000_000);
     // Each record takes its 64 bytes plus the ring's 8-byte header.
     let capacity = (LOG_RING_BYTES as usize) / (size_of::<LogRecord>() + 8);
