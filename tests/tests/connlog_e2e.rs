@@ -158,7 +158,7 @@ fn connlog_five_hundred_connections_give_five_hundred_records_as_the_client_saw_
     const CONNECTIONS: usize = 500;
     let (lab, _servers) = lab(2);
     let path = log_path(&lab);
-    let daemon = start(
+    let mut daemon = start(
         &lab,
         &format!("path = \"{}\"", path.display()),
         &services(2, ""),
@@ -253,6 +253,25 @@ fn connlog_five_hundred_connections_give_five_hundred_records_as_the_client_saw_
         table.starts_with("TIME") && table.lines().count() == 4 && table.contains(" new "),
         "{table}"
     );
+
+    // kill -9 and a restart: the new daemon adopts the pinned ring and appends to the file.
+    daemon.kill();
+    daemon.restart().unwrap();
+    daemon.wait_available(2).unwrap();
+    let src = addr(CLIENT4, 20_000 + CONNECTIONS as u16);
+    let (port, _) = lab
+        .client
+        .ns
+        .enter(|| connect_from(src, addr(WEB, 80), Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    let client = format!("{CLIENT4}:{port}");
+    let after = wait_entries(
+        "a record after the restart",
+        || web_records(read_entries(&path)),
+        |e| e.iter().any(|e| e.client == client),
+    );
+    assert_eq!(after.len(), CONNECTIONS + 1, "appended to the same file");
 }
 
 #[test]
