@@ -552,9 +552,7 @@ impl Daemon {
             Request::BlockList => self.block_rows().map(Response::Blocklist),
             Request::Log {
                 vip, event, limit, ..
-            } => Ok(Response::Log(
-                self.connlog.recent(&self.log_filter(vip, event), limit),
-            )),
+            } => self.log_records(vip, event, limit).map(Response::Log),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }

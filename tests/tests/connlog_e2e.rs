@@ -280,7 +280,7 @@ fn connlog_denials_limits_rotation_and_renames_are_logged_as_they_happened() {
     let path = log_path(&lab);
     let web_keys = "deny_sources = [\"10.0.5.0/24\"]\n[vip.limits]\nnew_flows_per_source = 1\nnew_flows_burst = 1";
     let text = services(1, web_keys);
-    let mut daemon = start(&lab, &format!("path = \"{}\"", path.display()), &text, 1);
+    let daemon = start(&lab, &format!("path = \"{}\"", path.display()), &text, 1);
     let quick = Duration::from_millis(400);
     let (denied, limited) = lab
         .client
@@ -397,7 +397,18 @@ fn connlog_denials_limits_rotation_and_renames_are_logged_as_they_happened() {
         hup_client = format!("{CLIENT4}:{port}");
         thread::sleep(Duration::from_millis(200));
     }
-    daemon.kill();
+
+    // A reload without [daemon.log] turns the log off: xdplb log says so.
+    let section = format!("[daemon.log]\npath = \"{}\"\n", path.display());
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    assert!(config.contains(&section), "{config}");
+    std::fs::write(&daemon.config, config.replace(&section, "")).unwrap();
+    daemon.cli(&["reload"]).unwrap();
+    let off = daemon.cli(&["log"]).unwrap_err().to_string();
+    assert!(
+        off.contains("the connection log is off: add a [daemon.log] section"),
+        "{off}"
+    );
 }
 
 /// The daemon's global counter `name` (from `xdplb stats --json`).

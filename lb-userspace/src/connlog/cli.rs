@@ -26,15 +26,19 @@ pub async fn run(socket: &Path, args: LogArgs) -> Result<()> {
         follow: args.follow,
     };
     let mut out = std::io::stdout().lock();
-    if !args.json {
-        writeln!(out, "{}", row(HEADER.map(str::to_string)))?;
-    }
+    // The header once the daemon answered with records (not above an error).
+    let mut header = !args.json;
     // Following, the daemon sends the last records first, then new ones as they come: none
     // is missed or shown twice in between.
     let mut failure = Ok(());
     api::stream(socket, &request, |response| {
         let printed = match response {
-            Response::Log(entries) => print(&mut out, &entries, args.json),
+            Response::Log(entries) => {
+                if std::mem::take(&mut header) {
+                    let _ = writeln!(out, "{}", row(HEADER.map(str::to_string)));
+                }
+                print(&mut out, &entries, args.json)
+            }
             Response::LogMissed(n) => {
                 eprintln!("xdplb log: fell behind, {n} records not shown");
                 Ok(())

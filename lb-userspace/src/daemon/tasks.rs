@@ -138,7 +138,7 @@ async fn handle(shared: &Shared, request: Request) -> Reply {
             event,
             limit,
             follow: true,
-        } => return Reply::Stream(shared.lock().follow_log(vip, event, limit)),
+        } => return shared.lock().follow_log(vip, event, limit),
         request => return Reply::One(shared.lock().handle(request)),
     };
     Reply::One(result.unwrap_or_else(|e| Response::Error(format!("{e:#}"))))
