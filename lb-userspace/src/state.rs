@@ -940,6 +940,34 @@ mod tests {
     }
 
     #[test]
+    fn the_log_budget_is_written_before_the_flag_that_uses_it() {
+        use lb_common::CONFIG_LOG;
+        let web = services(vec![vip("web", 10, &[(1, 100)])]);
+        let (_, live) = plan_for(&Live::empty(SIZES), &web);
+        let mut want = target(&web, |_, _| BackendStatus::default(), &Macs).unwrap();
+        let budget = LogBudget {
+            interval_ns: 50_000,
+            tolerance_ns: 1_000_000_000,
+            tat_ns: 0,
+        };
+        want.log = Some(budget);
+        let (changes, on) = plan(&live, &want).unwrap();
+        assert_eq!(kinds(&changes), ["log-budget", "config"]);
+        assert!(matches!(changes[1], Change::SetConfig(c) if c.flags & CONFIG_LOG != 0));
+        want.log = None;
+        let (changes, off) = plan(&on, &want).unwrap();
+        assert_eq!(kinds(&changes), ["config"], "off: the flag alone");
+        assert!(matches!(changes[0], Change::SetConfig(c) if c.flags & CONFIG_LOG == 0));
+        want.log = Some(budget);
+        let (changes, _) = plan(&off, &want).unwrap();
+        assert_eq!(
+            kinds(&changes),
+            ["config"],
+            "on again: the budget is still there"
+        );
+    }
+
+    #[test]
     fn blocklist_entries_go_to_their_vip_or_to_every_vip() {
         use lb_common::{CONFIG_BLOCK_ALL_VIPS, FILTER_BLOCKED};
         let web = services(vec![vip("web", 10, &[(1, 100)])]);
