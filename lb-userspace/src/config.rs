@@ -317,7 +317,7 @@ impl<'a> Table<'a> {
     }
 
     /// Every duration here must be positive: zero would be a busy loop or an instant timeout.
-    fn duration(&self, p: &mut Problems, name: &str) -> Field<Duration> {
+    pub(crate) fn duration(&self, p: &mut Problems, name: &str) -> Field<Duration> {
         let expected = "a duration string such as \"500ms\" or \"5s\"";
         let Some(text) = self.get(p, name, expected, Value::as_str)? else {
             return Ok(None);
@@ -421,6 +421,13 @@ const DAEMON_KEYS: &[&str] = &[
     "icmp_too_big_rate",
     "pinned_flows_per_second",
     "announce",
+    "nat_table_size",
+    "nat_source_v4",
+    "nat_source_v6",
+    "nat_ports",
+    "nat_tcp_timeout",
+    "nat_tcp_closing_timeout",
+    "nat_udp_timeout",
 ];
 const ANNOUNCE_KEYS: &[&str] = &["table", "withdraw_grace"];
 const VIP_KEYS: &[&str] = &[
@@ -456,11 +463,15 @@ const HEALTH_KEYS: &[&str] = &[
 ];
 const HTTP_KEYS: &[&str] = &["path", "expect_status", "host"];
 const TLS_KEYS: &[&str] = &["tls_verify", "tls_ca"];
-const BACKEND_KEYS: &[&str] = &["address", "weight", "mac", "health_port"];
+const BACKEND_KEYS: &[&str] = &["address", "weight", "mac", "health_port", "port"];
 
 const XDP_MODES: [AttachMode; 3] = [AttachMode::Auto, AttachMode::Native, AttachMode::Generic];
 const PROTOCOLS: [(&str, Protocol); 2] = [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
-const FORWARDINGS: [(&str, Forwarding); 2] = [("dsr", Forwarding::Dsr), ("ipip", Forwarding::Ipip)];
+const FORWARDINGS: [(&str, Forwarding); 3] = [
+    ("dsr", Forwarding::Dsr),
+    ("ipip", Forwarding::Ipip),
+    ("nat", Forwarding::Nat),
+];
 const AFFINITIES: [(&str, Affinity); 2] = [
     ("connection", Affinity::Connection),
     ("client", Affinity::Client { ipv6_host: false }),
@@ -493,6 +504,10 @@ const MAX_BACKENDS: (u32, &str) = (1 << 20, "each backend has 32 bytes of counte
 const MAX_FLOW_TABLE_SIZE: (u32, &str) = (
     1 << 28,
     "each flow entry takes about 100 bytes, so that is already about 25 GiB",
+);
+const MAX_NAT_TABLE_SIZE: (u32, &str) = (
+    1 << 26,
+    "each nat connection takes about 300 bytes in its two tables, so that is already about 19 GiB",
 );
 /// The ring map (`max_vips * 2 * max_ring_size` slots of 8 bytes: the kernel aligns array values to 8) is allocated in full when
 /// the daemon starts.
@@ -585,6 +600,13 @@ fn read_sizes(t: &Table, p: &mut Problems) -> Result<Sizes, Reported> {
         defaults.flow_table_size,
         MAX_FLOW_TABLE_SIZE,
     );
+    let nat_table_size = read_size(
+        t,
+        p,
+        "nat_table_size",
+        defaults.nat_table_size,
+        MAX_NAT_TABLE_SIZE,
+    );
     // Bounded together with max_vips below, through the memory the ring map needs.
     let max_ring_size = t
         .int(p, "max_ring_size", 1..=u32::MAX)
@@ -594,6 +616,7 @@ fn read_sizes(t: &Table, p: &mut Problems) -> Result<Sizes, Reported> {
         max_backends: max_backends?,
         max_ring_size: max_ring_size?,
         flow_table_size: flow_table_size?,
+        nat_table_size: nat_table_size?,
     };
     let ring_bytes = u64::from(sizes.max_vips) * 2 * u64::from(sizes.max_ring_size) * 8;
     if ring_bytes > MAX_RING_BYTES {
@@ -805,12 +828,14 @@ fn read_settings(
     let icmp_too_big_rate = t
         .int(p, "icmp_too_big_rate", 0..=1_000_000)
         .map(|rate| rate.unwrap_or(defaults.icmp_too_big_rate));
+    let nat = crate::nat::read(t, p);
     Ok(DataPathSettings {
         hash_seed: hash_seed?,
         ipip_source_v4: ipip_source_v4?,
         ipip_source_v6: ipip_source_v6?,
         icmp_too_big_rate: icmp_too_big_rate?,
         flood: flood?,
+        nat: nat?,
     })
 }
 
@@ -947,6 +972,7 @@ fn read_vip(
         Err(reported) => vec![Err(*reported)],
     };
     check_backends(&t, forwarding, addr, &backends, p);
+    check_nat_ports(&t, forwarding, port, &backends, p);
     let acl = crate::acl::read(&t, p);
     let limits = crate::limits::read(&t, p);
     if let Ok(size) = ring_size {
@@ -981,7 +1007,10 @@ fn read_vip(
 
     // A port-0 VIP has no port to probe, unless every backend names its own.
     if let (Ok(0), Ok(health)) = (port, &health) {
-        let unprobed = backends.iter().flatten().any(|b| b.health_port.is_none());
+        let unprobed = backends
+            .iter()
+            .flatten()
+            .any(|b| b.health_port.or(b.port).is_none());
         if health.kind != CheckKind::None && health.port.is_none() && unprobed {
             p.report(
                 t.key("health.port"),
@@ -1032,6 +1061,39 @@ fn read_affinity(t: &Table, p: &mut Problems) -> Result<Affinity, Reported> {
     }
 }
 
+/// Backend `port` is a nat setting: other modes keep the VIP's port, and a port-0 nat VIP
+/// keeps each client's.
+fn check_nat_ports(
+    t: &Table,
+    forwarding: Result<Forwarding, Reported>,
+    vip_port: Result<u16, Reported>,
+    backends: &[Result<BackendSpec, Reported>],
+    p: &mut Problems,
+) {
+    let (Ok(forwarding), Ok(vip_port)) = (forwarding, vip_port) else {
+        return;
+    };
+    for (i, backend) in backends.iter().enumerate() {
+        let Ok(backend) = backend else { continue };
+        let key = t.key(&format!("backend[{i}].port"));
+        if backend.port.is_some() && forwarding != Forwarding::Nat {
+            p.report(
+                key,
+                format!(
+                    "only applies with forwarding = \"nat\" (with \"{forwarding}\" the backend \
+                     receives the VIP's port); remove it or use forwarding = \"nat\""
+                ),
+            );
+        } else if backend.port.is_some() && vip_port == 0 {
+            p.report(
+                key,
+                "the VIP has port = 0, so each connection keeps its client's destination port; \
+                 remove it, or give the VIP a port",
+            );
+        }
+    }
+}
+
 /// Duplicates and address families, across the valid backends of one VIP.
 fn check_backends(
     t: &Table,
@@ -1058,6 +1120,19 @@ fn check_backends(
         // ipip can carry IPv4 in IPv6 (4in6) but not IPv6 in IPv4. dsr only rewrites MACs: the
         // backend address is used for neighbour resolution and health checks, never as the
         // packet's destination, so any family works there.
+        if let (Ok(Forwarding::Nat), Ok(vip_addr)) = (forwarding, vip_addr) {
+            if vip_addr.is_ipv4() != backend.addr.is_ipv4() {
+                p.report(
+                    key.clone(),
+                    format!(
+                        "{} and the VIP {vip_addr} are of different families, and nat \
+                         translates within one family (no NAT64); use a backend address of \
+                         the VIP's family",
+                        backend.addr
+                    ),
+                );
+            }
+        }
         if let (Ok(Forwarding::Ipip), Ok(IpAddr::V6(_)), IpAddr::V4(_)) =
             (forwarding, vip_addr, backend.addr)
         {
@@ -1302,11 +1377,13 @@ fn read_backend(t: &Table, p: &mut Problems) -> Result<BackendSpec, Reported> {
         .map(|weight| weight.unwrap_or(100));
     let mac = t.parsed(p, "mac", str::parse);
     let health_port = t.int(p, "health_port", 1..=u16::MAX);
+    let port = t.int(p, "port", 1..=u16::MAX);
     Ok(BackendSpec {
         addr: addr?,
         weight: weight?,
         mac: mac?,
         health_port: health_port?,
+        port: port?,
     })
 }
 
@@ -1611,6 +1688,7 @@ mod tests {
                 state_dir: "/var/lib/lb".into(),
                 pin_dir: "/sys/fs/bpf/lb".into(),
                 sizes: Sizes {
+                    nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
                     max_vips: 8,
                     max_backends: 100,
                     max_ring_size: 1009,
@@ -1626,6 +1704,7 @@ mod tests {
             },
             services: Services {
                 settings: DataPathSettings {
+                    nat: Default::default(),
                     hash_seed: 42,
                     ipip_source_v4: Prefix {
                         addr: Ipv4Addr::new(10, 255, 0, 0).into(),
@@ -1667,6 +1746,7 @@ mod tests {
                             on_all_down: OnAllDown::Drop,
                         },
                         backends: vec![BackendSpec {
+                            port: None,
                             addr: Ipv4Addr::new(10, 1, 0, 11).into(),
                             weight: 0,
                             mac: Some(Mac([2, 0, 0, 0, 0, 0x11])),
@@ -1693,6 +1773,7 @@ mod tests {
                             ..HealthSpec::default()
                         },
                         backends: vec![BackendSpec {
+                            port: None,
                             addr: "2001:db8:1::53".parse().unwrap(),
                             weight: 100,
                             mac: None,
@@ -1747,6 +1828,7 @@ mod tests {
                 state_dir: "/var/lib/xdplb".into(),
                 pin_dir: "/sys/fs/bpf/xdplb".into(),
                 sizes: Sizes {
+                    nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
                     max_vips: 64,
                     max_backends: 4096,
                     max_ring_size: 65537,
@@ -1778,6 +1860,7 @@ mod tests {
         assert_eq!(
             vip.backends,
             [BackendSpec {
+                port: None,
                 addr: Ipv4Addr::new(10, 1, 0, 11).into(),
                 weight: 100,
                 mac: None,

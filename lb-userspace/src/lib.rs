@@ -15,6 +15,7 @@
 //! * [`overrides`]: drains and CLI weights, persisted ([`persist`]).
 //! * [`acl`], [`blocklist`], [`limits`], [`flood`]: edge protection (source ACLs, the runtime
 //!   blocklist, new-flow limits, the flow table's flood defence).
+//! * [`nat`]: `forwarding = "nat"`: its settings and the sweep of expired connections.
 //! * [`stats`], [`metrics`]: counters, rates, Prometheus export; [`flowscan`]: active flows
 //!   per backend, and when a drain is complete.
 //! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
@@ -37,6 +38,7 @@ pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod nat;
 pub mod net;
 pub mod netlink;
 pub mod nexthops;

@@ -13,13 +13,13 @@ use crate::{
     acl::SourceEntry,
     dataplane::{Dataplane, DataplaneError, Sizes},
     maglev::MaglevBackend,
-    model::{BackendSpec, Mac, Prefix, Services, VipAddr, VipSpec},
+    model::{BackendSpec, Forwarding, Mac, Prefix, Services, VipAddr, VipSpec},
     scheduler::{self, Scheduler, SchedulerError},
 };
 use lb_common::{
-    AddrKey, Backend, FloodState, LbConfig, VipKey, VipLimits, VipMeta, BACKEND_DOWN,
-    BACKEND_PRESENT, CONFIG_BLOCK_ALL_VIPS, CONFIG_HAS_PORT0_VIPS, FAMILY_IPV4, FAMILY_IPV6,
-    FILTER_BLOCKED, FILTER_LIMITS, SCOPE_ALL_VIPS,
+    AddrKey, Backend, FloodState, LbConfig, NatBackend, NatConfig, VipKey, VipLimits, VipMeta,
+    BACKEND_DOWN, BACKEND_PRESENT, CONFIG_BLOCK_ALL_VIPS, CONFIG_HAS_NAT, CONFIG_HAS_PORT0_VIPS,
+    FAMILY_IPV4, FAMILY_IPV6, FILTER_BLOCKED, FILTER_LIMITS, SCOPE_ALL_VIPS,
 };
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -54,6 +54,9 @@ pub struct NextHop {
     /// Egress interface; 0 = the interface the packet came in on.
     pub ifindex: u32,
     pub mtu: u16,
+    /// This host's address toward the backend (the route's preferred source): the default
+    /// source of `nat` connections to it.
+    pub src: Option<IpAddr>,
 }
 
 /// Finds the next hop toward a backend.
@@ -84,6 +87,8 @@ pub struct Target {
     pub blocked: BTreeSet<(Option<String>, SourceEntry)>,
     /// The flood defence's pin budget.
     pub flood: FloodState,
+    /// `nat` timeouts, ports and sources.
+    pub nat: NatConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +118,8 @@ pub struct TargetVip {
 pub struct TargetBackend {
     /// The map entry, except `vip_id`, which [`plan`] fills in.
     pub entry: Backend,
+    /// Its `NAT_BACKENDS` entry (zero unless the VIP forwards in `nat`).
+    pub nat: NatBackend,
     /// Weight in the Maglev table: 0 when drained or down.
     pub ring_weight: u32,
 }
@@ -179,6 +186,14 @@ pub fn target(
             CONFIG_HAS_PORT0_VIPS
         } else {
             0
+        } | if services
+            .vips
+            .iter()
+            .any(|v| v.forwarding == Forwarding::Nat)
+        {
+            CONFIG_HAS_NAT
+        } else {
+            0
         },
         _pad: [0; 3],
         icmp_too_big_per_sec: settings.icmp_too_big_rate,
@@ -190,6 +205,17 @@ pub fn target(
         for backend in &spec.backends {
             let hop = match resolver.next_hop(backend) {
                 Ok(hop) => hop,
+                Err(reason) => {
+                    unresolved.push(Unresolved {
+                        vip: spec.name.clone(),
+                        backend: backend.addr,
+                        reason,
+                    });
+                    continue;
+                }
+            };
+            let nat = match nat_backend(spec, backend, &hop, settings) {
+                Ok(nat) => nat,
                 Err(reason) => {
                     unresolved.push(Unresolved {
                         vip: spec.name.clone(),
@@ -216,7 +242,14 @@ pub fn target(
             } else {
                 status.weight.unwrap_or(backend.weight)
             };
-            backends.insert(backend.addr, TargetBackend { entry, ring_weight });
+            backends.insert(
+                backend.addr,
+                TargetBackend {
+                    entry,
+                    nat,
+                    ring_weight,
+                },
+            );
         }
         vips.insert(
             vip_key(&spec.vip),
@@ -244,6 +277,44 @@ pub fn target(
         unresolved,
         blocked: BTreeSet::new(),
         flood: settings.flood.state(),
+        nat: settings.nat.config(),
+    })
+}
+
+/// A backend's `NAT_BACKENDS` entry: its port, and the default nat source (the route's
+/// source toward it), needed only when no `nat_source_*` of its family is configured.
+fn nat_backend(
+    spec: &VipSpec,
+    backend: &BackendSpec,
+    hop: &NextHop,
+    settings: &crate::model::DataPathSettings,
+) -> Result<NatBackend, String> {
+    if spec.forwarding != Forwarding::Nat {
+        return Ok(NatBackend::default());
+    }
+    let configured = settings
+        .nat
+        .ports_per_backend(backend.addr.is_ipv6())
+        .is_some();
+    let src = match hop.src {
+        Some(src) if src.is_ipv4() == backend.addr.is_ipv4() => addr_bytes(src).0,
+        _ if configured => [0; 16],
+        _ => {
+            let key = if backend.addr.is_ipv4() {
+                "nat_source_v4"
+            } else {
+                "nat_source_v6"
+            };
+            return Err(format!(
+                "no address of this host toward {} to use as nat source: set daemon.{key}",
+                backend.addr
+            ));
+        }
+    };
+    Ok(NatBackend {
+        src,
+        port: backend.port.unwrap_or(spec.vip.port).to_be(),
+        _pad: [0; 2],
     })
 }
 
@@ -284,6 +355,7 @@ pub struct Live {
     blocked: BTreeSet<(u32, SourceEntry)>,
     /// The pin budget's parameters (its running state zeroed).
     flood: Option<FloodState>,
+    nat: Option<NatConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -315,6 +387,7 @@ impl LiveVip {
 pub struct LiveBackend {
     pub id: u32,
     pub entry: Backend,
+    pub nat: NatBackend,
     pub ring_weight: u32,
 }
 
@@ -331,6 +404,7 @@ impl Live {
             orphan_acl: Vec::new(),
             blocked: BTreeSet::new(),
             flood: None,
+            nat: None,
         }
     }
 
@@ -350,6 +424,7 @@ impl Live {
                     LiveBackend {
                         id,
                         entry,
+                        nat: dataplane.nat_backend(id)?,
                         ring_weight: 0,
                     },
                 );
@@ -401,6 +476,7 @@ impl Live {
             tat_ns: 0,
             ..dataplane.flood()?
         });
+        live.nat = Some(dataplane.nat_config()?);
         let used_vips: Vec<u32> = live.vips.values().map(|v| v.meta.vip_id).collect();
         live.vip_ids.free.retain(|id| !used_vips.contains(id));
         let used_backends: Vec<u32> = live
@@ -421,10 +497,15 @@ impl Live {
 }
 
 fn entry_addr(entry: &Backend) -> IpAddr {
-    if entry.family == FAMILY_IPV4 {
-        IpAddr::from([entry.addr[0], entry.addr[1], entry.addr[2], entry.addr[3]])
+    entry_addr_of(entry.family, &entry.addr)
+}
+
+/// An address of the maps' 16-byte layout.
+pub fn entry_addr_of(family: u8, addr: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_IPV4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
     } else {
-        IpAddr::from(entry.addr)
+        IpAddr::from(*addr)
     }
 }
 
@@ -449,6 +530,9 @@ pub enum Change {
     AddBlock(u32, SourceEntry),
     RemoveBlock(u32, SourceEntry),
     SetFlood(FloodState),
+    SetNatConfig(NatConfig),
+    /// Written before the backend entry, so no packet finds a nat backend without its port.
+    SetNatBackend(u32, NatBackend),
 }
 
 /// The changes that turn `live` into `target`, and the live state after them. Pure.
@@ -469,6 +553,10 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
     if next.flood != Some(target.flood) {
         changes.push(Change::SetFlood(target.flood));
         next.flood = Some(target.flood);
+    }
+    if next.nat != Some(target.nat) {
+        changes.push(Change::SetNatConfig(target.nat));
+        next.nat = Some(target.nat);
     }
 
     for id in std::mem::take(&mut next.orphans) {
@@ -637,10 +725,14 @@ fn plan_vip(
                 LiveBackend {
                     id,
                     entry: Backend::default(),
+                    nat: NatBackend::default(),
                     ring_weight: 0,
                 }
             }
         };
+        if live.nat != backend.nat {
+            changes.push(Change::SetNatBackend(live.id, backend.nat));
+        }
         if live.entry != entry {
             changes.push(Change::SetBackend(live.id, entry));
         }
@@ -649,6 +741,7 @@ fn plan_vip(
             LiveBackend {
                 id: live.id,
                 entry,
+                nat: backend.nat,
                 ring_weight: backend.ring_weight,
             },
         );
@@ -774,6 +867,8 @@ pub fn apply(dataplane: &mut Dataplane, changes: &[Change]) -> Result<(), Datapl
             Change::AddBlock(scope, entry) => dataplane.add_block(&entry.key(*scope))?,
             Change::RemoveBlock(scope, entry) => dataplane.remove_block(&entry.key(*scope))?,
             Change::SetFlood(state) => dataplane.set_flood(state)?,
+            Change::SetNatConfig(config) => dataplane.set_nat_config(config)?,
+            Change::SetNatBackend(id, nat) => dataplane.set_nat_backend(*id, nat)?,
         }
     }
     Ok(())
@@ -785,6 +880,7 @@ mod tests {
     use crate::model::{Forwarding, HealthSpec, Protocol};
 
     const SIZES: Sizes = Sizes {
+        nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
         max_vips: 4,
         max_backends: 8,
         max_ring_size: 13,
@@ -802,6 +898,7 @@ mod tests {
                 return Err("no neighbour entry yet".into());
             }
             Ok(NextHop {
+                src: None,
                 dst_mac: backend.mac.unwrap_or(Mac([2, 0, 0, 0, 0, last])),
                 src_mac: Mac([2, 0, 0, 0, 0, 1]),
                 ifindex: 0,
@@ -827,6 +924,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|(b, weight)| BackendSpec {
+                    port: None,
                     addr: IpAddr::from([10, 0, 0, *b]),
                     weight: *weight,
                     mac: None,
@@ -875,6 +973,8 @@ mod tests {
                 Change::AddBlock(..) => "add-block",
                 Change::RemoveBlock(..) => "remove-block",
                 Change::SetFlood(_) => "flood",
+                Change::SetNatConfig(_) => "nat-config",
+                Change::SetNatBackend(..) => "nat-backend",
             })
             .collect()
     }
