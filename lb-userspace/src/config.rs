@@ -2395,9 +2395,9 @@ mod tests {
                 "\"sctp\" is not one of \"tcp\", \"udp\"",
             ),
             (
-                with_vip("forwarding = \"nat\"\n"),
+                with_vip("forwarding = \"tproxy\"\n"),
                 "vip[0] (web).forwarding",
-                "\"nat\" is not one of \"dsr\", \"ipip\"",
+                "\"tproxy\" is not one of \"dsr\", \"ipip\", \"nat\"",
             ),
             (
                 with_vip("affinity = \"source\"\n"),
@@ -2636,6 +2636,49 @@ mod tests {
             ),
             "vip[0] (all).health.port",
             "missing; the VIP has port = 0 (every port), so checks need a port",
+        );
+    }
+
+    #[test]
+    fn nat_keys_map_to_the_model_and_are_checked() {
+        let config = valid(
+            "[daemon]\ninterfaces = [\"eth0\"]\nnat_source_v4 = [\"10.0.0.1\", \"10.0.0.2\"]\n\
+             nat_ports = \"2000-2999\"\nnat_udp_timeout = \"30s\"\nnat_table_size = 1000\n\
+             [[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nforwarding = \"nat\"\n\
+             [[vip.backend]]\naddress = \"10.1.0.1\"\nport = 8080\n",
+        );
+        let nat = &config.services.settings.nat;
+        assert_eq!(nat.sources_v4.len(), 2);
+        assert_eq!(nat.ports, (2000, 2999));
+        assert_eq!(nat.udp_timeout, Duration::from_secs(30));
+        assert_eq!(nat.tcp_timeout, Duration::from_secs(900));
+        assert_eq!(config.daemon.sizes.nat_table_size, 1000);
+        assert_eq!(config.services.vips[0].forwarding, Forwarding::Nat);
+        assert_eq!(config.services.vips[0].backends[0].port, Some(8080));
+
+        let daemon = |keys: &str| format!("[daemon]\ninterfaces = [\"eth0\"]\n{keys}");
+        assert_rejected(
+            &daemon("nat_source_v4 = [\"fd00::1\"]\n"),
+            "daemon.nat_source_v4[0]",
+            "is not an IPv4 address",
+        );
+        assert_rejected(
+            &daemon("nat_ports = \"3000-2000\"\n"),
+            "daemon.nat_ports",
+            "not above the last",
+        );
+        assert_rejected(
+            &with_backend("address = \"10.1.0.1\"\nport = 8080"),
+            "vip[0] (web).backend[0].port",
+            "only applies with forwarding = \"nat\"",
+        );
+        assert_rejected(
+            &format!(
+                "{DAEMON}[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\n\
+                 forwarding = \"nat\"\n[[vip.backend]]\naddress = \"2001:db8::1\"\n"
+            ),
+            "vip[0] (web).backend[0].address",
+            "no NAT64",
         );
     }
 

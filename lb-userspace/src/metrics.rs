@@ -46,7 +46,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// its name (`drop_no_backend` -> `xdplb_packets_dropped_total{reason="no_backend"}`). A new
 /// kernel counter with one of these prefixes is exported without touching this file; a new
 /// prefix fails the `every_global_counter_is_exported` test.
-const GLOBAL_FAMILIES: [GlobalFamily; 7] = [
+const GLOBAL_FAMILIES: [GlobalFamily; 8] = [
     GlobalFamily {
         prefix: "action_",
         family: "xdplb_xdp_actions",
@@ -89,6 +89,12 @@ const GLOBAL_FAMILIES: [GlobalFamily; 7] = [
         label: "event",
         help:
             "Flood defence of the flow table: flows pinned, pins deferred or failed, flows restored",
+    },
+    GlobalFamily {
+        prefix: "nat_",
+        family: "xdplb_nat_events",
+        label: "event",
+        help: "nat forwarding: connections given a nat port (new, reclaimed from an expired one), replies and ICMP errors translated",
     },
 ];
 
@@ -397,6 +403,11 @@ pub fn render(
         "Flows in the flood defence's pinned table, which floods cannot flush",
         gauge(snapshot.protection.pinned_flows),
     );
+    registry.register(
+        "xdplb_nat_connections",
+        "nat connections holding a nat port (at the last sweep of expired ones)",
+        gauge(snapshot.nat_connections),
+    );
     let mut transitions = Counters::new();
     for ((vip, backend, to), count) in health.lock_transitions().iter() {
         let labels = vec![
@@ -597,6 +608,7 @@ mod tests {
                 blocklist_entries: 3,
                 pinned_flows: 17,
             },
+            nat_connections: 5,
             global: counters::ALL
                 .iter()
                 .enumerate()
@@ -644,7 +656,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 30] = [
+    const FAMILIES: [(&str, &str); 32] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -667,10 +679,12 @@ mod tests {
         ("xdplb_decap_packets", "counter"),
         ("xdplb_icmp_packets", "counter"),
         ("xdplb_flood_defence_events", "counter"),
+        ("xdplb_nat_events", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
         ("xdplb_active_flows_age_seconds", "gauge"),
         ("xdplb_blocklist_entries", "gauge"),
         ("xdplb_pinned_flows", "gauge"),
+        ("xdplb_nat_connections", "gauge"),
         ("xdplb_health_transitions", "counter"),
         ("xdplb_health_check_duration_seconds", "histogram"),
         ("xdplb_vip_announced", "gauge"),
@@ -703,6 +717,8 @@ mod tests {
             r#"xdplb_vip_dropped_packets_total{vip="web",reason="rate_limited"} 0"#,
             "xdplb_blocklist_entries 3",
             "xdplb_pinned_flows 17",
+            "xdplb_nat_connections 5",
+            r#"xdplb_nat_events_total{event="new"} 310"#,
             r#"xdplb_backend_bytes_total{vip="web",backend="10.0.0.2"} 19008"#,
             r#"xdplb_backend_new_flows_total{vip="web",backend="10.0.0.1"} 35"#,
             r#"xdplb_backend_active_flows{vip="web",backend="10.0.0.1"} 30"#,
@@ -768,6 +784,7 @@ mod tests {
                     "decap_packets",
                     "icmp_packets",
                     "flood_defence_events",
+                    "nat_events",
                 ]
                 .iter()
                 .any(|f| l.starts_with(&format!("xdplb_{f}_total{{")))

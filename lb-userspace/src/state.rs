@@ -530,7 +530,8 @@ pub enum Change {
     AddBlock(u32, SourceEntry),
     RemoveBlock(u32, SourceEntry),
     SetFlood(FloodState),
-    SetNatConfig(NatConfig),
+    /// Boxed: the source lists make it the largest change by far.
+    SetNatConfig(Box<NatConfig>),
     /// Written before the backend entry, so no packet finds a nat backend without its port.
     SetNatBackend(u32, NatBackend),
 }
@@ -555,7 +556,7 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
         next.flood = Some(target.flood);
     }
     if next.nat != Some(target.nat) {
-        changes.push(Change::SetNatConfig(target.nat));
+        changes.push(Change::SetNatConfig(Box::new(target.nat)));
         next.nat = Some(target.nat);
     }
 
@@ -1074,6 +1075,7 @@ mod tests {
             [
                 "config",
                 "flood",
+                "nat-config",
                 "clear-vip-counters",
                 "clear-backend",
                 "set-backend",
@@ -1246,6 +1248,58 @@ mod tests {
         let (changes, _) = plan_for(&live, &services(vec![ipip]));
         assert_eq!(kinds(&changes), ["set-vip"]);
         assert_eq!(set_vip(&changes).mode, lb_common::MODE_IPIP);
+    }
+
+    #[test]
+    fn a_nat_vip_writes_its_backends_nat_entries_first_and_sets_the_nat_flag() {
+        let mut web = vip("web", 10, &[(1, 100)]);
+        web.forwarding = Forwarding::Nat;
+        web.backends[0].port = Some(8080);
+        let mut services = services(vec![web]);
+        services.settings.nat.sources_v4 = vec!["10.0.0.250".parse().unwrap()];
+        let (changes, live) = plan_for(&Live::empty(SIZES), &services);
+        assert_eq!(
+            kinds(&changes),
+            [
+                "config",
+                "flood",
+                "nat-config",
+                "clear-vip-counters",
+                "clear-backend",
+                "nat-backend",
+                "set-backend",
+                "ring",
+                "set-vip"
+            ]
+        );
+        let nat = changes.iter().find_map(|c| match c {
+            Change::SetNatBackend(_, nat) => Some(*nat),
+            _ => None,
+        });
+        assert_eq!(nat.map(|n| u16::from_be(n.port)), Some(8080));
+        let config = changes.iter().find_map(|c| match c {
+            Change::SetConfig(config) => Some(*config),
+            _ => None,
+        });
+        assert_ne!(config.unwrap().flags & CONFIG_HAS_NAT, 0);
+        assert_eq!(set_vip(&changes).mode, lb_common::MODE_NAT);
+        // Unchanged: nothing rewritten.
+        assert!(plan_for(&live, &services).0.is_empty());
+    }
+
+    #[test]
+    fn a_nat_backend_without_a_source_waits_for_one() {
+        let mut web = vip("web", 10, &[(1, 100)]);
+        web.forwarding = Forwarding::Nat;
+        let target = target(&services(vec![web]), |_, _| BackendStatus::default(), &Macs).unwrap();
+        assert_eq!(target.unresolved.len(), 1);
+        assert!(
+            target.unresolved[0]
+                .reason
+                .contains("set daemon.nat_source_v4"),
+            "{:?}",
+            target.unresolved
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Sample {
     pub vips: Vec<VipSample>,
     pub flow_table_entries: u64,
     pub protection: Protection,
+    /// nat connections at the last sweep.
+    pub nat_connections: u64,
 }
 
 /// Edge-protection state that is not per VIP.
@@ -139,6 +141,9 @@ pub struct Snapshot {
     pub active_flows_age_s: Option<f64>,
     #[serde(default)]
     pub protection: Protection,
+    /// nat connections holding a port (at the last sweep).
+    #[serde(default)]
+    pub nat_connections: u64,
     /// Global counters in [`lb_common::counters::ALL`] order.
     pub global: Vec<GlobalStat>,
     pub vips: Vec<VipStats>,
@@ -384,6 +389,7 @@ impl Stats {
             flow_table_entries: sample.flow_table_entries,
             active_flows_age_s: None,
             protection: sample.protection,
+            nat_connections: sample.nat_connections,
             global,
             vips: vip_stats,
         };
@@ -620,6 +626,7 @@ mod tests {
             }],
             flow_table_entries: 0,
             protection: Protection::default(),
+            nat_connections: 0,
         }
     }
 
@@ -802,6 +809,7 @@ mod tests {
             flow_table_entries: 1523,
             active_flows_age_s: Some(0.5),
             protection: Protection::default(),
+            nat_connections: 0,
             global: vec![],
             vips: vec![
                 VipStats {
