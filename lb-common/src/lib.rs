@@ -35,7 +35,7 @@
 //! | [`map_names::NAT_BACKENDS`] | `ARRAY` | `max_backends` | `nat`: per backend id its port and default nat source ([`NatBackend`]); read only by `nat` VIPs |
 //! | [`map_names::NAT_CONFIG`] | `ARRAY` | 1 | `nat`: timeouts, port range, configured source addresses ([`NatConfig`]) |
 //! | [`map_names::NAT_PROGS`] | `PROG_ARRAY` | [`NAT_PROGRAMS`] | `nat`: the tail-called nat programs ([`program_names::NAT`]); pinned, so a restarting daemon never leaves the slots empty |
-//! | `NAT_SCRATCH` (kernel only) | `PERCPU_ARRAY` | 1 | `nat`: the balancer's hand-off to a nat program (parse, choice) and room for the entries it builds, off the BPF stack |
+//! | [`map_names::NAT_SCRATCH`] | `PERCPU_ARRAY` | 1 | `nat`: the balancer's hand-off to a nat program (its choice) and room for the entries it builds, off the BPF stack. Pinned: while a restarted daemon swaps programs, an old balancer may tail-call a new nat program, and both must read the same hand-off |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -83,6 +83,7 @@ pub mod map_names {
     pub const NAT_BACKENDS: &str = "NAT_BACKENDS";
     pub const NAT_CONFIG: &str = "NAT_CONFIG";
     pub const NAT_PROGS: &str = "NAT_PROGS";
+    pub const NAT_SCRATCH: &str = "NAT_SCRATCH";
 }
 
 /// Program names (the function names in lb-ebpf).

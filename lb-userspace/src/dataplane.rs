@@ -1087,6 +1087,7 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::NAT_BACKENDS, sizes.max_backends),
         (map_names::NAT_CONFIG, 1),
         (map_names::NAT_PROGS, lb_common::NAT_PROGRAMS),
+        (map_names::NAT_SCRATCH, 1),
     ]
 }
 
