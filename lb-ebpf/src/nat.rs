@@ -176,12 +176,10 @@ pub const NO_CHOICE: HandOff = HandOff {
 /// `xdplb_nat_to_backend`: translates a client's packet for its backend and sends it there.
 #[inline(always)]
 pub fn to_backend(ctx: &XdpContext) -> u32 {
-    let Ok(scratch) = scratch() else {
-        return drop(idx::DROP_INTERNAL);
+    let scratch = match reparsed(ctx) {
+        Ok(scratch) => scratch,
+        Err(reason) => return drop(reason),
     };
-    if let Err(reason) = reparse(ctx, scratch) {
-        return drop(reason);
-    }
     let (vip_id, backend_id, bytes, new_flow) = (
         scratch.vip_id,
         scratch.backend_id,
@@ -192,13 +190,14 @@ pub fn to_backend(ctx: &XdpContext) -> u32 {
     counters::sent_to_backend(vip_id, backend_id, bytes, new_flow, sent)
 }
 
-/// Parses the packet (again: the balancer hands over only its choice) into the scratch.
+/// The hand-off, with the packet parsed (again: the balancer hands over only its choice).
 #[inline(always)]
-fn reparse(ctx: &XdpContext, scratch: &mut Scratch) -> Result<(), u32> {
+fn reparsed(ctx: &XdpContext) -> Result<&'static mut Scratch, u32> {
+    let scratch = scratch()?;
     let (pkt, l4_offset) = crate::parse::parse_to_l4(ctx)?;
     scratch.pkt = pkt;
     scratch.l4_offset = l4_offset;
-    Ok(())
+    Ok(scratch)
 }
 
 /// The backend entry of `id`, while present (the hand-off carries the id, not the entry).
@@ -427,12 +426,10 @@ fn set_source(addr: &mut [u8; 16], config: &NatConfig, family: u8, index: u32) -
 /// are passed.
 #[inline(always)]
 pub fn from_backend(ctx: &XdpContext) -> u32 {
-    let Ok(scratch) = scratch() else {
-        return drop(idx::DROP_INTERNAL);
+    let scratch = match reparsed(ctx) {
+        Ok(scratch) => scratch,
+        Err(reason) => return drop(reason),
     };
-    if let Err(reason) = reparse(ctx, scratch) {
-        return drop(reason);
-    }
     let pkt = &scratch.pkt;
     let Some(state) = NAT_REV.get_ptr_mut(&pkt.key) else {
         return pass(idx::PASS_NOT_VIP);

@@ -422,12 +422,6 @@ const DAEMON_KEYS: &[&str] = &[
     "pinned_flows_per_second",
     "announce",
     "nat_table_size",
-    "nat_source_v4",
-    "nat_source_v6",
-    "nat_ports",
-    "nat_tcp_timeout",
-    "nat_tcp_closing_timeout",
-    "nat_udp_timeout",
 ];
 const ANNOUNCE_KEYS: &[&str] = &["table", "withdraw_grace"];
 const VIP_KEYS: &[&str] = &[
@@ -531,7 +525,7 @@ fn read_config(root: &toml::Table, p: &mut Problems) -> Result<Config, Reported>
         .map(|table| table.unwrap_or_else(|| root.child("daemon", &empty, "[daemon]")));
     let (daemon, settings, sizes) = match &daemon_table {
         Ok(t) => {
-            t.reject_unknown(p, DAEMON_KEYS);
+            t.reject_unknown(p, &[DAEMON_KEYS, crate::nat::DAEMON_KEYS].concat());
             let sizes = read_sizes(t, p);
             (read_daemon(t, sizes, p), read_settings(t, sizes, p), sizes)
         }

@@ -850,6 +850,33 @@ pub fn upload(vip: SocketAddr, bytes: u64) -> Result<(String, u64)> {
     Ok((name.to_string(), read.parse()?))
 }
 
+/// Runs `during(serving backend's IPv4 address, whether the transfer has ended)` while a
+/// transfer of `bytes` at `rate` from `vip` is in flight, then checks it delivered every byte
+/// from the backend it started on.
+pub fn with_transfer(
+    lab: &Lab,
+    vip: SocketAddr,
+    (bytes, rate): (u64, u64),
+    during: impl FnOnce(&str, &dyn Fn() -> bool),
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = &lab.client.ns;
+    std::thread::scope(|scope| {
+        let transfer = scope.spawn(|| {
+            client
+                .enter(|| stream(vip, bytes, rate, |name| tx.send(name.to_string()).unwrap()))
+                .unwrap()
+        });
+        let serving = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("transfer started");
+        let backend = backend4(serving[1..].parse().unwrap()).to_string();
+        during(&backend, &|| transfer.is_finished());
+        let (name, received) = transfer.join().unwrap().expect("transfer broke");
+        assert_eq!((name.as_str(), received), (serving.as_str(), bytes));
+    });
+}
+
 pub fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }

@@ -9,11 +9,10 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
-    sync::mpsc,
     thread,
     time::Duration,
 };
-use xdplb_tests::lab::{addr, backend4, backend6, stream, who, Daemon, Lab, Process, LB4, LB6};
+use xdplb_tests::lab::{self, addr, backend4, backend6, who, Daemon, Lab, Process, LB4, LB6};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
@@ -216,31 +215,12 @@ fn nat_spreads_by_weight_hides_the_client_and_bypasses_the_lb_stack() {
     );
 }
 
-/// A transfer to web4 in flight while `during(serving backend address)` runs; it must deliver
-/// every byte from the backend it started on.
+/// A download from web4 in flight while `during(serving backend address)` runs; it must
+/// deliver every byte from the backend it started on.
 fn with_transfer(lab: &Lab, during: impl FnOnce(&str)) {
-    const TRANSFER: u64 = 3_000_000;
-    const RATE: u64 = 600_000;
-    let (tx, rx) = mpsc::channel();
-    let client = &lab.client.ns;
-    thread::scope(|scope| {
-        let transfer = scope.spawn(|| {
-            client
-                .enter(|| {
-                    stream(addr(VIP4, 80), TRANSFER, RATE, |name| {
-                        tx.send(name.to_string()).unwrap()
-                    })
-                })
-                .unwrap()
-        });
-        let serving = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("transfer started");
-        let backend = backend4(serving[1..].parse().unwrap()).to_string();
-        during(&backend);
-        let (name, bytes) = transfer.join().unwrap().expect("transfer broke");
-        assert_eq!((name.as_str(), bytes), (serving.as_str(), TRANSFER));
-    });
+    lab::with_transfer(lab, addr(VIP4, 80), (3_000_000, 600_000), |backend, _| {
+        during(backend)
+    })
 }
 
 #[test]
