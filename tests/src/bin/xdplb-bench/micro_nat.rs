@@ -13,13 +13,13 @@ use crate::{
     report::{Figure, Report},
 };
 use anyhow::Result;
-use lb_common::{counters, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN, PROTO_TCP};
+use lb_common::{counters, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN, NAT_PROBES, PROTO_TCP};
 use lb_userspace::{
     dataplane::Role,
     model::{DataPathSettings, Forwarding, Protocol, Services, VipAddr},
     nat::NatSpec,
 };
-use std::net::Ipv4Addr;
+use std::{collections::HashSet, net::Ipv4Addr};
 use xdplb_tests::{
     fixture::flow_key,
     harness::{vip_spec, Harness, CLIENT_MAC, LB_MAC},
@@ -28,7 +28,10 @@ use xdplb_tests::{
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 70);
+/// The first of [`SOURCES`] nat source addresses: 32 x 31,744 ports hold the 200,000 new
+/// connections of a run (one source would be exhausted after 31,744).
 const NAT: Ipv4Addr = Ipv4Addr::new(10, 3, 0, 1);
+const SOURCES: u32 = 32;
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 3, 0, 11);
 
 fn services() -> Services {
@@ -48,7 +51,7 @@ fn services() -> Services {
         settings: DataPathSettings {
             hash_seed: SEED,
             nat: NatSpec {
-                sources_v4: vec![NAT],
+                sources_v4: (0..SOURCES).map(source).collect(),
                 ..NatSpec::default()
             },
             ..DataPathSettings::default()
@@ -57,17 +60,28 @@ fn services() -> Services {
     }
 }
 
-/// The nat port the first probe of a connection from `client:sport` takes.
-fn nat_port(client: Ipv4Addr, sport: u16) -> u16 {
+fn source(index: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(NAT) + index)
+}
+
+/// The nat (source, port) the kernel gives a new connection from `client:sport`: its first
+/// probe slot (`lb_common::nat_slot`) that `taken` does not hold, which it then holds.
+fn claim(taken: &mut HashSet<(u32, u16)>, client: Ipv4Addr, sport: u16) -> (Ipv4Addr, u16) {
     let key = flow_key(client.into(), VIP.into(), sport, 80, PROTO_TCP);
-    lb_common::nat_slot(
-        lb_common::flow_hash(&key, SEED),
-        0,
-        NAT_DEFAULT_PORT_MIN,
-        NAT_DEFAULT_PORT_MAX,
-        1,
-    )
-    .1
+    let hash = lb_common::flow_hash(&key, SEED);
+    (0..NAT_PROBES)
+        .map(|probe| {
+            lb_common::nat_slot(
+                hash,
+                probe,
+                NAT_DEFAULT_PORT_MIN,
+                NAT_DEFAULT_PORT_MAX,
+                SOURCES,
+            )
+        })
+        .find(|slot| taken.insert(*slot))
+        .map(|(index, port)| (source(index), port))
+        .expect("a run claims a fifth of the slots: 16 probes always find one")
 }
 
 fn segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
@@ -86,7 +100,9 @@ pub fn run(report: &mut Report) -> Result<()> {
     let mut lb = Harness::new(Role::Balancer);
     lb.apply(&services());
 
-    let port = nat_port(CLIENT, 40001);
+    let mut taken = HashSet::new();
+    let (nat, port) = claim(&mut taken, CLIENT, 40001);
+    let established = taken.clone();
     let to_backend_in = framed(
         CLIENT_MAC,
         LB_MAC,
@@ -95,12 +111,12 @@ pub fn run(report: &mut Report) -> Result<()> {
     let to_backend_out = framed(
         LB_MAC,
         mac(0x31),
-        &segment(NAT, BACKEND, port, 8080, TCP_ACK | TCP_PSH),
+        &segment(nat, BACKEND, port, 8080, TCP_ACK | TCP_PSH),
     );
     let reply_in = framed(
         mac(0x31),
         LB_MAC,
-        &segment(BACKEND, NAT, 8080, port, TCP_ACK | TCP_PSH),
+        &segment(BACKEND, nat, 8080, port, TCP_ACK | TCP_PSH),
     );
     let reply_out = framed(
         LB_MAC,
@@ -175,7 +191,8 @@ pub fn run(report: &mut Report) -> Result<()> {
             .map(|i| {
                 let src = Ipv4Addr::from(new_sources + i);
                 let input = syn(src, VIP, 40002, 80);
-                let output = syn(NAT, BACKEND, nat_port(src, 40002), 8080);
+                let (nat, port) = claim(&mut taken, src, 40002);
+                let output = syn(nat, BACKEND, port, 8080);
                 (input, framed(LB_MAC, mac(0x31), &output))
             })
             .collect();
@@ -199,6 +216,7 @@ pub fn run(report: &mut Report) -> Result<()> {
         // Frees the claims for the next run (they would otherwise fill the table).
         let now = lb_userspace::stats::monotonic_seconds();
         lb_userspace::nat::sweep(&mut lb.dataplane, now.wrapping_add(100_000))?;
+        taken = established.clone();
         lb.run(&to_backend_in);
         println!(" done");
     }

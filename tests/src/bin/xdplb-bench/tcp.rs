@@ -23,6 +23,10 @@ const XDPLB_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const HAPROXY_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
 const NAT_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 30);
 const NFT_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
+/// The nftables balancer's SNAT source: an address of the LB no earlier run used, so the
+/// backends' TIME_WAIT entries from the HAProxy run (from the LB's own address and
+/// ephemeral ports, which SNAT would keep) cannot collide with its connections.
+const NFT_SNAT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
 
 /// What one system did.
 struct Outcome {
@@ -176,7 +180,7 @@ fn xdplb_run(lab: &Lab, forwarding: &str, vip: Ipv4Addr) -> Result<Outcome> {
 }
 
 /// An nftables balancer on the LB's stack: DNAT to a random backend (`numgen`), SNAT to the
-/// LB's address (so, like `nat`, backends need nothing), conntrack keeping each connection.
+/// LB (so, like `nat`, backends need nothing), conntrack keeping each connection.
 fn nft_run(lab: &Lab) -> Result<Outcome> {
     let map: Vec<String> = (0..lab.backends.len())
         .map(|n| format!("{n} : {}", lab::backend4(n)))
@@ -194,12 +198,16 @@ fn nft_run(lab: &Lab) -> Result<Outcome> {
          }}\n",
         lab.backends.len(),
         map.join(", "),
-        lab::LB4,
+        NFT_SNAT,
     );
     let file = std::env::temp_dir().join(format!("{}-tcp-nft.conf", lab.id));
     std::fs::write(&file, ruleset)?;
     let loaded = lab.lb.ns.exec(&format!(
-        "sysctl -qw net.ipv4.ip_forward=1 && nft -f {}",
+        // Forwarding back out of the interface a packet came in on would otherwise send the
+        // client ICMP redirects toward the backends.
+        "ip addr add {NFT_SNAT}/24 dev eth0 && \
+         sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 \
+         net.ipv4.conf.eth0.send_redirects=0 && nft -f {}",
         file.display()
     ));
     let _ = std::fs::remove_file(&file);
@@ -357,7 +365,7 @@ pub fn run(report: &mut Report) -> Result<()> {
             "nftables DNAT + SNAT: connections/s",
             nft.rate(),
             "conn/s",
-            "numgen random over the backends, SNAT to the LB's address, conntrack, on the LB's stack",
+            "numgen random over the backends, SNAT to a second address of the LB, conntrack, on the LB's stack",
         )
         .ratio(nat.rate() / nft.rate(), "xdplb nat"),
     );
