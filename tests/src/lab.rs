@@ -290,18 +290,18 @@ impl Lab {
 
     /// Builds the topology with `backends` backends serving nothing yet.
     pub fn new(backends: usize) -> Result<Self> {
-        Self::build(backends, Front::Bridge)
+        Self::build(backends, Front::Bridge, true)
     }
 
     /// The ECMP topology (see the module docs): two LBs, `backends` backends, and the client
     /// behind a router with a multipath route to the VIPs hashed on the 5-tuple.
     pub fn with_ecmp(backends: usize) -> Result<Self> {
-        Self::build(backends, Front::Ecmp)
+        Self::build(backends, Front::Ecmp, true)
     }
 
     /// The ECMP topology with no route to the VIPs on the router: BGP brings them.
     pub fn with_bgp(backends: usize) -> Result<Self> {
-        let lab = Self::build(backends, Front::Ecmp)?;
+        let lab = Self::build(backends, Front::Ecmp, true)?;
         let router = lab.router.as_ref().expect("an ECMP lab has a router");
         router.ns.exec(&format!(
             "ip route del {VIP_NET4} && ip -6 route del {VIP_NET6}"
@@ -312,10 +312,17 @@ impl Lab {
     /// The client behind a router whose client-side interface has MTU `client_link_mtu`
     /// (see the module docs), one LB.
     pub fn behind_router(backends: usize, client_link_mtu: u32) -> Result<Self> {
-        Self::build(backends, Front::Router { client_link_mtu })
+        Self::build(backends, Front::Router { client_link_mtu }, true)
     }
 
-    fn build(backends: usize, front: Front) -> Result<Self> {
+    /// [`Lab::new`] with backends left as they come: no VIP, no sysctl changed (`nat`
+    /// backends need nothing).
+    pub fn with_plain_backends(backends: usize) -> Result<Self> {
+        Self::build(backends, Front::Bridge, false)
+    }
+
+    /// `dsr_backends`: the backends hold the VIPs and answer no ARP/ND for them.
+    fn build(backends: usize, front: Front, dsr_backends: bool) -> Result<Self> {
         let routed = front != Front::Bridge;
         let id = unique("xl");
         let switch = Netns::new(&format!("{id}-sw"))?;
@@ -393,7 +400,7 @@ impl Lab {
         let backends = (0..backends)
             .map(|n| host(&format!("b{n}"), backend4(n), backend6(n)))
             .collect::<Result<Vec<_>>>()?;
-        for b in &backends {
+        for b in backends.iter().filter(|_| dsr_backends) {
             // dsr: the VIPs are local on every backend, but only the LB answers ARP/ND for them.
             b.ns.exec(&format!(
                 "ip route add local {VIP_NET4} dev lo && ip -6 route add local {VIP_NET6} dev lo && \

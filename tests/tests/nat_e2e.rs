@@ -36,7 +36,7 @@ fn nat_vip(name: &str, address: IpAddr, port: u16, protocol: &str, backends: &[I
 /// A lab whose backends serve TCP and UDP on 8080 only, with a default route elsewhere, and
 /// the daemon with three nat VIPs: web4 (80/tcp), web6 (80/tcp), dns4 (53/udp).
 fn nat_lab() -> (Lab, Vec<Process>, Daemon) {
-    let lab = Lab::new(3).expect("lab");
+    let lab = Lab::with_plain_backends(3).expect("lab");
     let mut servers = Vec::new();
     for (n, b) in lab.backends.iter().enumerate() {
         // The default route points at a router that is not the LB (and does not exist): the
