@@ -529,6 +529,23 @@ pub fn render_table(snapshot: &Snapshot) -> String {
         human(dropped as f64),
         snapshot.interval_s
     );
+    let total = |name: &str| {
+        snapshot
+            .global
+            .iter()
+            .find(|g| g.name == name)
+            .map_or(0, |g| g.total)
+    };
+    let (new, exhausted) = (total("nat_new"), total("drop_nat_exhausted"));
+    if snapshot.nat_connections > 0 || new > 0 || exhausted > 0 {
+        let _ = writeln!(
+            out,
+            "nat: {} connections (at the last sweep); {} given a port, {} dropped for want of one",
+            snapshot.nat_connections,
+            human(new as f64),
+            human(exhausted as f64)
+        );
+    }
     out
 }
 
@@ -908,6 +925,30 @@ flow table: 1523 entries; not forwarded: 12 packets; rates over 1.0 s
 ";
         assert_eq!(table, expected, "\n{table}");
         assert!(table.lines().all(|l| l.len() <= 100));
+    }
+
+    #[test]
+    fn nat_gets_a_line_only_when_used() {
+        let mut snap = fixed_snapshot();
+        assert!(!render_table(&snap).contains("nat:"));
+        snap.nat_connections = 12;
+        snap.global = vec![
+            GlobalStat {
+                name: "nat_new".into(),
+                total: 1500,
+                rate: 0.0,
+            },
+            GlobalStat {
+                name: "drop_nat_exhausted".into(),
+                total: 3,
+                rate: 0.0,
+            },
+        ];
+        let table = render_table(&snap);
+        assert!(
+            table.contains("nat: 12 connections (at the last sweep); 1.5k given a port, 3 dropped for want of one"),
+            "{table}"
+        );
     }
 
     #[test]

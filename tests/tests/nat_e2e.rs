@@ -34,7 +34,7 @@ fn nat_vip(name: &str, address: IpAddr, port: u16, protocol: &str, backends: &[I
 }
 
 /// A lab whose backends serve TCP and UDP on 8080 only, with a default route elsewhere, and
-/// the daemon with three nat VIPs: web4 (80/tcp), web6 (80/tcp), dns4 (53/udp).
+/// the daemon with four nat VIPs: web4 and web6 (80/tcp), dns4 and dns6 (53/udp).
 fn nat_lab() -> (Lab, Vec<Process>, Daemon) {
     let lab = Lab::with_plain_backends(3).expect("lab");
     let mut servers = Vec::new();
@@ -51,9 +51,10 @@ fn nat_lab() -> (Lab, Vec<Process>, Daemon) {
     let v6: Vec<IpAddr> = (0..3).map(|n| backend6(n).into()).collect();
     let services = nat_vip("web4", VIP4.into(), 80, "tcp", &v4)
         + &nat_vip("web6", VIP6.into(), 80, "tcp", &v6)
-        + &nat_vip("dns4", VIP4.into(), 53, "udp", &v4);
+        + &nat_vip("dns4", VIP4.into(), 53, "udp", &v4)
+        + &nat_vip("dns6", VIP6.into(), 53, "udp", &v6);
     let daemon = Daemon::start(&lab, "", &services).expect("daemon");
-    for vip in ["web4", "web6", "dns4"] {
+    for vip in ["web4", "web6", "dns4", "dns6"] {
         daemon
             .wait_status(
                 &format!("{vip}: 3 backends up (checked on port 8080)"),
@@ -73,7 +74,12 @@ fn nat_lab() -> (Lab, Vec<Process>, Daemon) {
 /// A UDP question to `vip`; the answer must come from the VIP (a connected UDP client would
 /// drop anything else). Sent again on the same socket (same flow) if lost on a busy machine.
 fn udp_name(vip: SocketAddr) -> Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let local: SocketAddr = if vip.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(local)?;
     socket.set_read_timeout(Some(Duration::from_millis(700)))?;
     let mut buf = [0u8; 256];
     for attempt in 1.. {
@@ -184,8 +190,9 @@ fn nat_spreads_by_weight_hides_the_client_and_bypasses_the_lb_stack() {
     assert_weighted("IPv4 TCP", &spread(&lab, 2000, who, addr(VIP4, 80)));
     assert_weighted("IPv6 TCP", &spread(&lab, 2000, who, addr(VIP6, 80)));
     assert_weighted("IPv4 UDP", &spread(&lab, 2000, udp_name, addr(VIP4, 53)));
+    assert_weighted("IPv6 UDP", &spread(&lab, 2000, udp_name, addr(VIP6, 53)));
     let during = stack_received(&lab) - before;
-    // 4,000 TCP connections are at least 20,000 segments through the LB and 2,000 datagrams;
+    // 4,000 TCP connections are at least 20,000 segments through the LB and 4,000 datagrams;
     // its own stack only takes its health checks' replies (9 checks a second, a few
     // segments each).
     eprintln!("the LB's stack received {during} TCP segments and UDP datagrams meanwhile");
