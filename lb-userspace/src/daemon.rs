@@ -95,6 +95,18 @@ impl Daemon {
         healthz: Arc<AtomicBool>,
     ) -> Result<Self> {
         let daemon_config = &config.daemon;
+        if config
+            .services
+            .vips
+            .iter()
+            .any(|v| v.forwarding == Forwarding::Nat)
+        {
+            let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .unwrap_or_default();
+            if let Some(warning) = nat::ephemeral_overlap(&config.services.settings.nat, &range) {
+                warn!("{warning}");
+            }
+        }
         let instance_lock = host::lock_instance(&daemon_config.state_dir)?;
         host::ensure_bpffs(&daemon_config.pin_dir)?;
         let mut dataplane = Dataplane::load(

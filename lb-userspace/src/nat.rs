@@ -177,6 +177,24 @@ fn parse_ports(text: &str) -> Result<(u16, u16), String> {
     Ok((first, last))
 }
 
+/// A warning when `nat_ports` overlaps this host's ephemeral ports (`ip_local_port_range`,
+/// as `range` says it): the LB's own connections (health checks) leave from the nat
+/// addresses with those ports, so a nat connection could hold the tuple of one of them.
+pub fn ephemeral_overlap(spec: &NatSpec, range: &str) -> Option<String> {
+    let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(low)), Some(Ok(high))) = (bounds.next(), bounds.next()) else {
+        return None;
+    };
+    let (first, last) = spec.ports;
+    (first <= high && low <= last).then(|| {
+        format!(
+            "nat_ports {first}-{last} overlaps this host's ephemeral ports {low}-{high} \
+             (net.ipv4.ip_local_port_range): a health check could share a tuple with a nat \
+             connection; move nat_ports below {low} or above {high}"
+        )
+    })
+}
+
 /// A nat connection whose claim the sweep deletes: its `NAT_REV` key and its client tuple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Expired {
@@ -331,6 +349,15 @@ mod tests {
             100,
         );
         assert_eq!(orphans, vec![taken_over]);
+    }
+
+    #[test]
+    fn an_overlap_with_the_ephemeral_ports_is_named() {
+        let spec = NatSpec::default();
+        assert_eq!(ephemeral_overlap(&spec, "32768\t60999\n"), None);
+        let overlap = ephemeral_overlap(&spec, "10000 60999").unwrap();
+        assert!(overlap.contains("1024-32767 overlaps"), "{overlap}");
+        assert_eq!(ephemeral_overlap(&spec, "garbage"), None);
     }
 
     #[test]
