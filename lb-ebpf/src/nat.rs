@@ -448,8 +448,7 @@ pub fn from_backend(ctx: &XdpContext) -> u32 {
     )
     .is_err()
     {
-        counters::global(idx::DROP_INTERNAL);
-        return xdp_action::XDP_DROP;
+        return drop(idx::DROP_INTERNAL);
     }
     to_client(ctx, state, idx::NAT_REPLY)
 }
@@ -499,8 +498,7 @@ pub fn error_from_backend(ctx: &XdpContext) -> u32 {
         dport: state.vip_port,
     };
     if translate_error(ctx, error, &quoted).is_err() {
-        counters::global(idx::DROP_INTERNAL);
-        return xdp_action::XDP_DROP;
+        return drop(idx::DROP_INTERNAL);
     }
     to_client(ctx, state, idx::NAT_ICMP_TO_CLIENT)
 }

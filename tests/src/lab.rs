@@ -857,6 +857,33 @@ pub fn upload(vip: SocketAddr, bytes: u64) -> Result<(String, u64)> {
     Ok((name.to_string(), read.parse()?))
 }
 
+/// Asks over UDP which backend answered, sending again (same socket, so same flow) when no
+/// answer comes, as UDP clients do: one lost datagram on a loaded machine is not a failure.
+/// The answer must come from the VIP: a backend replying from its own address would be
+/// dropped by any connected UDP client.
+pub fn udp_name(vip: SocketAddr) -> Result<String> {
+    let local: SocketAddr = if vip.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.set_read_timeout(Some(Duration::from_millis(700)))?;
+    let mut buf = [0u8; 256];
+    let mut attempt = 0;
+    let (n, from) = loop {
+        attempt += 1;
+        socket.send_to(b"NAME", vip)?;
+        match socket.recv_from(&mut buf) {
+            Ok(answer) => break answer,
+            Err(e) if attempt == 3 => return Err(e.into()),
+            Err(_) => {}
+        }
+    };
+    anyhow::ensure!(from == vip, "the answer to {vip} came from {from}");
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 /// Runs `during(serving backend's IPv4 address, whether the transfer has ended)` while a
 /// transfer of `bytes` at `rate` from `vip` is in flight, then checks it delivered every byte
 /// from the backend it started on.

@@ -4,15 +4,17 @@
 //! IPv6 and UDP; the backends see the LB's address as the peer; the LB's own stack does not
 //! see the nat'ed traffic; a drain and a `kill -9` + restart during downloads lose no byte.
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{Context as _, Result};
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     thread,
     time::Duration,
 };
-use xdplb_tests::lab::{self, addr, backend4, backend6, who, Daemon, Lab, Process, LB4, LB6};
+use xdplb_tests::lab::{
+    self, addr, backend4, backend6, udp_name, who, Daemon, Lab, Process, LB4, LB6,
+};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
@@ -69,31 +71,6 @@ fn nat_lab() -> (Lab, Vec<Process>, Daemon) {
             .unwrap();
     }
     (lab, servers, daemon)
-}
-
-/// A UDP question to `vip`; the answer must come from the VIP (a connected UDP client would
-/// drop anything else). Sent again on the same socket (same flow) if lost on a busy machine.
-fn udp_name(vip: SocketAddr) -> Result<String> {
-    let local: SocketAddr = if vip.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let socket = UdpSocket::bind(local)?;
-    socket.set_read_timeout(Some(Duration::from_millis(700)))?;
-    let mut buf = [0u8; 256];
-    for attempt in 1.. {
-        socket.send_to(b"NAME", vip)?;
-        match socket.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                ensure!(from == vip, "the answer to {vip} came from {from}");
-                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-            Err(e) if attempt == 3 => return Err(e.into()),
-            Err(_) => {}
-        }
-    }
-    unreachable!()
 }
 
 /// The backend's name and the peer it saw for one connection to `vip`.
