@@ -605,3 +605,43 @@ fn icmp_errors_about_nat_connections_are_translated_both_ways() {
     ];
     lb.check_all(&fixtures);
 }
+
+#[test]
+fn a_port_0_nat_vip_keeps_the_clients_destination_port() {
+    let any4 = Ipv4Addr::new(192, 0, 2, 72);
+    let backend = Ipv4Addr::new(10, 3, 0, 13);
+    let mut services = services((NAT_DEFAULT_PORT_MIN, NAT_DEFAULT_PORT_MAX));
+    services.vips = vec![vip_spec(
+        "any4",
+        xdplb_tests::fixture::vip(IpAddr::V4(any4), 0, Protocol::Tcp),
+        Forwarding::Nat,
+        13,
+        &[(IpAddr::V4(backend), mac(0x35), 100)],
+    )];
+    let mut lb = Harness::new(Role::Balancer);
+    lb.apply(&services);
+    let port = nat_port(
+        IpAddr::V4(CLIENT4),
+        IpAddr::V4(any4),
+        44001,
+        8443,
+        PROTO_TCP,
+    );
+    lb.check_all(&[Fixture {
+        description: "port-0 nat VIP: to the backend on the port the client asked for",
+        input: from_client(&tcp4(any4, 44001, 8443, TCP_SYN)),
+        action: Action::Tx,
+        output: Some(framed(
+            LB_MAC,
+            mac(0x35),
+            &Packet::new()
+                .ipv4(NAT4, backend)
+                .tos(0x28)
+                .tcp(port, 8443)
+                .flags(TCP_SYN)
+                .seq(1000)
+                .build(),
+        )),
+        counters: &[(FLOW_MISS, 1), (NAT_NEW, 1)],
+    }]);
+}
