@@ -32,6 +32,12 @@
 //! | [`map_names::FLOOD`] | `ARRAY` | 1 | the pin budget ([`FloodState`]) |
 //! | [`map_names::EVENTS`] | `RINGBUF` | [`LOG_RING_BYTES`] bytes | connection log ([`LogRecord`]): one ring shared by every CPU keeps records in time order, costs no syscall per record, and a full ring fails the reserve (counted) instead of blocking |
 //! | [`map_names::LOG_BUDGET`] | `ARRAY` | 1 | the connection log's kernel budget ([`LogBudget`]): one shared GCRA bucket, so the cap holds for the whole LB, not per CPU |
+//! | [`map_names::NAT_FWD`] | `HASH` | `nat_table_size` | `nat` (issue 12): client 5-tuple -> the (nat address, nat port, backend) it was given ([`NatForward`]); a plain hash, never evicted, so a live connection never loses its translation; the daemon deletes expired entries |
+//! | [`map_names::NAT_REV`] | `HASH` | `nat_table_size` | `nat`: backend-side 5-tuple (backend -> nat address:port) -> the client connection and its hop ([`NatState`]). Inserted with `BPF_NOEXIST`, it is the ownership claim of a nat port: atomic across CPUs, pinned across restarts. Full = exhaustion (counted, the new flow dropped) |
+//! | [`map_names::NAT_BACKENDS`] | `ARRAY` | `max_backends` | `nat`: per backend id its port and default nat source ([`NatBackend`]); read only by `nat` VIPs |
+//! | [`map_names::NAT_CONFIG`] | `ARRAY` | 1 | `nat`: timeouts, port range, configured source addresses ([`NatConfig`]) |
+//! | [`map_names::NAT_PROGS`] | `PROG_ARRAY` | [`NAT_PROGRAMS`] | `nat`: the tail-called nat programs ([`program_names::NAT`]); pinned, so a restarting daemon never leaves the slots empty |
+//! | [`map_names::NAT_SCRATCH`] | `PERCPU_ARRAY` | 1 | `nat`: the balancer's hand-off to a nat program (its choice) and room for the entries it builds, off the BPF stack. Pinned: while a restarted daemon swaps programs, an old balancer may tail-call a new nat program, and both must read the same hand-off |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -39,7 +45,7 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
@@ -76,13 +82,29 @@ pub mod map_names {
     pub const FLOOD: &str = "FLOOD";
     pub const EVENTS: &str = "EVENTS";
     pub const LOG_BUDGET: &str = "LOG_BUDGET";
+    pub const NAT_FWD: &str = "NAT_FWD";
+    pub const NAT_REV: &str = "NAT_REV";
+    pub const NAT_BACKENDS: &str = "NAT_BACKENDS";
+    pub const NAT_CONFIG: &str = "NAT_CONFIG";
+    pub const NAT_PROGS: &str = "NAT_PROGS";
+    pub const NAT_SCRATCH: &str = "NAT_SCRATCH";
 }
 
 /// Program names (the function names in lb-ebpf).
 pub mod program_names {
     pub const LB: &str = "xdplb";
     pub const DECAP: &str = "xdplb_decap";
+    /// The nat programs, in their `NAT_PROGS` slot order.
+    pub const NAT: [&str; super::NAT_PROGRAMS as usize] = [
+        "xdplb_nat_to_backend",
+        "xdplb_nat_from_backend",
+        "xdplb_nat_error_from_backend",
+        "xdplb_nat_error_to_backend",
+    ];
 }
+
+/// Slots of `NAT_PROGS`.
+pub const NAT_PROGRAMS: u32 = 4;
 
 /// Placeholder sizes compiled into the object; userspace always overrides them at load time.
 pub const DEFAULT_MAX_VIPS: u32 = 64;
@@ -115,6 +137,9 @@ pub const PROTO_IPV6: u8 = 41;
 /// Forwarding modes ([`VipMeta::mode`]).
 pub const MODE_DSR: u8 = 0;
 pub const MODE_IPIP: u8 = 1;
+/// Full NAT: destination -> backend:port, source -> a nat address:port of the LB; replies are
+/// translated back by the LB (see [`NatState`]).
+pub const MODE_NAT: u8 = 2;
 
 /// Schedulers ([`VipMeta::scheduler`]): what the VIP's ring area holds and how a new flow
 /// reads it.
@@ -368,6 +393,9 @@ pub const CONFIG_BLOCK_ALL_VIPS: u8 = 2;
 /// The connection log is on (`[daemon.log]`): new flows and filter drops emit a [`LogRecord`].
 /// Off, the log costs the packet path this one flag test.
 pub const CONFIG_LOG: u8 = 4;
+/// Some VIP forwards in `nat`: packets for no VIP are looked up in `NAT_REV` (replies from
+/// backends). Without it that costs one flag test.
+pub const CONFIG_HAS_NAT: u8 = 8;
 
 /// LPM-trie key data of `BLOCKLIST` and `ACL`: a scope (VIP id, or [`SCOPE_ALL_VIPS`] in the
 /// blocklist) then the source address, IPv4 as `::ffff:a.b.c.d` so both families share one
@@ -575,6 +603,173 @@ pub struct AddrKey {
 }
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 
+/// Most nat source addresses per family ([`NatConfig`]).
+pub const MAX_NAT_SOURCES: usize = 32;
+/// Port slots a new nat flow tries (from a hash-chosen start) before it counts as exhausted:
+/// bounds the work of one packet.
+pub const NAT_PROBES: u32 = 16;
+/// Default nat port range: below Linux's default ephemeral range (32768-60999), so the LB's
+/// own connections (health checks, from the same addresses) never hold a port a nat flow
+/// could take, and a reply to them is never taken for a nat flow's.
+pub const NAT_DEFAULT_PORT_MIN: u16 = 1024;
+pub const NAT_DEFAULT_PORT_MAX: u16 = 32767;
+pub const DEFAULT_NAT_TABLE_SIZE: u32 = 1 << 20;
+
+/// `NAT_CONFIG[0]`. Timeouts in seconds (IPVS's defaults: TCP 900, closing 120, UDP 300).
+/// `sources_v4`/`sources_v6` = 0: each backend's own default source ([`NatBackend::src`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatConfig {
+    pub tcp_timeout: u32,
+    pub tcp_closing_timeout: u32,
+    pub udp_timeout: u32,
+    pub port_min: u16,
+    pub port_max: u16,
+    pub sources_v4: u8,
+    pub sources_v6: u8,
+    pub _pad: [u8; 2],
+    pub src_v4: [[u8; 4]; MAX_NAT_SOURCES],
+    pub src_v6: [[u8; 16]; MAX_NAT_SOURCES],
+}
+const _: () = assert!(core::mem::size_of::<NatConfig>() == 20 + 20 * MAX_NAT_SOURCES);
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            tcp_timeout: 900,
+            tcp_closing_timeout: 120,
+            udp_timeout: 300,
+            port_min: NAT_DEFAULT_PORT_MIN,
+            port_max: NAT_DEFAULT_PORT_MAX,
+            sources_v4: 0,
+            sources_v6: 0,
+            _pad: [0; 2],
+            src_v4: [[0; 4]; MAX_NAT_SOURCES],
+            src_v6: [[0; 16]; MAX_NAT_SOURCES],
+        }
+    }
+}
+
+impl NatConfig {
+    /// Seconds of silence (both directions) after which `state` may be reclaimed.
+    #[inline(always)]
+    pub fn timeout(&self, proto: u8, state: u8) -> u32 {
+        if proto == PROTO_UDP {
+            self.udp_timeout
+        } else if state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0 {
+            self.tcp_closing_timeout
+        } else {
+            self.tcp_timeout
+        }
+    }
+
+    /// Whether the nat entry `state` of protocol `proto` is expired at `now` (seconds).
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, state: &NatState, now: u32) -> bool {
+        now.wrapping_sub(state.last_seen) > self.timeout(proto, state.state)
+    }
+
+    /// Configured sources of `family` (0: the backend's own).
+    #[inline(always)]
+    pub fn source_count(&self, family: u8) -> u32 {
+        let n = if family == FAMILY_IPV6 {
+            self.sources_v6
+        } else {
+            self.sources_v4
+        };
+        (n as u32).min(MAX_NAT_SOURCES as u32)
+    }
+}
+
+/// Probe `probe` of a new nat flow with flow hash `hash`: (source index, port in host order)
+/// among `sources` addresses x the port range. Consecutive slots from a hash-chosen start.
+#[inline(always)]
+pub fn nat_slot(hash: u32, probe: u32, port_min: u16, port_max: u16, sources: u32) -> (u32, u16) {
+    let ports = (port_max as u32).saturating_sub(port_min as u32) + 1;
+    let total = ports * sources.max(1);
+    let slot = (hash % total + probe) % total;
+    (slot / ports, port_min + (slot % ports) as u16)
+}
+
+/// `NAT_BACKENDS[backend id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatBackend {
+    /// Source toward this backend when no `nat_source_*` is configured: the address of the
+    /// interface that reaches it.
+    pub src: [u8; 16],
+    /// Backend port, network byte order; 0 = the client's destination port.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<NatBackend>() == 20);
+
+/// `NAT_FWD` value: the translation of one client connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatForward {
+    pub nat_addr: [u8; 16],
+    /// The backend's address, as when the entry was made (its `NAT_REV` key).
+    pub backend: [u8; 16],
+    /// Network byte order.
+    pub nat_port: u16,
+    pub backend_port: u16,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<NatForward>() == 40);
+
+impl NatForward {
+    /// The `NAT_REV` key of this translation: the tuple of the backend's replies.
+    #[inline(always)]
+    pub fn reverse_key(&self, proto: u8, family: u8) -> FlowKey {
+        FlowKey {
+            src: self.backend,
+            dst: self.nat_addr,
+            sport: self.backend_port,
+            dport: self.nat_port,
+            proto,
+            family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// `NAT_REV` value, keyed by the backend-side tuple (src = backend, dst = nat address,
+/// sport = backend port, dport = nat port): the client connection and where its replies go.
+/// `last_seen` and `state` are refreshed by both directions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatState {
+    pub client: [u8; 16],
+    pub vip: [u8; 16],
+    /// Network byte order.
+    pub client_port: u16,
+    pub vip_port: u16,
+    /// The hop the client's packets came from (replies go back to it) and the LB's MAC there.
+    pub client_mac: [u8; 6],
+    pub lb_mac: [u8; 6],
+    pub ifindex: u32,
+    pub vip_id: u32,
+    pub backend_id: u32,
+    pub created: u32,
+    pub last_seen: u32,
+    /// `FLOW_*_SEEN` bits of both directions.
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<NatState>() == 72);
+
+impl NatState {
+    /// Whether this entry belongs to the client connection `key` (client -> VIP).
+    #[inline(always)]
+    pub fn owned_by(&self, key: &FlowKey) -> bool {
+        self.client == key.src
+            && self.vip == key.dst
+            && self.client_port == key.sport
+            && self.vip_port == key.dport
+    }
+}
+
 /// Declares the global counters once: index constants, their exported names and help texts.
 macro_rules! global_counters {
     ($($name:ident = $idx:literal, $label:literal, $help:literal;)*) => {
@@ -624,6 +819,13 @@ pub mod counters {
         // Issue #15, the connection log.
         LOG_RECORDS_DROPPED_BUDGET = 31, "log_records_dropped_budget", "connection log: record not emitted, over [daemon.log] max_per_second";
         LOG_RECORDS_DROPPED_RING_FULL = 32, "log_records_dropped_ring_full", "connection log: record not emitted, the ring buffer was full (the daemon reads too slowly)";
+        // Issue 12: nat forwarding.
+        NAT_NEW = 33, "nat_new", "nat: a connection got a nat address and port";
+        NAT_RECLAIMED = 34, "nat_reclaimed", "nat: a new connection took over the port of an expired one";
+        DROP_NAT_EXHAUSTED = 35, "drop_nat_exhausted", "dropped: nat found no free port (or the nat table is full) for a new connection";
+        NAT_REPLY = 36, "nat_reply", "nat: a backend's reply translated back to its client";
+        NAT_ICMP_TO_CLIENT = 37, "nat_icmp_to_client", "nat: an ICMP error about a nat connection translated and sent to its client";
+        NAT_ICMP_TO_BACKEND = 38, "nat_icmp_to_backend", "nat: an ICMP error about a nat connection translated and sent to its backend";
     }
 }
 
@@ -647,4 +849,8 @@ mod pod {
     unsafe impl aya::Pod for FloodState {}
     unsafe impl aya::Pod for LogRecord {}
     unsafe impl aya::Pod for LogBudget {}
+    unsafe impl aya::Pod for NatConfig {}
+    unsafe impl aya::Pod for NatBackend {}
+    unsafe impl aya::Pod for NatForward {}
+    unsafe impl aya::Pod for NatState {}
 }

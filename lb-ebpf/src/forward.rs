@@ -1,14 +1,16 @@
-//! Sending a packet to its backend: MAC rewrite (`dsr`) or IPIP encapsulation (`ipip`), then
-//! out of the same interface (`XDP_TX`) or another one (`XDP_REDIRECT`).
+//! Sending a packet to its backend: MAC rewrite (`dsr`), IPIP encapsulation (`ipip`) or
+//! address translation (`nat`, see [`crate::nat`]), then out of the same interface (`XDP_TX`)
+//! or another one (`XDP_REDIRECT`).
 
 use crate::{
+    lookup::Choice,
     maps::{CONFIG, TX_PORTS},
     parse::{ptr_at, Packet, ETH_P_IPV4, ETH_P_IPV6},
 };
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     counters, Backend, LbConfig, VipMeta, FAMILY_IPV6, IPV4_HEADER_LEN, IPV6_HEADER_LEN, MODE_IPIP,
-    PROTO_IPIP, PROTO_IPV6,
+    MODE_NAT, PROTO_IPIP, PROTO_IPV6,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -29,19 +31,53 @@ fn set_macs(ctx: &XdpContext, backend: &Backend) -> Result<(), u32> {
 /// The action that sends the rewritten frame toward `backend`.
 #[inline(always)]
 fn transmit(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
-    if backend.tx_ifindex == 0 || backend.tx_ifindex as usize == ctx.ingress_ifindex() {
+    out_of(ctx, backend.tx_ifindex)
+}
+
+/// The action that sends the rewritten frame out of `ifindex` (0: where it came in).
+#[inline(always)]
+pub fn out_of(ctx: &XdpContext, ifindex: u32) -> Result<u32, u32> {
+    if ifindex == 0 || ifindex as usize == ctx.ingress_ifindex() {
         return Ok(xdp_action::XDP_TX);
     }
     // On a missing port the helper returns the low bits of the flags: XDP_DROP, counted below.
     TX_PORTS
-        .redirect(backend.tx_ifindex, xdp_action::XDP_DROP as u64)
+        .redirect(ifindex, xdp_action::XDP_DROP as u64)
         .map_err(|_| counters::DROP_INTERNAL)
 }
 
-/// Sends the packet to `backend` the way `vip` forwards. `hash` is the flow hash (outer
-/// source and flow label of `ipip`). `nat` (issue 12) adds its translation here.
+/// Sends the packet to the chosen backend the way `vip` forwards. `hash` is the flow hash
+/// (outer source and flow label of `ipip`, first port slot of `nat`). `nat` continues in its
+/// own program (a tail call that returns only on failure).
 #[inline(always)]
 pub fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &VipMeta,
+    choice: &Choice,
+    hash: u32,
+) -> Result<u32, u32> {
+    if vip.mode == MODE_NAT {
+        let with = crate::nat::HandOff {
+            backend_id: choice.backend_id,
+            vip_id: vip.vip_id,
+            new_flow: choice.new_flow,
+            hash,
+        };
+        return Err(crate::nat::hand_off(
+            ctx,
+            None,
+            crate::nat::TO_BACKEND,
+            with,
+        ));
+    }
+    dsr_or_ipip(ctx, pkt, vip, choice.backend, hash)
+}
+
+/// [`to_backend`] for a VIP that does not use `nat` (ICMP errors about a nat connection are
+/// translated by [`crate::nat`] instead).
+#[inline(always)]
+pub fn dsr_or_ipip(
     ctx: &XdpContext,
     pkt: &Packet,
     vip: &VipMeta,
@@ -65,8 +101,9 @@ pub fn outer_len(backend: &Backend) -> u32 {
     }
 }
 
+/// MAC rewrite toward `backend` and send: all of `dsr`, the last step of `nat`.
 #[inline(always)]
-fn dsr(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
+pub fn dsr(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
     set_macs(ctx, backend)?;
     transmit(ctx, backend)
 }

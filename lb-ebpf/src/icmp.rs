@@ -5,6 +5,8 @@
 //!   reply. They go to the backend that owns the quoted connection (its tuple reversed: flow
 //!   table, then ring), in the VIP's forwarding mode. Without this a backend never learns a
 //!   smaller path MTU and large replies stall for ever.
+//! * `nat` VIPs: errors about a nat connection are translated (see [`crate::nat`]), both
+//!   those sent to the VIP and those a backend or a router sends to a nat address.
 //! * A client packet too big to encapsulate (`ipip`) is answered from here with "fragmentation
 //!   needed" (IPv4 with DF) or "packet too big" (IPv6) carrying the MTU left for the inner
 //!   packet, rate limited per CPU (Katran's `send_icmp_too_big` does the same).
@@ -25,8 +27,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    counters as idx, Backend, FlowKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6, IPV4_HEADER_LEN,
-    IPV6_HEADER_LEN, PROTO_TCP, PROTO_UDP,
+    counters as idx, Backend, FlowKey, VipMeta, CONFIG_HAS_NAT, FAMILY_IPV4, FAMILY_IPV6,
+    IPV4_HEADER_LEN, IPV6_HEADER_LEN, MODE_NAT, PROTO_TCP, PROTO_UDP,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -65,6 +67,17 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
     };
     let (seed, flags) = CONFIG.get(0).map_or((0, 0), |c| (c.hash_seed, c.flags));
     let Some(vip) = lookup::find_vip(&error.packet.key, flags) else {
+        // About a packet the LB sent to a nat backend: addressed to a nat address.
+        if flags & CONFIG_HAS_NAT != 0 {
+            let reason = crate::nat::hand_off(
+                ctx,
+                Some(&error.packet),
+                crate::nat::ERROR_FROM_BACKEND,
+                crate::nat::NO_CHOICE,
+            );
+            counters::global(reason);
+            return xdp_action::XDP_DROP;
+        }
         return pass(idx::PASS_NOT_VIP);
     };
     let hash = lb_common::flow_hash(&error.packet.key, seed);
@@ -73,6 +86,23 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
     else {
         return pass(idx::PASS_ICMP_NO_BACKEND);
     };
+    if vip.mode == MODE_NAT {
+        let with = crate::nat::HandOff {
+            backend_id,
+            vip_id: vip.vip_id,
+            new_flow: false,
+            hash,
+        };
+        let reason =
+            crate::nat::hand_off(ctx, Some(&error.packet), crate::nat::ERROR_TO_BACKEND, with);
+        return counters::sent_to_backend(
+            vip.vip_id,
+            backend_id,
+            error.packet.l3_len,
+            false,
+            Err(reason),
+        );
+    }
     error.hash = hash;
     let sent = send(ctx, &error, vip, backend);
     if sent.is_ok() {
@@ -81,13 +111,13 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
     counters::sent_to_backend(vip.vip_id, backend_id, error.packet.l3_len, false, sent)
 }
 
-/// [`forward::to_backend`] as a BPF-to-BPF call, so the encapsulation code is not inlined a
+/// [`forward::dsr_or_ipip`] as a BPF-to-BPF call, so the encapsulation code is not inlined a
 /// second time into the program's main path (its size costs TCP/UDP packets instruction-cache
 /// misses, measurably).
 /// (BPF calls take at most five arguments, the result's pointer included.)
 #[inline(never)]
 fn send(ctx: &XdpContext, error: &FlowError, vip: &VipMeta, backend: &Backend) -> Result<u32, u32> {
-    forward::to_backend(ctx, &error.packet, vip, backend, error.hash)
+    forward::dsr_or_ipip(ctx, &error.packet, vip, backend, error.hash)
 }
 
 #[inline(always)]

@@ -2,9 +2,10 @@
 //!
 //! * `xdplb` (the load balancer): parse -> VIP lookup -> filter (blocklist, source ACL) ->
 //!   flow table with flood defence / new-flow limits / scheduler (Maglev ring, round robin,
-//!   least-conn) -> forward (`dsr` MAC rewrite or `ipip` encapsulation; too big to
-//!   encapsulate: ICMP to the client) -> count. New flows and filter drops go to the
-//!   connection log (`events`) when it is on. ICMP errors about a VIP's flow branch off
+//!   least-conn) -> forward (`dsr` MAC rewrite, `ipip` encapsulation, or `nat` translation;
+//!   too big to encapsulate: ICMP to the client) -> count. New flows and filter drops go to the
+//!   connection log (`events`) when it is on. Packets for no VIP may be replies to `nat`
+//!   connections (translated back to their clients). ICMP errors about a VIP's flow branch off
 //!   after parse to the flow's backend.
 //! * `xdplb_decap` (on backends): removes the `ipip` outer header for local VIPs.
 //!
@@ -27,11 +28,12 @@ mod forward;
 mod icmp;
 mod lookup;
 mod maps;
+mod nat;
 mod parse;
 mod schedule;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::counters as idx;
+use lb_common::{counters as idx, CONFIG_HAS_NAT};
 
 #[xdp]
 pub fn xdplb(ctx: XdpContext) -> u32 {
@@ -41,6 +43,27 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdplb_decap(ctx: XdpContext) -> u32 {
     counters::action(decap::run(&ctx))
+}
+
+/// The nat programs, tail-called by `xdplb` through `NAT_PROGS` (see nat.rs).
+#[xdp]
+pub fn xdplb_nat_to_backend(ctx: XdpContext) -> u32 {
+    counters::action(nat::to_backend(&ctx))
+}
+
+#[xdp]
+pub fn xdplb_nat_from_backend(ctx: XdpContext) -> u32 {
+    counters::action(nat::from_backend(&ctx))
+}
+
+#[xdp]
+pub fn xdplb_nat_error_from_backend(ctx: XdpContext) -> u32 {
+    counters::action(nat::error_from_backend(&ctx))
+}
+
+#[xdp]
+pub fn xdplb_nat_error_to_backend(ctx: XdpContext) -> u32 {
+    counters::action(nat::error_to_backend(&ctx))
 }
 
 #[inline(always)]
@@ -61,6 +84,12 @@ fn balance(ctx: &XdpContext) -> u32 {
         .get(0)
         .map_or((0, 0), |c| (c.hash_seed, c.flags));
     let Some(vip) = lookup::find_vip(&pkt.key, flags) else {
+        // Replies from nat backends are addressed to the LB, not to a VIP.
+        if flags & CONFIG_HAS_NAT != 0 {
+            let reason = nat::hand_off(ctx, None, nat::FROM_BACKEND, nat::NO_CHOICE);
+            counters::global(reason);
+            return xdp_action::XDP_DROP;
+        }
         return pass(idx::PASS_NOT_VIP);
     };
     if let Err(reason) = filter::admit(&pkt.key, vip, flags) {
@@ -78,7 +107,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         }
     };
     events::chosen(flags, &pkt.key, vip, &choice);
-    match forward::to_backend(ctx, &pkt, vip, choice.backend, hash) {
+    match forward::to_backend(ctx, &pkt, vip, &choice, hash) {
         Err(idx::PASS_TOO_BIG) => {
             counters::not_forwarded(vip.vip_id, choice.backend_id, pkt.l3_len);
             icmp::too_big(ctx, &pkt, choice.backend)

@@ -4,12 +4,16 @@
 use crate::counters::SharedCount;
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray,
+        RingBuf,
+    },
 };
 use lb_common::{
-    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, LogBudget, SourcePrefix,
-    SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, ACTIVE_CONNS_MAP_FLAGS,
-    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS,
+    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, LogBudget, NatBackend,
+    NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops,
+    VipKey, VipLimits, VipMeta, ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE,
     LOG_RING_BYTES, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
     RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS,
 };
@@ -94,3 +98,27 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(LOG_RING_BYTES, 0);
 
 #[map]
 pub static LOG_BUDGET: Array<LogBudget> = Array::with_max_entries(1, 0);
+
+/// `nat` hash tables are not preallocated (`BPF_F_NO_PREALLOC`): an LB without nat VIPs
+/// spends no memory on them, and one with them spends it per connection, up to the size.
+const NO_PREALLOC: u32 = 1;
+
+#[map]
+pub static NAT_FWD: HashMap<FlowKey, NatForward> =
+    HashMap::with_max_entries(DEFAULT_NAT_TABLE_SIZE, NO_PREALLOC);
+
+#[map]
+pub static NAT_REV: HashMap<FlowKey, NatState> =
+    HashMap::with_max_entries(DEFAULT_NAT_TABLE_SIZE, NO_PREALLOC);
+
+#[map]
+pub static NAT_BACKENDS: Array<NatBackend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static NAT_CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static NAT_PROGS: ProgramArray = ProgramArray::with_max_entries(lb_common::NAT_PROGRAMS, 0);

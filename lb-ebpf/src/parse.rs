@@ -104,6 +104,13 @@ pub fn parse_l2(ctx: &XdpContext) -> Result<(u16, usize), u32> {
 /// Parses a packet down to its ports. `Err` carries the pass-reason counter.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
+    parse_to_l4(ctx).map(|(pkt, _)| pkt)
+}
+
+/// [`parse`], and where the TCP/UDP header starts (`nat` rewrites ports and checksums
+/// there). Kept out of [`Packet`]: a larger `Packet` costs the balancer's stack.
+#[inline(always)]
+pub fn parse_to_l4(ctx: &XdpContext) -> Result<(Packet, usize), u32> {
     let (ether_type, l2_len) = parse_l2(ctx)?;
     match ether_type {
         ETH_P_IPV4 => parse_ipv4(ctx, l2_len),
@@ -118,7 +125,7 @@ pub fn frame_len(ctx: &XdpContext) -> usize {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l2_len: usize) -> Result<Packet, u32> {
+fn parse_ipv4(ctx: &XdpContext, l2_len: usize) -> Result<(Packet, usize), u32> {
     let ip: &Ipv4Hdr = header(ctx, l2_len).map_err(|_| counters::PASS_MALFORMED)?;
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     let l3_len = u16::from_be_bytes(ip.tot_len) as usize;
@@ -144,11 +151,11 @@ fn parse_ipv4(ctx: &XdpContext, l2_len: usize) -> Result<Packet, u32> {
     pkt.key.src[..4].copy_from_slice(&ip.src_addr);
     pkt.key.dst[..4].copy_from_slice(&ip.dst_addr);
     parse_l4(ctx, l2_len + ihl, &mut pkt)?;
-    Ok(pkt)
+    Ok((pkt, l2_len + ihl))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l2_len: usize) -> Result<Packet, u32> {
+fn parse_ipv6(ctx: &XdpContext, l2_len: usize) -> Result<(Packet, usize), u32> {
     let ip: &Ipv6Hdr = header(ctx, l2_len).map_err(|_| counters::PASS_MALFORMED)?;
     let l3_len = Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
     if ip.vcf[0] >> 4 != 6 || l2_len + l3_len > frame_len(ctx) {
@@ -187,7 +194,7 @@ fn parse_ipv6(ctx: &XdpContext, l2_len: usize) -> Result<Packet, u32> {
         tcp_flags: 0,
     };
     parse_l4(ctx, offset, &mut pkt)?;
-    Ok(pkt)
+    Ok((pkt, offset))
 }
 
 /// Reads the ports. Headers must end inside the IP packet, not in Ethernet padding after it.

@@ -177,6 +177,9 @@ pub struct FlowInfo {
     pub idle_s: u32,
     /// "syn", "established", "fin", "rst", or "udp".
     pub state: String,
+    /// `nat` VIPs: the nat address:port the backend sees the connection from.
+    #[serde(default)]
+    pub nat: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -455,8 +455,13 @@ pub fn render_flows(list: &FlowList) -> String {
             .map(String::from)
             .to_vec(),
     ];
+    // The NAT column only when some flow is nat'ed: other modes have nothing to show there.
+    let nat = list.flows.iter().any(|f| f.nat.is_some());
+    if nat {
+        rows[0].insert(4, "NAT".into());
+    }
     for f in &list.flows {
-        rows.push(vec![
+        let mut row = vec![
             f.client.clone(),
             f.vip.clone(),
             f.protocol.clone(),
@@ -464,7 +469,11 @@ pub fn render_flows(list: &FlowList) -> String {
             format!("{}s", f.age_s),
             format!("{}s", f.idle_s),
             f.state.clone(),
-        ]);
+        ];
+        if nat {
+            row.insert(4, f.nat.clone().unwrap_or_else(|| "-".into()));
+        }
+        rows.push(row);
     }
     let mut out = table(&rows, "");
     if list.matched > list.flows.len() {
@@ -778,6 +787,7 @@ web  192.0.2.10:80/tcp  dsr  least-conn  affinity connection  ring 65537  1/4 ba
                 age_s: 75,
                 idle_s: 2,
                 state: "established".into(),
+                nat: None,
             }],
         };
         let expected = "\

@@ -319,7 +319,7 @@ impl<'a> Table<'a> {
     }
 
     /// Every duration here must be positive: zero would be a busy loop or an instant timeout.
-    fn duration(&self, p: &mut Problems, name: &str) -> Field<Duration> {
+    pub(crate) fn duration(&self, p: &mut Problems, name: &str) -> Field<Duration> {
         let expected = "a duration string such as \"500ms\" or \"5s\"";
         let Some(text) = self.get(p, name, expected, Value::as_str)? else {
             return Ok(None);
@@ -424,6 +424,7 @@ const DAEMON_KEYS: &[&str] = &[
     "pinned_flows_per_second",
     "announce",
     "log",
+    "nat_table_size",
 ];
 const ANNOUNCE_KEYS: &[&str] = &["table", "withdraw_grace"];
 const VIP_KEYS: &[&str] = &[
@@ -459,11 +460,15 @@ const HEALTH_KEYS: &[&str] = &[
 ];
 const HTTP_KEYS: &[&str] = &["path", "expect_status", "host"];
 const TLS_KEYS: &[&str] = &["tls_verify", "tls_ca"];
-const BACKEND_KEYS: &[&str] = &["address", "weight", "mac", "health_port"];
+const BACKEND_KEYS: &[&str] = &["address", "weight", "mac", "health_port", "port"];
 
 const XDP_MODES: [AttachMode; 3] = [AttachMode::Auto, AttachMode::Native, AttachMode::Generic];
 const PROTOCOLS: [(&str, Protocol); 2] = [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
-const FORWARDINGS: [(&str, Forwarding); 2] = [("dsr", Forwarding::Dsr), ("ipip", Forwarding::Ipip)];
+const FORWARDINGS: [(&str, Forwarding); 3] = [
+    ("dsr", Forwarding::Dsr),
+    ("ipip", Forwarding::Ipip),
+    ("nat", Forwarding::Nat),
+];
 const AFFINITIES: [(&str, Affinity); 2] = [
     ("connection", Affinity::Connection),
     ("client", Affinity::Client { ipv6_host: false }),
@@ -497,6 +502,10 @@ const MAX_FLOW_TABLE_SIZE: (u32, &str) = (
     1 << 28,
     "each flow entry takes about 100 bytes, so that is already about 25 GiB",
 );
+const MAX_NAT_TABLE_SIZE: (u32, &str) = (
+    1 << 26,
+    "each nat connection takes about 300 bytes in its two tables, so that is already about 19 GiB",
+);
 /// The ring map (`max_vips * 2 * max_ring_size` slots of 8 bytes: the kernel aligns array values to 8) is allocated in full when
 /// the daemon starts.
 const MAX_RING_BYTES: u64 = 4 << 30;
@@ -519,7 +528,7 @@ fn read_config(root: &toml::Table, p: &mut Problems) -> Result<Config, Reported>
         .map(|table| table.unwrap_or_else(|| root.child("daemon", &empty, "[daemon]")));
     let (daemon, settings, sizes) = match &daemon_table {
         Ok(t) => {
-            t.reject_unknown(p, DAEMON_KEYS);
+            t.reject_unknown(p, &[DAEMON_KEYS, crate::nat::DAEMON_KEYS].concat());
             let sizes = read_sizes(t, p);
             (read_daemon(t, sizes, p), read_settings(t, sizes, p), sizes)
         }
@@ -588,6 +597,13 @@ fn read_sizes(t: &Table, p: &mut Problems) -> Result<Sizes, Reported> {
         defaults.flow_table_size,
         MAX_FLOW_TABLE_SIZE,
     );
+    let nat_table_size = read_size(
+        t,
+        p,
+        "nat_table_size",
+        defaults.nat_table_size,
+        MAX_NAT_TABLE_SIZE,
+    );
     // Bounded together with max_vips below, through the memory the ring map needs.
     let max_ring_size = t
         .int(p, "max_ring_size", 1..=u32::MAX)
@@ -597,6 +613,7 @@ fn read_sizes(t: &Table, p: &mut Problems) -> Result<Sizes, Reported> {
         max_backends: max_backends?,
         max_ring_size: max_ring_size?,
         flow_table_size: flow_table_size?,
+        nat_table_size: nat_table_size?,
     };
     let ring_bytes = u64::from(sizes.max_vips) * 2 * u64::from(sizes.max_ring_size) * 8;
     if ring_bytes > MAX_RING_BYTES {
@@ -812,12 +829,14 @@ fn read_settings(
     let icmp_too_big_rate = t
         .int(p, "icmp_too_big_rate", 0..=1_000_000)
         .map(|rate| rate.unwrap_or(defaults.icmp_too_big_rate));
+    let nat = crate::nat::read(t, p);
     Ok(DataPathSettings {
         hash_seed: hash_seed?,
         ipip_source_v4: ipip_source_v4?,
         ipip_source_v6: ipip_source_v6?,
         icmp_too_big_rate: icmp_too_big_rate?,
         flood: flood?,
+        nat: nat?,
     })
 }
 
@@ -954,6 +973,7 @@ fn read_vip(
         Err(reported) => vec![Err(*reported)],
     };
     check_backends(&t, forwarding, addr, &backends, p);
+    check_nat_ports(&t, forwarding, port, &backends, p);
     let acl = crate::acl::read(&t, p);
     let limits = crate::limits::read(&t, p);
     if let Ok(size) = ring_size {
@@ -988,7 +1008,10 @@ fn read_vip(
 
     // A port-0 VIP has no port to probe, unless every backend names its own.
     if let (Ok(0), Ok(health)) = (port, &health) {
-        let unprobed = backends.iter().flatten().any(|b| b.health_port.is_none());
+        let unprobed = backends
+            .iter()
+            .flatten()
+            .any(|b| b.health_port.or(b.port).is_none());
         if health.kind != CheckKind::None && health.port.is_none() && unprobed {
             p.report(
                 t.key("health.port"),
@@ -1039,6 +1062,39 @@ fn read_affinity(t: &Table, p: &mut Problems) -> Result<Affinity, Reported> {
     }
 }
 
+/// Backend `port` is a nat setting: other modes keep the VIP's port, and a port-0 nat VIP
+/// keeps each client's.
+fn check_nat_ports(
+    t: &Table,
+    forwarding: Result<Forwarding, Reported>,
+    vip_port: Result<u16, Reported>,
+    backends: &[Result<BackendSpec, Reported>],
+    p: &mut Problems,
+) {
+    let (Ok(forwarding), Ok(vip_port)) = (forwarding, vip_port) else {
+        return;
+    };
+    for (i, backend) in backends.iter().enumerate() {
+        let Ok(backend) = backend else { continue };
+        let key = t.key(&format!("backend[{i}].port"));
+        if backend.port.is_some() && forwarding != Forwarding::Nat {
+            p.report(
+                key,
+                format!(
+                    "only applies with forwarding = \"nat\" (with \"{forwarding}\" the backend \
+                     receives the VIP's port); remove it or use forwarding = \"nat\""
+                ),
+            );
+        } else if backend.port.is_some() && vip_port == 0 {
+            p.report(
+                key,
+                "the VIP has port = 0, so each connection keeps its client's destination port; \
+                 remove it, or give the VIP a port",
+            );
+        }
+    }
+}
+
 /// Duplicates and address families, across the valid backends of one VIP.
 fn check_backends(
     t: &Table,
@@ -1065,6 +1121,19 @@ fn check_backends(
         // ipip can carry IPv4 in IPv6 (4in6) but not IPv6 in IPv4. dsr only rewrites MACs: the
         // backend address is used for neighbour resolution and health checks, never as the
         // packet's destination, so any family works there.
+        if let (Ok(Forwarding::Nat), Ok(vip_addr)) = (forwarding, vip_addr) {
+            if vip_addr.is_ipv4() != backend.addr.is_ipv4() {
+                p.report(
+                    key.clone(),
+                    format!(
+                        "{} and the VIP {vip_addr} are of different families, and nat \
+                         translates within one family (no NAT64); use a backend address of \
+                         the VIP's family",
+                        backend.addr
+                    ),
+                );
+            }
+        }
         if let (Ok(Forwarding::Ipip), Ok(IpAddr::V6(_)), IpAddr::V4(_)) =
             (forwarding, vip_addr, backend.addr)
         {
@@ -1309,11 +1378,13 @@ fn read_backend(t: &Table, p: &mut Problems) -> Result<BackendSpec, Reported> {
         .map(|weight| weight.unwrap_or(100));
     let mac = t.parsed(p, "mac", str::parse);
     let health_port = t.int(p, "health_port", 1..=u16::MAX);
+    let port = t.int(p, "port", 1..=u16::MAX);
     Ok(BackendSpec {
         addr: addr?,
         weight: weight?,
         mac: mac?,
         health_port: health_port?,
+        port: port?,
     })
 }
 
@@ -1618,6 +1689,7 @@ mod tests {
                 state_dir: "/var/lib/lb".into(),
                 pin_dir: "/sys/fs/bpf/lb".into(),
                 sizes: Sizes {
+                    nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
                     max_vips: 8,
                     max_backends: 100,
                     max_ring_size: 1009,
@@ -1634,6 +1706,7 @@ mod tests {
             },
             services: Services {
                 settings: DataPathSettings {
+                    nat: Default::default(),
                     hash_seed: 42,
                     ipip_source_v4: Prefix {
                         addr: Ipv4Addr::new(10, 255, 0, 0).into(),
@@ -1675,6 +1748,7 @@ mod tests {
                             on_all_down: OnAllDown::Drop,
                         },
                         backends: vec![BackendSpec {
+                            port: None,
                             addr: Ipv4Addr::new(10, 1, 0, 11).into(),
                             weight: 0,
                             mac: Some(Mac([2, 0, 0, 0, 0, 0x11])),
@@ -1701,6 +1775,7 @@ mod tests {
                             ..HealthSpec::default()
                         },
                         backends: vec![BackendSpec {
+                            port: None,
                             addr: "2001:db8:1::53".parse().unwrap(),
                             weight: 100,
                             mac: None,
@@ -1755,6 +1830,7 @@ mod tests {
                 state_dir: "/var/lib/xdplb".into(),
                 pin_dir: "/sys/fs/bpf/xdplb".into(),
                 sizes: Sizes {
+                    nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
                     max_vips: 64,
                     max_backends: 4096,
                     max_ring_size: 65537,
@@ -1787,6 +1863,7 @@ mod tests {
         assert_eq!(
             vip.backends,
             [BackendSpec {
+                port: None,
                 addr: Ipv4Addr::new(10, 1, 0, 11).into(),
                 weight: 100,
                 mac: None,
@@ -2369,9 +2446,9 @@ mod tests {
                 "\"sctp\" is not one of \"tcp\", \"udp\"",
             ),
             (
-                with_vip("forwarding = \"nat\"\n"),
+                with_vip("forwarding = \"tproxy\"\n"),
                 "vip[0] (web).forwarding",
-                "\"nat\" is not one of \"dsr\", \"ipip\"",
+                "\"tproxy\" is not one of \"dsr\", \"ipip\", \"nat\"",
             ),
             (
                 with_vip("affinity = \"source\"\n"),
@@ -2610,6 +2687,49 @@ mod tests {
             ),
             "vip[0] (all).health.port",
             "missing; the VIP has port = 0 (every port), so checks need a port",
+        );
+    }
+
+    #[test]
+    fn nat_keys_map_to_the_model_and_are_checked() {
+        let config = valid(
+            "[daemon]\ninterfaces = [\"eth0\"]\nnat_source_v4 = [\"10.0.0.1\", \"10.0.0.2\"]\n\
+             nat_ports = \"2000-2999\"\nnat_udp_timeout = \"30s\"\nnat_table_size = 1000\n\
+             [[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nforwarding = \"nat\"\n\
+             [[vip.backend]]\naddress = \"10.1.0.1\"\nport = 8080\n",
+        );
+        let nat = &config.services.settings.nat;
+        assert_eq!(nat.sources_v4.len(), 2);
+        assert_eq!(nat.ports, (2000, 2999));
+        assert_eq!(nat.udp_timeout, Duration::from_secs(30));
+        assert_eq!(nat.tcp_timeout, Duration::from_secs(900));
+        assert_eq!(config.daemon.sizes.nat_table_size, 1000);
+        assert_eq!(config.services.vips[0].forwarding, Forwarding::Nat);
+        assert_eq!(config.services.vips[0].backends[0].port, Some(8080));
+
+        let daemon = |keys: &str| format!("[daemon]\ninterfaces = [\"eth0\"]\n{keys}");
+        assert_rejected(
+            &daemon("nat_source_v4 = [\"fd00::1\"]\n"),
+            "daemon.nat_source_v4[0]",
+            "is not an IPv4 address",
+        );
+        assert_rejected(
+            &daemon("nat_ports = \"3000-2000\"\n"),
+            "daemon.nat_ports",
+            "not above the last",
+        );
+        assert_rejected(
+            &with_backend("address = \"10.1.0.1\"\nport = 8080"),
+            "vip[0] (web).backend[0].port",
+            "only applies with forwarding = \"nat\"",
+        );
+        assert_rejected(
+            &format!(
+                "{DAEMON}[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\n\
+                 forwarding = \"nat\"\n[[vip.backend]]\naddress = \"2001:db8::1\"\n"
+            ),
+            "vip[0] (web).backend[0].address",
+            "no NAT64",
         );
     }
 

@@ -27,7 +27,8 @@ use crate::{
     flowscan::FlowScan,
     health::{BackendHealth, CheckObserver, HealthEvent, HealthMonitor, State},
     links, metrics,
-    model::{BackendSpec, OnAllDown, VipSpec},
+    model::{BackendSpec, Forwarding, OnAllDown, VipSpec},
+    nat,
     net::HostResolver,
     nexthops::{self, NextHops},
     overrides::Overrides,
@@ -65,6 +66,8 @@ pub struct Daemon {
     overrides: Overrides,
     blocklist: Blocklist,
     pinned_scan: PinnedScan,
+    /// nat connections left by the last sweep.
+    nat_connections: u64,
     resolver: HostResolver,
     next_hops: NextHops,
     unresolved: Vec<Unresolved>,
@@ -96,6 +99,18 @@ impl Daemon {
         healthz: Arc<AtomicBool>,
     ) -> Result<Self> {
         let daemon_config = &config.daemon;
+        if config
+            .services
+            .vips
+            .iter()
+            .any(|v| v.forwarding == Forwarding::Nat)
+        {
+            let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .unwrap_or_default();
+            if let Some(warning) = nat::ephemeral_overlap(&config.services.settings.nat, &range) {
+                warn!("{warning}");
+            }
+        }
         let instance_lock = host::lock_instance(&daemon_config.state_dir)?;
         host::ensure_bpffs(&daemon_config.pin_dir)?;
         let mut dataplane = Dataplane::load(
@@ -151,6 +166,7 @@ impl Daemon {
             overrides,
             blocklist,
             pinned_scan: PinnedScan::default(),
+            nat_connections: 0,
             resolver,
             next_hops,
             unresolved: Vec::new(),
@@ -659,6 +675,19 @@ impl Daemon {
                     .map(move |(addr, b)| (b.id, (v.name.as_str(), *addr)))
             })
             .collect();
+        // Client tuple -> nat address:port, when some VIP uses nat.
+        let nat: HashMap<FlowKey, String> = if self.uses_nat() {
+            self.dataplane
+                .nat_translations()?
+                .into_iter()
+                .map(|(client, fwd)| {
+                    let backend_side = fwd.reverse_key(client.proto, client.family);
+                    (client, socket_text(&backend_side, false))
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let mut matching: Vec<_> = self
             .dataplane
             .flows()?
@@ -684,6 +713,7 @@ impl Daemon {
                 age_s: now.saturating_sub(value.created),
                 idle_s: now.saturating_sub(value.last_seen),
                 state: flow_state(key.proto, value.state).into(),
+                nat: nat.get(&key).cloned(),
             })
             .collect();
         Ok(FlowList { matched, flows })
@@ -707,6 +737,11 @@ impl Daemon {
             scheduler::settle_counts(&mut self.dataplane, &self.live, &flows, now, idle_timeout_s)?;
             self.pinned_scan
                 .run(&mut self.dataplane, &pinned, &flows, now, idle_timeout)?;
+            // Expired nat connections go with the same pacing: never on the packet path.
+            if self.uses_nat() {
+                let swept = nat::sweep(&mut self.dataplane, now)?;
+                self.nat_connections = (swept.connections - swept.expired) as u64;
+            }
         }
         let global = self.dataplane.global_counters()?;
         let mut vips = Vec::new();
@@ -756,6 +791,7 @@ impl Daemon {
                 blocklist_entries: self.blocklist.entries().len() as u64,
                 pinned_flows: self.pinned_scan.entries,
             },
+            nat_connections: self.nat_connections,
         });
         Ok(())
     }
@@ -766,6 +802,14 @@ impl Daemon {
             active_flows_age_s: self.flow_scan.age().map(|age| age.as_secs_f64()),
             ..self.stats.snapshot().clone()
         }
+    }
+
+    fn uses_nat(&self) -> bool {
+        self.config
+            .services
+            .vips
+            .iter()
+            .any(|v| v.forwarding == Forwarding::Nat)
     }
 
     fn metrics_text(&self) -> String {

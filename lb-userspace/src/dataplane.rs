@@ -5,7 +5,8 @@
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray,
+        RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -16,9 +17,10 @@ use aya::{
 };
 use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
-    LogBudget, SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta,
-    FLOW_PINNED, LAYOUT_VERSION, LOG_RING_BYTES, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES,
-    MAX_DECAP_ADDRS, MAX_TX_PORTS, SOURCE_RATE_SLOTS,
+    LogBudget, NatBackend, NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4,
+    TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, FLOW_PINNED, LAYOUT_VERSION,
+    LOG_RING_BYTES, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
+    SOURCE_RATE_SLOTS,
 };
 use std::{
     borrow::Cow,
@@ -80,13 +82,15 @@ type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
 /// Map sizes chosen by the operator at load time. Memory: the ring array dominates
 /// (`max_vips * 2 * max_ring_size * 8` bytes: the kernel aligns array values to 8 bytes),
-/// then the flow table (~100 bytes per entry).
+/// then the flow table (~100 bytes per entry). The nat tables are allocated per connection
+/// (about 300 bytes for both entries), up to `nat_table_size`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
     pub max_vips: u32,
     pub max_backends: u32,
     pub max_ring_size: u32,
     pub flow_table_size: u32,
+    pub nat_table_size: u32,
 }
 
 impl Default for Sizes {
@@ -96,6 +100,7 @@ impl Default for Sizes {
             max_backends: lb_common::DEFAULT_MAX_BACKENDS,
             max_ring_size: lb_common::DEFAULT_MAX_RING_SIZE,
             flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
+            nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
         }
     }
 }
@@ -107,6 +112,7 @@ impl Sizes {
         max_backends: 1,
         max_ring_size: 1,
         flow_table_size: 1,
+        nat_table_size: 1,
     };
 
     /// First slot of half `half` (0 or 1) of the ring area of VIP `vip_id`.
@@ -189,6 +195,14 @@ pub struct Dataplane {
     log_budget: Array<MapData, LogBudget>,
     /// The connection log's ring, until [`Self::take_events`] hands it to its reader.
     events: Option<RingBuf<MapData>>,
+    nat_fwd: HashMap<MapData, FlowKey, NatForward>,
+    nat_fwd_fd: std::os::fd::OwnedFd,
+    nat_rev: HashMap<MapData, FlowKey, NatState>,
+    nat_rev_fd: std::os::fd::OwnedFd,
+    nat_backends: Array<MapData, NatBackend>,
+    nat_config: Array<MapData, NatConfig>,
+    /// Holds the tail-called nat programs (balancer only).
+    _nat_programs: Option<ProgramArray<MapData>>,
 }
 
 /// A key of the ACL or blocklist trie.
@@ -262,7 +276,12 @@ impl Dataplane {
         program
             .load()
             .map_err(|source| DataplaneError::Program { name, source })?;
+        let nat_programs = match role {
+            Role::Balancer => Some(load_nat_programs(&mut ebpf)?),
+            Role::Decap => None,
+        };
         Ok(Self {
+            _nat_programs: nat_programs,
             vips: take(&mut ebpf, map_names::VIPS)?,
             rings: MappedArray::map(
                 &mut ebpf,
@@ -290,6 +309,12 @@ impl Dataplane {
             flood: take(&mut ebpf, map_names::FLOOD)?,
             log_budget: take(&mut ebpf, map_names::LOG_BUDGET)?,
             events: Some(take(&mut ebpf, map_names::EVENTS)?),
+            nat_fwd_fd: duplicate_fd(&ebpf, map_names::NAT_FWD)?,
+            nat_fwd: take(&mut ebpf, map_names::NAT_FWD)?,
+            nat_rev_fd: duplicate_fd(&ebpf, map_names::NAT_REV)?,
+            nat_rev: take(&mut ebpf, map_names::NAT_REV)?,
+            nat_backends: take(&mut ebpf, map_names::NAT_BACKENDS)?,
+            nat_config: take(&mut ebpf, map_names::NAT_CONFIG)?,
             ebpf,
             role,
             sizes,
@@ -531,6 +556,7 @@ impl Dataplane {
     /// counters, so a later reuse of the id starts from nothing.
     pub fn clear_backend(&mut self, id: u32) -> Result<()> {
         self.set_backend(id, &Backend::default())?;
+        self.set_nat_backend(id, &NatBackend::default())?;
         self.active_conns
             .wide_slot(id)?
             .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -756,6 +782,68 @@ impl Dataplane {
         Ok(())
     }
 
+    pub fn set_nat_config(&mut self, config: &NatConfig) -> Result<()> {
+        self.nat_config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::NAT_CONFIG))
+    }
+
+    pub fn nat_config(&self) -> Result<NatConfig> {
+        self.nat_config
+            .get(&0, 0)
+            .map_err(map_err(map_names::NAT_CONFIG))
+    }
+
+    pub fn set_nat_backend(&mut self, id: u32, backend: &NatBackend) -> Result<()> {
+        self.nat_backends
+            .set(id, backend, 0)
+            .map_err(map_err(map_names::NAT_BACKENDS))
+    }
+
+    pub fn nat_backend(&self, id: u32) -> Result<NatBackend> {
+        self.nat_backends
+            .get(&id, 0)
+            .map_err(map_err(map_names::NAT_BACKENDS))
+    }
+
+    /// Every nat connection (`NAT_REV`: backend-side tuple -> state), read in batches.
+    pub fn nat_connections(&self) -> Result<Vec<(FlowKey, NatState)>> {
+        read_flow_map(&self.nat_rev_fd, &self.nat_rev, map_names::NAT_REV)
+    }
+
+    /// Every nat translation (`NAT_FWD`: client tuple -> nat address and port), in batches.
+    pub fn nat_translations(&self) -> Result<Vec<(FlowKey, NatForward)>> {
+        read_flow_map(&self.nat_fwd_fd, &self.nat_fwd, map_names::NAT_FWD)
+    }
+
+    /// Overwrites the state of an existing nat connection (tests age entries with it).
+    pub fn update_nat_connection(&mut self, key: &FlowKey, state: &NatState) -> Result<()> {
+        const BPF_EXIST: u64 = 2;
+        self.nat_rev
+            .insert(key, state, BPF_EXIST)
+            .map_err(map_err(map_names::NAT_REV))
+    }
+
+    /// Removes a nat connection's claim (`NAT_REV`), then its translation (`NAT_FWD`) if it
+    /// still points at that claim.
+    pub fn remove_nat(&mut self, reverse: &FlowKey, client: &FlowKey) -> Result<()> {
+        ignore_missing(self.nat_rev.remove(reverse)).map_err(map_err(map_names::NAT_REV))?;
+        let points_here = match self.nat_fwd.get(client, 0) {
+            Ok(fwd) => fwd.reverse_key(reverse.proto, reverse.family) == *reverse,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => return Err(map_err(map_names::NAT_FWD)(e)),
+        };
+        if points_here {
+            ignore_missing(self.nat_fwd.remove(client)).map_err(map_err(map_names::NAT_FWD))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a translation whose claim is gone (taken over or swept).
+    pub fn remove_nat_translation(&mut self, client: &FlowKey) -> Result<()> {
+        ignore_missing(self.nat_fwd.remove(client)).map_err(map_err(map_names::NAT_FWD))
+    }
+
     /// Decap program: tunnel endpoints that are this host.
     pub fn set_decap_local(&mut self, addrs: &[AddrKey]) -> Result<()> {
         replace_set(&mut self.decap_local, addrs).map_err(map_err(map_names::DECAP_LOCAL))
@@ -792,11 +880,11 @@ fn duplicate_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd>
 }
 
 /// Every entry of a flow map (`FLOWS` or `PINNED`), in batches when the kernel can.
-fn read_flow_map(
+fn read_flow_map<V: Pod + Default + Clone>(
     fd: &std::os::fd::OwnedFd,
-    map: &HashMap<MapData, FlowKey, FlowValue>,
+    map: &HashMap<MapData, FlowKey, V>,
     name: &'static str,
-) -> Result<Vec<(FlowKey, FlowValue)>> {
+) -> Result<Vec<(FlowKey, V)>> {
     match lookup_batch(fd) {
         Ok(flows) => Ok(flows),
         // Kernels without batch ops for this map type: one entry at a time.
@@ -807,8 +895,10 @@ fn read_flow_map(
     }
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows (`FLOWS` or `PINNED`).
-fn lookup_batch(fd: &std::os::fd::OwnedFd) -> std::io::Result<Vec<(FlowKey, FlowValue)>> {
+/// `BPF_MAP_LOOKUP_BATCH` over a hash map keyed by 5-tuples (`FLOWS`, `PINNED`, nat).
+fn lookup_batch<V: Pod + Default + Clone>(
+    fd: &std::os::fd::OwnedFd,
+) -> std::io::Result<Vec<(FlowKey, V)>> {
     use std::os::fd::AsRawFd;
     /// The `batch` member of `union bpf_attr`.
     #[repr(C)]
@@ -830,7 +920,7 @@ fn lookup_batch(fd: &std::os::fd::OwnedFd) -> std::io::Result<Vec<(FlowKey, Flow
     let mut first = true;
     loop {
         let mut keys = vec![FlowKey::default(); chunk];
-        let mut values = vec![FlowValue::default(); chunk];
+        let mut values = vec![V::default(); chunk];
         let mut attr = BatchAttr {
             in_batch: if first {
                 0
@@ -1018,7 +1108,36 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::FLOOD, 1),
         (map_names::EVENTS, LOG_RING_BYTES),
         (map_names::LOG_BUDGET, 1),
+        (map_names::NAT_FWD, sizes.nat_table_size),
+        (map_names::NAT_REV, sizes.nat_table_size),
+        (map_names::NAT_BACKENDS, sizes.max_backends),
+        (map_names::NAT_CONFIG, 1),
+        (map_names::NAT_PROGS, lb_common::NAT_PROGRAMS),
+        (map_names::NAT_SCRATCH, 1),
     ]
+}
+
+/// Loads the nat programs and puts them in their `NAT_PROGS` slots, where the balancer's
+/// tail calls find them.
+fn load_nat_programs(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>> {
+    let mut slots: ProgramArray<MapData> = take(ebpf, map_names::NAT_PROGS)?;
+    for (slot, name) in program_names::NAT.iter().enumerate() {
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        let fd = program
+            .fd()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        slots
+            .set(slot as u32, fd, 0)
+            .map_err(map_err(map_names::NAT_PROGS))?;
+    }
+    Ok(slots)
 }
 
 /// Decides whether the maps pinned in `dir` can be adopted; clears the directory if not.

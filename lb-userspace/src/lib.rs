@@ -17,6 +17,7 @@
 //!   blocklist, new-flow limits, the flow table's flood defence).
 //! * [`connlog`]: the connection log (records from the data path's ring buffer, decoded,
 //!   written as JSON lines and streamed to `xdplb log`).
+//! * [`nat`]: `forwarding = "nat"`: its settings and the sweep of expired connections.
 //! * [`stats`], [`metrics`]: counters, rates, Prometheus export; [`flowscan`]: active flows
 //!   per backend, and when a drain is complete.
 //! * [`daemon`]: `xdplb run`, tying the above together; [`api`]: its admin socket protocol;
@@ -40,6 +41,7 @@ pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod nat;
 pub mod net;
 pub mod netlink;
 pub mod nexthops;

@@ -46,7 +46,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// its name (`drop_no_backend` -> `xdplb_packets_dropped_total{reason="no_backend"}`). A new
 /// kernel counter with one of these prefixes is exported without touching this file; a new
 /// prefix fails the `every_global_counter_is_exported` test.
-const GLOBAL_FAMILIES: [GlobalFamily; 8] = [
+const GLOBAL_FAMILIES: [GlobalFamily; 9] = [
     GlobalFamily {
         prefix: "action_",
         family: "xdplb_xdp_actions",
@@ -95,6 +95,12 @@ const GLOBAL_FAMILIES: [GlobalFamily; 8] = [
         family: "xdplb_log_records_dropped",
         label: "reason",
         help: "Connection-log records lost, by reason: over the kernel budget (budget), ring buffer full (ring_full), file writer behind (file_backlog)",
+    },
+    GlobalFamily {
+        prefix: "nat_",
+        family: "xdplb_nat_events",
+        label: "event",
+        help: "nat forwarding: connections given a nat port (new, reclaimed from an expired one), replies and ICMP errors translated",
     },
 ];
 
@@ -428,6 +434,11 @@ pub fn render(
         "Flows in the flood defence's pinned table, which floods cannot flush",
         gauge(snapshot.protection.pinned_flows),
     );
+    registry.register(
+        "xdplb_nat_connections",
+        "nat connections holding a nat port (at the last sweep of expired ones)",
+        gauge(snapshot.nat_connections),
+    );
     let mut transitions = Counters::new();
     for ((vip, backend, to), count) in health.lock_transitions().iter() {
         let labels = vec![
@@ -628,6 +639,7 @@ mod tests {
                 blocklist_entries: 3,
                 pinned_flows: 17,
             },
+            nat_connections: 5,
             global: counters::ALL
                 .iter()
                 .enumerate()
@@ -675,7 +687,7 @@ mod tests {
     }
 
     /// (family, type) in output order: exactly what docs/metrics.md documents.
-    const FAMILIES: [(&str, &str); 34] = [
+    const FAMILIES: [(&str, &str); 36] = [
         ("xdplb_backend_packets", "counter"),
         ("xdplb_backend_bytes", "counter"),
         ("xdplb_backend_new_flows", "counter"),
@@ -702,10 +714,12 @@ mod tests {
         ("xdplb_log_records_read", "counter"),
         ("xdplb_log_records_written", "counter"),
         ("xdplb_log_write_errors", "counter"),
+        ("xdplb_nat_events", "counter"),
         ("xdplb_flow_table_entries", "gauge"),
         ("xdplb_active_flows_age_seconds", "gauge"),
         ("xdplb_blocklist_entries", "gauge"),
         ("xdplb_pinned_flows", "gauge"),
+        ("xdplb_nat_connections", "gauge"),
         ("xdplb_health_transitions", "counter"),
         ("xdplb_health_check_duration_seconds", "histogram"),
         ("xdplb_vip_announced", "gauge"),
@@ -748,6 +762,8 @@ mod tests {
             r#"xdplb_vip_dropped_packets_total{vip="web",reason="rate_limited"} 0"#,
             "xdplb_blocklist_entries 3",
             "xdplb_pinned_flows 17",
+            "xdplb_nat_connections 5",
+            r#"xdplb_nat_events_total{event="new"} 310"#,
             r#"xdplb_backend_bytes_total{vip="web",backend="10.0.0.2"} 19008"#,
             r#"xdplb_backend_new_flows_total{vip="web",backend="10.0.0.1"} 35"#,
             r#"xdplb_backend_active_flows{vip="web",backend="10.0.0.1"} 30"#,
@@ -814,6 +830,7 @@ mod tests {
                     "icmp_packets",
                     "flood_defence_events",
                     "log_records_dropped",
+                    "nat_events",
                 ]
                 .iter()
                 .any(|f| l.starts_with(&format!("xdplb_{f}_total{{")))

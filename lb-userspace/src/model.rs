@@ -38,6 +38,8 @@ pub enum Forwarding {
     Dsr,
     /// IP-in-IP (4in4, 6in6, 4in6) to the backend, which decapsulates.
     Ipip,
+    /// Full NAT: the LB rewrites both directions; backends need no change (see [`crate::nat`]).
+    Nat,
 }
 
 impl Forwarding {
@@ -45,6 +47,7 @@ impl Forwarding {
         match self {
             Forwarding::Dsr => lb_common::MODE_DSR,
             Forwarding::Ipip => lb_common::MODE_IPIP,
+            Forwarding::Nat => lb_common::MODE_NAT,
         }
     }
 }
@@ -86,6 +89,7 @@ impl fmt::Display for Forwarding {
         f.write_str(match self {
             Forwarding::Dsr => "dsr",
             Forwarding::Ipip => "ipip",
+            Forwarding::Nat => "nat",
         })
     }
 }
@@ -212,6 +216,8 @@ pub struct BackendSpec {
     pub mac: Option<Mac>,
     /// Health-check port for this backend, replacing the VIP's.
     pub health_port: Option<u16>,
+    /// `nat` only: the backend's port (default: the VIP's; a port-0 VIP keeps the client's).
+    pub port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -332,6 +338,8 @@ pub struct DataPathSettings {
     pub icmp_too_big_rate: u32,
     /// Flood defence: the pin budget.
     pub flood: crate::flood::FloodSpec,
+    /// `nat` sources, port range and timeouts.
+    pub nat: crate::nat::NatSpec,
 }
 
 impl Default for DataPathSettings {
@@ -348,6 +356,7 @@ impl Default for DataPathSettings {
             },
             icmp_too_big_rate: 1000,
             flood: crate::flood::FloodSpec::default_for(lb_common::DEFAULT_FLOW_TABLE_SIZE),
+            nat: crate::nat::NatSpec::default(),
         }
     }
 }

@@ -238,6 +238,7 @@ impl Resolve for HostResolver {
             src_mac,
             ifindex,
             mtu,
+            src: route.prefsrc,
         })
     }
 }

@@ -42,6 +42,8 @@ pub struct RouteTo {
     pub oif: Option<u32>,
     /// Absent when the destination is on-link.
     pub gateway: Option<IpAddr>,
+    /// The source address this host would use.
+    pub prefsrc: Option<IpAddr>,
 }
 
 /// A neighbour-table entry.
@@ -136,11 +138,13 @@ impl Netlink {
             kind: route.header.kind,
             oif: None,
             gateway: None,
+            prefsrc: None,
         };
         for attribute in &route.attributes {
             match attribute {
                 RouteAttribute::Oif(index) => found.oif = Some(*index),
                 RouteAttribute::Gateway(gateway) => found.gateway = ip_of(gateway),
+                RouteAttribute::PrefSource(src) => found.prefsrc = ip_of(src),
                 _ => {}
             }
         }

@@ -51,11 +51,15 @@ impl NextHops {
             .flat_map(|vip| vip.backends.iter())
             .map(|(addr, backend)| {
                 let e = &backend.entry;
+                // A nat backend's source was resolved with its route: keep using it.
+                let src = (backend.nat.src != [0; 16])
+                    .then(|| crate::state::entry_addr_of(e.family, &backend.nat.src));
                 let hop = NextHop {
                     dst_mac: Mac(e.dst_mac),
                     src_mac: Mac(e.src_mac),
                     ifindex: e.tx_ifindex,
                     mtu: e.mtu,
+                    src,
                 };
                 (*addr, hop)
             })
@@ -216,6 +220,7 @@ mod tests {
 
     fn hop(ifindex: u32) -> NextHop {
         NextHop {
+            src: None,
             dst_mac: Mac([2, 0, 0, 0, 0, 1]),
             src_mac: Mac([2, 0, 0, 0, 0, 2]),
             ifindex,
@@ -225,6 +230,7 @@ mod tests {
 
     fn backend(last: u8) -> BackendSpec {
         BackendSpec {
+            port: None,
             addr: IpAddr::from([10, 0, 0, last]),
             weight: 100,
             mac: None,
@@ -282,6 +288,7 @@ mod tests {
         assert_eq!(
             hops.next_hop(&backend(1)),
             Ok(NextHop {
+                src: None,
                 dst_mac: hop(2).dst_mac,
                 src_mac: mac,
                 ifindex: 7,

@@ -114,6 +114,7 @@ mod tests {
                 backends: backends
                     .iter()
                     .map(|b| BackendSpec {
+                        port: None,
                         addr: addr(b),
                         weight: 100,
                         mac: None,

@@ -13,13 +13,14 @@ use crate::{
     acl::SourceEntry,
     dataplane::{Dataplane, DataplaneError, Sizes},
     maglev::MaglevBackend,
-    model::{BackendSpec, Mac, Prefix, Services, VipAddr, VipSpec},
+    model::{BackendSpec, Forwarding, Mac, Prefix, Services, VipAddr, VipSpec},
     scheduler::{self, Scheduler, SchedulerError},
 };
 use lb_common::{
-    AddrKey, Backend, FloodState, LbConfig, LogBudget, VipKey, VipLimits, VipMeta, BACKEND_DOWN,
-    BACKEND_PRESENT, CONFIG_BLOCK_ALL_VIPS, CONFIG_HAS_PORT0_VIPS, CONFIG_LOG, FAMILY_IPV4,
-    FAMILY_IPV6, FILTER_BLOCKED, FILTER_LIMITS, SCOPE_ALL_VIPS,
+    AddrKey, Backend, FloodState, LbConfig, LogBudget, NatBackend, NatConfig, VipKey, VipLimits,
+    VipMeta, BACKEND_DOWN, BACKEND_PRESENT, CONFIG_BLOCK_ALL_VIPS, CONFIG_HAS_NAT,
+    CONFIG_HAS_PORT0_VIPS, CONFIG_LOG, FAMILY_IPV4, FAMILY_IPV6, FILTER_BLOCKED, FILTER_LIMITS,
+    SCOPE_ALL_VIPS,
 };
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -54,6 +55,9 @@ pub struct NextHop {
     /// Egress interface; 0 = the interface the packet came in on.
     pub ifindex: u32,
     pub mtu: u16,
+    /// This host's address toward the backend (the route's preferred source): the default
+    /// source of `nat` connections to it.
+    pub src: Option<IpAddr>,
 }
 
 /// Finds the next hop toward a backend.
@@ -87,6 +91,8 @@ pub struct Target {
     /// The connection log's budget when the log is on (`[daemon.log]`, filled in by the
     /// caller from [`crate::connlog`]); `None` clears `CONFIG_LOG`.
     pub log: Option<LogBudget>,
+    /// `nat` timeouts, ports and sources.
+    pub nat: NatConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +122,8 @@ pub struct TargetVip {
 pub struct TargetBackend {
     /// The map entry, except `vip_id`, which [`plan`] fills in.
     pub entry: Backend,
+    /// Its `NAT_BACKENDS` entry (zero unless the VIP forwards in `nat`).
+    pub nat: NatBackend,
     /// Weight in the Maglev table: 0 when drained or down.
     pub ring_weight: u32,
 }
@@ -182,6 +190,14 @@ pub fn target(
             CONFIG_HAS_PORT0_VIPS
         } else {
             0
+        } | if services
+            .vips
+            .iter()
+            .any(|v| v.forwarding == Forwarding::Nat)
+        {
+            CONFIG_HAS_NAT
+        } else {
+            0
         },
         _pad: [0; 3],
         icmp_too_big_per_sec: settings.icmp_too_big_rate,
@@ -193,6 +209,17 @@ pub fn target(
         for backend in &spec.backends {
             let hop = match resolver.next_hop(backend) {
                 Ok(hop) => hop,
+                Err(reason) => {
+                    unresolved.push(Unresolved {
+                        vip: spec.name.clone(),
+                        backend: backend.addr,
+                        reason,
+                    });
+                    continue;
+                }
+            };
+            let nat = match nat_backend(spec, backend, &hop, settings) {
+                Ok(nat) => nat,
                 Err(reason) => {
                     unresolved.push(Unresolved {
                         vip: spec.name.clone(),
@@ -219,7 +246,14 @@ pub fn target(
             } else {
                 status.weight.unwrap_or(backend.weight)
             };
-            backends.insert(backend.addr, TargetBackend { entry, ring_weight });
+            backends.insert(
+                backend.addr,
+                TargetBackend {
+                    entry,
+                    nat,
+                    ring_weight,
+                },
+            );
         }
         vips.insert(
             vip_key(&spec.vip),
@@ -248,6 +282,44 @@ pub fn target(
         blocked: BTreeSet::new(),
         flood: settings.flood.state(),
         log: None,
+        nat: settings.nat.config(),
+    })
+}
+
+/// A backend's `NAT_BACKENDS` entry: its port, and the default nat source (the route's
+/// source toward it), needed only when no `nat_source_*` of its family is configured.
+fn nat_backend(
+    spec: &VipSpec,
+    backend: &BackendSpec,
+    hop: &NextHop,
+    settings: &crate::model::DataPathSettings,
+) -> Result<NatBackend, String> {
+    if spec.forwarding != Forwarding::Nat {
+        return Ok(NatBackend::default());
+    }
+    let configured = settings
+        .nat
+        .ports_per_backend(backend.addr.is_ipv6())
+        .is_some();
+    let src = match hop.src {
+        Some(src) if src.is_ipv4() == backend.addr.is_ipv4() => addr_bytes(src).0,
+        _ if configured => [0; 16],
+        _ => {
+            let key = if backend.addr.is_ipv4() {
+                "nat_source_v4"
+            } else {
+                "nat_source_v6"
+            };
+            return Err(format!(
+                "no address of this host toward {} to use as nat source: set daemon.{key}",
+                backend.addr
+            ));
+        }
+    };
+    Ok(NatBackend {
+        src,
+        port: backend.port.unwrap_or(spec.vip.port).to_be(),
+        _pad: [0; 2],
     })
 }
 
@@ -290,6 +362,7 @@ pub struct Live {
     flood: Option<FloodState>,
     /// The log budget's parameters (running state zeroed; unknown when adopted).
     log: Option<LogBudget>,
+    nat: Option<NatConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -321,6 +394,7 @@ impl LiveVip {
 pub struct LiveBackend {
     pub id: u32,
     pub entry: Backend,
+    pub nat: NatBackend,
     pub ring_weight: u32,
 }
 
@@ -338,6 +412,7 @@ impl Live {
             blocked: BTreeSet::new(),
             flood: None,
             log: None,
+            nat: None,
         }
     }
 
@@ -357,6 +432,7 @@ impl Live {
                     LiveBackend {
                         id,
                         entry,
+                        nat: dataplane.nat_backend(id)?,
                         ring_weight: 0,
                     },
                 );
@@ -408,6 +484,7 @@ impl Live {
             tat_ns: 0,
             ..dataplane.flood()?
         });
+        live.nat = Some(dataplane.nat_config()?);
         let used_vips: Vec<u32> = live.vips.values().map(|v| v.meta.vip_id).collect();
         live.vip_ids.free.retain(|id| !used_vips.contains(id));
         let used_backends: Vec<u32> = live
@@ -428,10 +505,15 @@ impl Live {
 }
 
 fn entry_addr(entry: &Backend) -> IpAddr {
-    if entry.family == FAMILY_IPV4 {
-        IpAddr::from([entry.addr[0], entry.addr[1], entry.addr[2], entry.addr[3]])
+    entry_addr_of(entry.family, &entry.addr)
+}
+
+/// An address of the maps' 16-byte layout.
+pub fn entry_addr_of(family: u8, addr: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_IPV4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
     } else {
-        IpAddr::from(entry.addr)
+        IpAddr::from(*addr)
     }
 }
 
@@ -458,6 +540,10 @@ pub enum Change {
     SetFlood(FloodState),
     /// Written before the `CONFIG_LOG` flag that makes the data path use it.
     SetLogBudget(LogBudget),
+    /// Boxed: the source lists make it the largest change by far.
+    SetNatConfig(Box<NatConfig>),
+    /// Written before the backend entry, so no packet finds a nat backend without its port.
+    SetNatBackend(u32, NatBackend),
 }
 
 /// The changes that turn `live` into `target`, and the live state after them. Pure.
@@ -485,6 +571,10 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
     if next.flood != Some(target.flood) {
         changes.push(Change::SetFlood(target.flood));
         next.flood = Some(target.flood);
+    }
+    if next.nat != Some(target.nat) {
+        changes.push(Change::SetNatConfig(Box::new(target.nat)));
+        next.nat = Some(target.nat);
     }
 
     for id in std::mem::take(&mut next.orphans) {
@@ -653,10 +743,14 @@ fn plan_vip(
                 LiveBackend {
                     id,
                     entry: Backend::default(),
+                    nat: NatBackend::default(),
                     ring_weight: 0,
                 }
             }
         };
+        if live.nat != backend.nat {
+            changes.push(Change::SetNatBackend(live.id, backend.nat));
+        }
         if live.entry != entry {
             changes.push(Change::SetBackend(live.id, entry));
         }
@@ -665,6 +759,7 @@ fn plan_vip(
             LiveBackend {
                 id: live.id,
                 entry,
+                nat: backend.nat,
                 ring_weight: backend.ring_weight,
             },
         );
@@ -791,6 +886,8 @@ pub fn apply(dataplane: &mut Dataplane, changes: &[Change]) -> Result<(), Datapl
             Change::RemoveBlock(scope, entry) => dataplane.remove_block(&entry.key(*scope))?,
             Change::SetFlood(state) => dataplane.set_flood(state)?,
             Change::SetLogBudget(budget) => dataplane.set_log_budget(budget)?,
+            Change::SetNatConfig(config) => dataplane.set_nat_config(config)?,
+            Change::SetNatBackend(id, nat) => dataplane.set_nat_backend(*id, nat)?,
         }
     }
     Ok(())
@@ -802,6 +899,7 @@ mod tests {
     use crate::model::{Forwarding, HealthSpec, Protocol};
 
     const SIZES: Sizes = Sizes {
+        nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
         max_vips: 4,
         max_backends: 8,
         max_ring_size: 13,
@@ -819,6 +917,7 @@ mod tests {
                 return Err("no neighbour entry yet".into());
             }
             Ok(NextHop {
+                src: None,
                 dst_mac: backend.mac.unwrap_or(Mac([2, 0, 0, 0, 0, last])),
                 src_mac: Mac([2, 0, 0, 0, 0, 1]),
                 ifindex: 0,
@@ -844,6 +943,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|(b, weight)| BackendSpec {
+                    port: None,
                     addr: IpAddr::from([10, 0, 0, *b]),
                     weight: *weight,
                     mac: None,
@@ -893,6 +993,8 @@ mod tests {
                 Change::RemoveBlock(..) => "remove-block",
                 Change::SetFlood(_) => "flood",
                 Change::SetLogBudget(_) => "log-budget",
+                Change::SetNatConfig(_) => "nat-config",
+                Change::SetNatBackend(..) => "nat-backend",
             })
             .collect()
     }
@@ -1020,6 +1122,7 @@ mod tests {
             [
                 "config",
                 "flood",
+                "nat-config",
                 "clear-vip-counters",
                 "clear-backend",
                 "set-backend",
@@ -1192,6 +1295,58 @@ mod tests {
         let (changes, _) = plan_for(&live, &services(vec![ipip]));
         assert_eq!(kinds(&changes), ["set-vip"]);
         assert_eq!(set_vip(&changes).mode, lb_common::MODE_IPIP);
+    }
+
+    #[test]
+    fn a_nat_vip_writes_its_backends_nat_entries_first_and_sets_the_nat_flag() {
+        let mut web = vip("web", 10, &[(1, 100)]);
+        web.forwarding = Forwarding::Nat;
+        web.backends[0].port = Some(8080);
+        let mut services = services(vec![web]);
+        services.settings.nat.sources_v4 = vec!["10.0.0.250".parse().unwrap()];
+        let (changes, live) = plan_for(&Live::empty(SIZES), &services);
+        assert_eq!(
+            kinds(&changes),
+            [
+                "config",
+                "flood",
+                "nat-config",
+                "clear-vip-counters",
+                "clear-backend",
+                "nat-backend",
+                "set-backend",
+                "ring",
+                "set-vip"
+            ]
+        );
+        let nat = changes.iter().find_map(|c| match c {
+            Change::SetNatBackend(_, nat) => Some(*nat),
+            _ => None,
+        });
+        assert_eq!(nat.map(|n| u16::from_be(n.port)), Some(8080));
+        let config = changes.iter().find_map(|c| match c {
+            Change::SetConfig(config) => Some(*config),
+            _ => None,
+        });
+        assert_ne!(config.unwrap().flags & CONFIG_HAS_NAT, 0);
+        assert_eq!(set_vip(&changes).mode, lb_common::MODE_NAT);
+        // Unchanged: nothing rewritten.
+        assert!(plan_for(&live, &services).0.is_empty());
+    }
+
+    #[test]
+    fn a_nat_backend_without_a_source_waits_for_one() {
+        let mut web = vip("web", 10, &[(1, 100)]);
+        web.forwarding = Forwarding::Nat;
+        let target = target(&services(vec![web]), |_, _| BackendStatus::default(), &Macs).unwrap();
+        assert_eq!(target.unresolved.len(), 1);
+        assert!(
+            target.unresolved[0]
+                .reason
+                .contains("set daemon.nat_source_v4"),
+            "{:?}",
+            target.unresolved
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Sample {
     pub vips: Vec<VipSample>,
     pub flow_table_entries: u64,
     pub protection: Protection,
+    /// nat connections at the last sweep.
+    pub nat_connections: u64,
 }
 
 /// Edge-protection state that is not per VIP.
@@ -139,6 +141,9 @@ pub struct Snapshot {
     pub active_flows_age_s: Option<f64>,
     #[serde(default)]
     pub protection: Protection,
+    /// nat connections holding a port (at the last sweep).
+    #[serde(default)]
+    pub nat_connections: u64,
     /// Global counters in [`lb_common::counters::ALL`] order.
     pub global: Vec<GlobalStat>,
     pub vips: Vec<VipStats>,
@@ -384,6 +389,7 @@ impl Stats {
             flow_table_entries: sample.flow_table_entries,
             active_flows_age_s: None,
             protection: sample.protection,
+            nat_connections: sample.nat_connections,
             global,
             vips: vip_stats,
         };
@@ -523,6 +529,23 @@ pub fn render_table(snapshot: &Snapshot) -> String {
         human(dropped as f64),
         snapshot.interval_s
     );
+    let total = |name: &str| {
+        snapshot
+            .global
+            .iter()
+            .find(|g| g.name == name)
+            .map_or(0, |g| g.total)
+    };
+    let (new, exhausted) = (total("nat_new"), total("drop_nat_exhausted"));
+    if snapshot.nat_connections > 0 || new > 0 || exhausted > 0 {
+        let _ = writeln!(
+            out,
+            "nat: {} connections (at the last sweep); {} given a port, {} dropped for want of one",
+            snapshot.nat_connections,
+            human(new as f64),
+            human(exhausted as f64)
+        );
+    }
     out
 }
 
@@ -620,6 +643,7 @@ mod tests {
             }],
             flow_table_entries: 0,
             protection: Protection::default(),
+            nat_connections: 0,
         }
     }
 
@@ -802,6 +826,7 @@ mod tests {
             flow_table_entries: 1523,
             active_flows_age_s: Some(0.5),
             protection: Protection::default(),
+            nat_connections: 0,
             global: vec![],
             vips: vec![
                 VipStats {
@@ -900,6 +925,30 @@ flow table: 1523 entries; not forwarded: 12 packets; rates over 1.0 s
 ";
         assert_eq!(table, expected, "\n{table}");
         assert!(table.lines().all(|l| l.len() <= 100));
+    }
+
+    #[test]
+    fn nat_gets_a_line_only_when_used() {
+        let mut snap = fixed_snapshot();
+        assert!(!render_table(&snap).contains("nat:"));
+        snap.nat_connections = 12;
+        snap.global = vec![
+            GlobalStat {
+                name: "nat_new".into(),
+                total: 1500,
+                rate: 0.0,
+            },
+            GlobalStat {
+                name: "drop_nat_exhausted".into(),
+                total: 3,
+                rate: 0.0,
+            },
+        ];
+        let table = render_table(&snap);
+        assert!(
+            table.contains("nat: 12 connections (at the last sweep); 1.5k given a port, 3 dropped for want of one"),
+            "{table}"
+        );
     }
 
     #[test]

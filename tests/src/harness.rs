@@ -27,6 +27,7 @@ pub const MTU: u16 = 1500;
 
 /// Map sizes small enough that loading is quick, large enough for every fixture.
 pub const FIXTURE_SIZES: Sizes = Sizes {
+    nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
     max_vips: 16,
     max_backends: 64,
     max_ring_size: 1021,
@@ -66,6 +67,7 @@ impl Resolve for ConfiguredMacs {
             .mac
             .ok_or("fixtures give every backend a mac".to_string())?;
         Ok(NextHop {
+            src: None,
             dst_mac,
             src_mac: Mac(LB_MAC),
             ifindex: 0,
@@ -268,6 +270,7 @@ pub fn vip_spec(
         backends: backends
             .iter()
             .map(|(addr, mac, weight)| BackendSpec {
+                port: None,
                 addr: *addr,
                 weight: *weight,
                 mac: Some(Mac(*mac)),

@@ -290,18 +290,18 @@ impl Lab {
 
     /// Builds the topology with `backends` backends serving nothing yet.
     pub fn new(backends: usize) -> Result<Self> {
-        Self::build(backends, Front::Bridge)
+        Self::build(backends, Front::Bridge, true)
     }
 
     /// The ECMP topology (see the module docs): two LBs, `backends` backends, and the client
     /// behind a router with a multipath route to the VIPs hashed on the 5-tuple.
     pub fn with_ecmp(backends: usize) -> Result<Self> {
-        Self::build(backends, Front::Ecmp)
+        Self::build(backends, Front::Ecmp, true)
     }
 
     /// The ECMP topology with no route to the VIPs on the router: BGP brings them.
     pub fn with_bgp(backends: usize) -> Result<Self> {
-        let lab = Self::build(backends, Front::Ecmp)?;
+        let lab = Self::build(backends, Front::Ecmp, true)?;
         let router = lab.router.as_ref().expect("an ECMP lab has a router");
         router.ns.exec(&format!(
             "ip route del {VIP_NET4} && ip -6 route del {VIP_NET6}"
@@ -312,10 +312,17 @@ impl Lab {
     /// The client behind a router whose client-side interface has MTU `client_link_mtu`
     /// (see the module docs), one LB.
     pub fn behind_router(backends: usize, client_link_mtu: u32) -> Result<Self> {
-        Self::build(backends, Front::Router { client_link_mtu })
+        Self::build(backends, Front::Router { client_link_mtu }, true)
     }
 
-    fn build(backends: usize, front: Front) -> Result<Self> {
+    /// [`Lab::new`] with backends left as they come: no VIP, no sysctl changed (`nat`
+    /// backends need nothing).
+    pub fn with_plain_backends(backends: usize) -> Result<Self> {
+        Self::build(backends, Front::Bridge, false)
+    }
+
+    /// `dsr_backends`: the backends hold the VIPs and answer no ARP/ND for them.
+    fn build(backends: usize, front: Front, dsr_backends: bool) -> Result<Self> {
         let routed = front != Front::Bridge;
         let id = unique("xl");
         let switch = Netns::new(&format!("{id}-sw"))?;
@@ -393,7 +400,7 @@ impl Lab {
         let backends = (0..backends)
             .map(|n| host(&format!("b{n}"), backend4(n), backend6(n)))
             .collect::<Result<Vec<_>>>()?;
-        for b in &backends {
+        for b in backends.iter().filter(|_| dsr_backends) {
             // dsr: the VIPs are local on every backend, but only the LB answers ARP/ND for them.
             b.ns.exec(&format!(
                 "ip route add local {VIP_NET4} dev lo && ip -6 route add local {VIP_NET6} dev lo && \
@@ -944,6 +951,60 @@ pub fn send_raw_v4(
     // SAFETY: closing the descriptor opened above.
     unsafe { libc::close(fd) };
     Ok(sent)
+}
+
+/// Asks over UDP which backend answered, sending again (same socket, so same flow) when no
+/// answer comes, as UDP clients do: one lost datagram on a loaded machine is not a failure.
+/// The answer must come from the VIP: a backend replying from its own address would be
+/// dropped by any connected UDP client.
+pub fn udp_name(vip: SocketAddr) -> Result<String> {
+    let local: SocketAddr = if vip.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.set_read_timeout(Some(Duration::from_millis(700)))?;
+    let mut buf = [0u8; 256];
+    let mut attempt = 0;
+    let (n, from) = loop {
+        attempt += 1;
+        socket.send_to(b"NAME", vip)?;
+        match socket.recv_from(&mut buf) {
+            Ok(answer) => break answer,
+            Err(e) if attempt == 3 => return Err(e.into()),
+            Err(_) => {}
+        }
+    };
+    anyhow::ensure!(from == vip, "the answer to {vip} came from {from}");
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Runs `during(serving backend's IPv4 address, whether the transfer has ended)` while a
+/// transfer of `bytes` at `rate` from `vip` is in flight, then checks it delivered every byte
+/// from the backend it started on.
+pub fn with_transfer(
+    lab: &Lab,
+    vip: SocketAddr,
+    (bytes, rate): (u64, u64),
+    during: impl FnOnce(&str, &dyn Fn() -> bool),
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = &lab.client.ns;
+    std::thread::scope(|scope| {
+        let transfer = scope.spawn(|| {
+            client
+                .enter(|| stream(vip, bytes, rate, |name| tx.send(name.to_string()).unwrap()))
+                .unwrap()
+        });
+        let serving = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("transfer started");
+        let backend = backend4(serving[1..].parse().unwrap()).to_string();
+        during(&backend, &|| transfer.is_finished());
+        let (name, received) = transfer.join().unwrap().expect("transfer broke");
+        assert_eq!((name.as_str(), received), (serving.as_str(), bytes));
+    });
 }
 
 pub fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {

@@ -4,11 +4,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
-use xdplb_tests::lab::{addr, backend4, stream, who, xdplb_binary, Daemon, Lab, Process};
+use xdplb_tests::lab::{self, addr, backend4, who, xdplb_binary, Daemon, Lab, Process};
 
 const VIP: &str = "192.0.2.10";
 /// A transfer long enough to span the event under test: 3 MB at 600 kB/s = 5 s.
@@ -72,30 +71,9 @@ fn spread(lab: &Lab, count: usize) -> Vec<String> {
         .unwrap()
 }
 
-/// Runs `during(serving backend address, whether the transfer has ended)` while a long
-/// transfer is in flight, then checks the transfer delivered every byte from the backend it
-/// started on.
+/// [`lab::with_transfer`] of [`TRANSFER`] bytes at [`RATE`] from the VIP.
 fn with_transfer(lab: &Lab, during: impl FnOnce(&str, &dyn Fn() -> bool)) {
-    let (tx, rx) = mpsc::channel();
-    let client = &lab.client.ns;
-    thread::scope(|scope| {
-        let transfer = scope.spawn(|| {
-            client
-                .enter(|| {
-                    stream(vip(), TRANSFER, RATE, |name| {
-                        tx.send(name.to_string()).unwrap()
-                    })
-                })
-                .unwrap()
-        });
-        let serving = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("transfer started");
-        let backend = backend4(serving[1..].parse().unwrap()).to_string();
-        during(&backend, &|| transfer.is_finished());
-        let (name, bytes) = transfer.join().unwrap().expect("transfer broke");
-        assert_eq!((name.as_str(), bytes), (serving.as_str(), TRANSFER));
-    });
+    lab::with_transfer(lab, vip(), (TRANSFER, RATE), during)
 }
 
 #[test]

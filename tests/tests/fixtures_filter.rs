@@ -436,6 +436,7 @@ fn a_pinned_flow_survives_a_flood_that_flushes_the_flow_table() {
     services.vips[0]
         .backends
         .push(lb_userspace::model::BackendSpec {
+            port: None,
             addr: v4(10, 1, 0, 13),
             weight: 0,
             mac: Some(lb_userspace::model::Mac(mac(0x13))),

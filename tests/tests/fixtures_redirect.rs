@@ -27,6 +27,7 @@ struct OtherArm {
 impl Resolve for OtherArm {
     fn next_hop(&self, _: &BackendSpec) -> Result<NextHop, String> {
         Ok(NextHop {
+            src: None,
             dst_mac: Mac(BACKEND_MAC),
             src_mac: Mac(EGRESS_MAC),
             ifindex: self.egress,

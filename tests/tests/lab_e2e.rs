@@ -5,18 +5,17 @@
 //!
 //! Drain, reload and `kill -9` under load are in daemon_e2e.rs.
 
-use anyhow::{ensure, Result};
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 use xdplb_tests::lab::{
-    addr, backend4, backend6, serve_tcp, stream, who, xdplb_binary, Daemon, Lab, LAB_SIZES,
-    VIP_NET4,
+    addr, backend4, backend6, serve_tcp, stream, udp_name, who, xdplb_binary, Daemon, Lab,
+    LAB_SIZES, VIP_NET4,
 };
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -46,33 +45,6 @@ fn wait_available(daemon: &Daemon, vip: &str, n: u64) {
                 .any(|v| v["name"] == vip && v["available"].as_u64() == Some(n))
         })
         .unwrap();
-}
-
-/// Asks over UDP which backend answered, sending again (same socket, so same flow) when no
-/// answer comes, as UDP clients do: one lost datagram on a loaded machine is not a failure.
-/// The answer must come from the VIP: a backend replying from its own address would be
-/// dropped by any connected UDP client.
-fn udp_name(vip: SocketAddr) -> Result<String> {
-    let local: SocketAddr = if vip.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let socket = UdpSocket::bind(local)?;
-    socket.set_read_timeout(Some(Duration::from_millis(700)))?;
-    let mut buf = [0u8; 256];
-    let mut attempt = 0;
-    let (n, from) = loop {
-        attempt += 1;
-        socket.send_to(b"NAME", vip)?;
-        match socket.recv_from(&mut buf) {
-            Ok(answer) => break answer,
-            Err(e) if attempt == 3 => return Err(e.into()),
-            Err(_) => {}
-        }
-    };
-    ensure!(from == vip, "the answer to {vip} came from {from}");
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 #[test]

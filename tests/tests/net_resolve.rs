@@ -90,6 +90,7 @@ fn mac(s: &str) -> Mac {
 
 fn backend(addr: &str, mac: Option<&str>) -> BackendSpec {
     BackendSpec {
+        port: None,
         addr: addr.parse::<IpAddr>().unwrap(),
         weight: 100,
         mac: mac.map(self::mac),
@@ -132,6 +133,7 @@ fn on_link(test: &str, addr: &str) {
         resolve_after_arp(&resolver, &backend(addr, None), addr)
     });
     let want = NextHop {
+        src: None,
         dst_mac: mac(BACKEND_MAC),
         src_mac: mac(LB_ETH0_MAC),
         ifindex: lab.ifindex("eth0"),
@@ -159,6 +161,7 @@ fn backend_behind_a_gateway_gets_the_gateway_mac() {
             .map(|(addr, gateway)| resolve_after_arp(&resolver, &backend(addr, None), gateway))
     });
     let want = NextHop {
+        src: None,
         dst_mac: mac(ROUTER_MAC),
         src_mac: mac(LB_ETH1_MAC),
         ifindex: lab.ifindex("eth1"),
@@ -176,6 +179,7 @@ fn configured_mac_skips_the_neighbour_lookup() {
         resolver.next_hop(&backend("10.1.0.99", Some("02:00:00:00:00:99")))
     });
     let want = NextHop {
+        src: None,
         dst_mac: mac("02:00:00:00:00:99"),
         src_mac: mac(LB_ETH0_MAC),
         ifindex: lab.ifindex("eth0"),

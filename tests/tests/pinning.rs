@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use xdplb_tests::lab::{sh, Netns};
 
 const SIZES: Sizes = Sizes {
+    nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
     max_vips: 4,
     max_backends: 16,
     max_ring_size: 13,

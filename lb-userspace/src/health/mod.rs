@@ -76,7 +76,12 @@ impl CheckTarget {
                 tls: tls.clone(),
             },
         };
-        let port = backend.health_port.or(health.port).unwrap_or(vip.vip.port);
+        // nat backends serve on their own port, which is what a check should reach.
+        let port = backend
+            .health_port
+            .or(health.port)
+            .or(backend.port)
+            .unwrap_or(vip.vip.port);
         Some(Self {
             addr: SocketAddr::new(backend.addr, port),
             probe,

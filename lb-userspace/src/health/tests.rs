@@ -162,6 +162,7 @@ fn http(path: &str, expect_status: u16, host: Option<&str>) -> CheckKind {
 
 fn backend(addr: IpAddr, health_port: Option<u16>) -> BackendSpec {
     BackendSpec {
+        port: None,
         addr,
         weight: 1,
         mac: None,

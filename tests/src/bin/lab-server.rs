@@ -3,6 +3,7 @@
 //!
 //! TCP protocol, one request line per connection:
 //! * `NAME` -> `<name>\n`, then close.
+//! * `PEER` -> `<name> <peer address:port>\n` (the address the backend sees), then close.
 //! * `STREAM <bytes> <bytes per second>` -> `<name>\n` then exactly `<bytes>` bytes, then close.
 //! * `SINK <bytes>` then up to `<bytes>` bytes -> `<name> <bytes read>\n` (an upload).
 //! * `ECHO` -> `<name>\n`, then every line back, until the client closes or is silent for
@@ -79,6 +80,10 @@ fn serve(
                 reader.get_mut().write_all(line.as_bytes())?;
                 line.clear();
             }
+        }
+        ["PEER"] => {
+            // What a backend's access log would record: who the connection came from.
+            writeln!(reader.get_mut(), "{name} {}", socket.peer_addr()?)?;
         }
         ["STREAM", bytes, rate] => {
             let out = reader.get_mut();

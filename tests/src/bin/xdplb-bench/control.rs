@@ -128,6 +128,7 @@ fn many_vips() -> Services {
 
 fn apply_many(report: &mut Report) -> Result<()> {
     let sizes = Sizes {
+        nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
         max_vips: APPLY_VIPS as u32,
         max_backends: (APPLY_VIPS * APPLY_BACKENDS) as u32,
         max_ring_size: APPLY_RING,
@@ -878,6 +879,7 @@ fn resolver(report: &mut Report) -> Result<()> {
     let per_call_ms = ns.enter(|| -> Result<f64> {
         let resolver = HostResolver::new(&["eth0".to_string()])?;
         let backend = BackendSpec {
+            port: None,
             addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11)),
             weight: 100,
             mac: Some(Mac([2, 0, 0, 0, 0, 0x11])),

@@ -4,14 +4,15 @@
 //!
 //! Sections (all by default; `--only micro,log,sched,pps,tcp,control,reload` picks some):
 //! * `micro`: per-packet cost through `BPF_PROG_TEST_RUN` next to a trivial XDP_TX program;
-//!   and what edge protection costs: 10,000 ACL prefixes, new-flow limits, a spoofed flood.
+//!   and what edge protection costs: 10,000 ACL prefixes, new-flow limits, a spoofed flood;
+//!   and the nat paths (to the backend, the reply, a new connection) next to the trivial one.
 //! * `log`: the connection log: the new-flow path with it off and on, records written to the
 //!   file at the default budget and at peak.
 //! * `sched`: the new-flow path of round-robin and least-conn VIPs next to Maglev's.
 //! * `pps`: packet rate through the LB attached natively on veth in namespaces, from an XDP
 //!   live-frames generator, next to the trivial program and an nftables DNAT balancer.
-//! * `tcp`: TCP connections per second and request latency through the real daemon (`dsr`)
-//!   and through HAProxy (`mode tcp`) in the same lab.
+//! * `tcp`: TCP connections per second and request latency through the real daemon (`dsr`
+//!   and `nat`), HAProxy (`mode tcp`) and an nftables DNAT + SNAT balancer in the same lab.
 //! * `control`: Maglev build time, applying 1,000 VIPs, map memory at 1M flows, health-check
 //!   CPU, next-hop resolution cost, `/healthz` latency during a reload.
 //! * `reload`: only the last of those (a part of `control`, to run on its own).
@@ -21,6 +22,7 @@
 mod connlog;
 mod control;
 mod micro;
+mod micro_nat;
 mod micro_protection;
 mod pps;
 mod progs;
@@ -83,6 +85,7 @@ fn run() -> Result<()> {
     if wants("micro") {
         micro::run(&mut report)?;
         micro_protection::run(&mut report)?;
+        micro_nat::run(&mut report)?;
     }
     if wants("log") {
         connlog::run(&mut report)?;

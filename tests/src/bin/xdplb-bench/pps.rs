@@ -86,6 +86,7 @@ struct LabMacs;
 impl Resolve for LabMacs {
     fn next_hop(&self, backend: &BackendSpec) -> Result<NextHop, String> {
         Ok(NextHop {
+            src: None,
             dst_mac: backend.mac.ok_or("the lab gives every backend a mac")?,
             src_mac: Mac(host_mac(LB_MAC_LAST)),
             ifindex: 0,
@@ -396,6 +397,7 @@ struct Measured {
 
 fn measure_all(lab: &mut Lab) -> Result<Measured> {
     let sizes = Sizes {
+        nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
         max_vips: 4,
         max_backends: 16,
         max_ring_size: lb_userspace::maglev::DEFAULT_RING_SIZE,

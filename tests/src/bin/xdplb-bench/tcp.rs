@@ -1,6 +1,7 @@
-//! TCP connections per second and request latency: the real daemon (`xdplb run`, `dsr`) next
-//! to HAProxy in `mode tcp` on the LB's namespace, in the same lab (client, LB and two
-//! backends on one bridge), with the same backends and the same client.
+//! TCP connections per second and request latency: the real daemon (`xdplb run`) in `dsr` and
+//! in `nat` next to HAProxy in `mode tcp` and to an nftables DNAT + SNAT balancer (the two an
+//! operator with unmodified backends would otherwise use), all on the LB's namespace, in the
+//! same lab (client, LB and two backends on one bridge), with the same backends and client.
 //!
 //! The client runs in the client namespace: 2 threads, each doing connect + `NAME\n` + read
 //! to EOF + close in a loop for [`DURATION`], recording each request's latency.
@@ -20,6 +21,12 @@ const THREADS: usize = 2;
 const BACKENDS: usize = 2;
 const XDPLB_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const HAPROXY_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
+const NAT_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 30);
+const NFT_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
+/// The nftables balancer's SNAT source: an address of the LB no earlier run used, so the
+/// backends' TIME_WAIT entries from the HAProxy run (from the LB's own address and
+/// ephemeral ports, which SNAT would keep) cannot collide with its connections.
+const NFT_SNAT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
 
 /// What one system did.
 struct Outcome {
@@ -148,10 +155,12 @@ fn print(what: &str, o: &Outcome) {
     );
 }
 
-fn xdplb_run(lab: &Lab) -> Result<Outcome> {
+/// The daemon with one VIP forwarding in `forwarding` (`dsr` backends hold the VIP: the lab
+/// puts it on their `lo`; `nat` backends need nothing).
+fn xdplb_run(lab: &Lab, forwarding: &str, vip: Ipv4Addr) -> Result<Outcome> {
     let mut services = format!(
-        "[[vip]]\nname = \"web\"\naddress = \"{XDPLB_VIP}\"\nport = 80\nprotocol = \"tcp\"\n\
-         forwarding = \"dsr\"\nring_size = 1021\n"
+        "[[vip]]\nname = \"web\"\naddress = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\
+         forwarding = \"{forwarding}\"\nring_size = 1021\n"
     );
     for (n, backend) in lab.backends.iter().enumerate() {
         let mac = backend.ns.exec("cat /sys/class/net/eth0/address")?;
@@ -162,11 +171,52 @@ fn xdplb_run(lab: &Lab) -> Result<Outcome> {
         );
     }
     let daemon = Daemon::start(lab, "", &services).context("starting xdplb run")?;
-    let vip = SocketAddr::from((XDPLB_VIP, 80));
+    let vip = SocketAddr::from((vip, 80));
     wait_serving(lab, vip, "xdplb")?;
     let outcome = load(lab, vip)?;
-    print("xdplb dsr", &outcome);
+    print(&format!("xdplb {forwarding}"), &outcome);
     drop(daemon);
+    Ok(outcome)
+}
+
+/// An nftables balancer on the LB's stack: DNAT to a random backend (`numgen`), SNAT to the
+/// LB (so, like `nat`, backends need nothing), conntrack keeping each connection.
+fn nft_run(lab: &Lab) -> Result<Outcome> {
+    let map: Vec<String> = (0..lab.backends.len())
+        .map(|n| format!("{n} : {}", lab::backend4(n)))
+        .collect();
+    let ruleset = format!(
+        "table ip xdplb_bench_tcp {{\n\
+           chain prerouting {{\n\
+             type nat hook prerouting priority dstnat; policy accept;\n\
+             ip daddr {NFT_VIP} tcp dport 80 dnat to numgen random mod {} map {{ {} }}\n\
+           }}\n\
+           chain postrouting {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             ct status dnat snat to {}\n\
+           }}\n\
+         }}\n",
+        lab.backends.len(),
+        map.join(", "),
+        NFT_SNAT,
+    );
+    let file = std::env::temp_dir().join(format!("{}-tcp-nft.conf", lab.id));
+    std::fs::write(&file, ruleset)?;
+    let loaded = lab.lb.ns.exec(&format!(
+        // Forwarding back out of the interface a packet came in on would otherwise send the
+        // client ICMP redirects toward the backends.
+        "ip addr add {NFT_SNAT}/24 dev eth0 && \
+         sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 \
+         net.ipv4.conf.eth0.send_redirects=0 && nft -f {}",
+        file.display()
+    ));
+    let _ = std::fs::remove_file(&file);
+    loaded.context("loading the nftables DNAT + SNAT ruleset (is nftables installed?)")?;
+    let vip = SocketAddr::from((NFT_VIP, 80));
+    let result = wait_serving(lab, vip, "nftables").and_then(|()| load(lab, vip));
+    let _ = lab.lb.ns.exec("nft delete table ip xdplb_bench_tcp");
+    let outcome = result?;
+    print("nftables DNAT + SNAT", &outcome);
     Ok(outcome)
 }
 
@@ -224,11 +274,18 @@ pub fn run(report: &mut Report) -> Result<()> {
     for backend in &lab.backends {
         backend.wait_sockets(1, 0)?;
     }
-    let xdplb = xdplb_run(&lab)?;
+    let xdplb = xdplb_run(&lab, "dsr", XDPLB_VIP)?;
+    let nat = xdplb_run(&lab, "nat", NAT_VIP)?;
     let haproxy = haproxy_run(&lab)?;
+    let nft = nft_run(&lab)?;
     drop(servers);
     drop(lab);
-    for (o, what) in [(&xdplb, "xdplb"), (&haproxy, "HAProxy")] {
+    for (o, what) in [
+        (&xdplb, "xdplb dsr"),
+        (&nat, "xdplb nat"),
+        (&haproxy, "HAProxy"),
+        (&nft, "nftables"),
+    ] {
         if o.requests == 0 || o.errors * 100 > o.requests {
             bail!(
                 "{what}: {} requests, {} errors: the lab is not serving",
@@ -238,7 +295,7 @@ pub fn run(report: &mut Report) -> Result<()> {
         }
     }
 
-    let section = report.section("TCP connections (real daemon vs HAProxy)");
+    let section = report.section("TCP connections (real daemon vs HAProxy and nftables)");
     let measures = "connect + request line + response + close, 2 client threads, 3 s; client, LB and backends in namespaces on one bridge";
     let rate_ratio = xdplb.rate() / haproxy.rate();
     let p99_ratio = xdplb.percentile(0.99) / haproxy.percentile(0.99);
@@ -271,6 +328,54 @@ pub fn run(report: &mut Report) -> Result<()> {
         .ratio(p99_ratio, "HAProxy")
         .target("< HAProxy", p99_ratio < 1.0),
     );
+    let nat_rate_ratio = nat.rate() / haproxy.rate();
+    let nat_p99_ratio = nat.percentile(0.99) / haproxy.percentile(0.99);
+    section.push(
+        Figure::new(
+            "tcp.nat_rate",
+            "xdplb nat: connections/s",
+            nat.rate(),
+            "conn/s",
+            "as above, backends unmodified: both directions translated in XDP",
+        )
+        .ratio(nat_rate_ratio, "HAProxy")
+        .target(">= 1.5x HAProxy", nat_rate_ratio >= 1.5),
+    );
+    section.push(Figure::new(
+        "tcp.nat_p50",
+        "xdplb nat: request latency p50",
+        nat.percentile(0.5),
+        "µs",
+        "per request, same runs",
+    ));
+    section.push(
+        Figure::new(
+            "tcp.nat_p99",
+            "xdplb nat: request latency p99",
+            nat.percentile(0.99),
+            "µs",
+            "per request, same runs",
+        )
+        .ratio(nat_p99_ratio, "HAProxy")
+        .target("< HAProxy", nat_p99_ratio < 1.0),
+    );
+    section.push(
+        Figure::new(
+            "tcp.nft_rate",
+            "nftables DNAT + SNAT: connections/s",
+            nft.rate(),
+            "conn/s",
+            "numgen random over the backends, SNAT to a second address of the LB, conntrack, on the LB's stack",
+        )
+        .ratio(nat.rate() / nft.rate(), "xdplb nat"),
+    );
+    section.push(Figure::new(
+        "tcp.nft_p99",
+        "nftables DNAT + SNAT: request latency p99",
+        nft.percentile(0.99),
+        "µs",
+        "per request",
+    ));
     section.push(Figure::new(
         "tcp.haproxy_rate",
         "HAProxy mode tcp: connections/s",
@@ -306,15 +411,28 @@ pub fn run(report: &mut Report) -> Result<()> {
     };
     report.data.insert(
         "tcp".into(),
-        serde_json::json!({ "xdplb": summary(&xdplb), "haproxy": summary(&haproxy) }),
+        serde_json::json!({
+            "xdplb": summary(&xdplb),
+            "xdplb_nat": summary(&nat),
+            "haproxy": summary(&haproxy),
+            "nftables": summary(&nft),
+        }),
     );
     report.cdfs.push(Cdf {
         name: "xdplb dsr".into(),
         sorted_us: xdplb.latencies_us,
     });
     report.cdfs.push(Cdf {
+        name: "xdplb nat".into(),
+        sorted_us: nat.latencies_us,
+    });
+    report.cdfs.push(Cdf {
         name: "HAProxy mode tcp".into(),
         sorted_us: haproxy.latencies_us,
+    });
+    report.cdfs.push(Cdf {
+        name: "nftables DNAT + SNAT".into(),
+        sorted_us: nft.latencies_us,
     });
     Ok(())
 }
