@@ -126,14 +126,15 @@ fn resolve_after_arp(resolver: &HostResolver, backend: &BackendSpec, hop: &str) 
     }
 }
 
-fn on_link(test: &str, addr: &str) {
+/// `src`: the LB's own address on the route toward the backend (the default nat source).
+fn on_link(test: &str, addr: &str, src: &str) {
     let lab = Lab::new(test);
     let hop = lab.in_lb(|| {
         let resolver = HostResolver::new(&interfaces(&["eth0", "eth1"])).unwrap();
         resolve_after_arp(&resolver, &backend(addr, None), addr)
     });
     let want = NextHop {
-        src: None,
+        src: Some(src.parse().unwrap()),
         dst_mac: mac(BACKEND_MAC),
         src_mac: mac(LB_ETH0_MAC),
         ifindex: lab.ifindex("eth0"),
@@ -144,12 +145,12 @@ fn on_link(test: &str, addr: &str) {
 
 #[test]
 fn on_link_ipv4_backend_resolves_after_arp() {
-    on_link("v4", "10.1.0.11");
+    on_link("v4", "10.1.0.11", "10.1.0.1");
 }
 
 #[test]
 fn on_link_ipv6_backend_resolves_after_nd() {
-    on_link("v6", "fd00:1::11");
+    on_link("v6", "fd00:1::11", "fd00:1::1");
 }
 
 #[test]
@@ -160,14 +161,14 @@ fn backend_behind_a_gateway_gets_the_gateway_mac() {
         [("10.9.0.5", "10.2.0.254"), ("fd00:9::5", "fd00:2::fe")]
             .map(|(addr, gateway)| resolve_after_arp(&resolver, &backend(addr, None), gateway))
     });
-    let want = NextHop {
-        src: None,
+    let want = |src: &str| NextHop {
+        src: Some(src.parse().unwrap()),
         dst_mac: mac(ROUTER_MAC),
         src_mac: mac(LB_ETH1_MAC),
         ifindex: lab.ifindex("eth1"),
         mtu: 1400,
     };
-    assert_eq!(hops, [want, want]);
+    assert_eq!(hops, [want("10.2.0.1"), want("fd00:2::1")]);
 }
 
 #[test]
@@ -179,7 +180,7 @@ fn configured_mac_skips_the_neighbour_lookup() {
         resolver.next_hop(&backend("10.1.0.99", Some("02:00:00:00:00:99")))
     });
     let want = NextHop {
-        src: None,
+        src: Some("10.1.0.1".parse().unwrap()),
         dst_mac: mac("02:00:00:00:00:99"),
         src_mac: mac(LB_ETH0_MAC),
         ifindex: lab.ifindex("eth0"),
