@@ -3,7 +3,10 @@
 //! over, a size change replaces the maps, and unpinning detaches.
 
 use lb_userspace::dataplane::{Adoption, AttachMode, Dataplane, Role, Sizes};
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 use xdplb_tests::lab::{sh, Netns};
 
 const SIZES: Sizes = Sizes {
@@ -107,5 +110,11 @@ fn restarts_and_upgrades_keep_the_program_attached() {
     // Removing everything detaches once the process lets go.
     dp.unpin_everything().unwrap();
     drop(dp);
+    // The kernel releases a link whose last reference was its bpffs pin from a workqueue, so
+    // the detach may land a moment after the unlink.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while attached(&ns, "veth0").is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(attached(&ns, "veth0"), None, "detached");
 }
