@@ -133,7 +133,8 @@ pub const IPV4_HEADER_LEN: u32 = 20;
 pub const IPV6_HEADER_LEN: u32 = 40;
 
 /// Hash-map key of a virtual service. `port` is in network byte order, 0 = all ports.
-#[repr(C)]
+/// 4-byte aligned (same size and offsets as packed) so the data path fills it word by word.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -213,8 +214,10 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 40);
 
-/// Flow-table key: the 5-tuple as seen by the load balancer (client -> VIP).
-#[repr(C)]
+/// Flow-table key: the 5-tuple as seen by the load balancer (client -> VIP). 8-byte aligned
+/// (the size and offsets are those of the packed layout) so the data path builds and hashes it
+/// word by word instead of byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -228,25 +231,48 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
+impl FlowKey {
+    /// `src` as four 32-bit words, in memory order (one aligned load each, where the data
+    /// path would otherwise read and reassemble 16 bytes).
+    #[inline(always)]
+    pub fn src_words(&self) -> [u32; 4] {
+        // SAFETY: `src` is at offset 0 of an 8-byte aligned struct; [u32; 4] has 16 bytes
+        // and every bit pattern is valid.
+        unsafe { *(self.src.as_ptr() as *const [u32; 4]) }
+    }
+
+    /// `dst` as four 32-bit words, in memory order.
+    #[inline(always)]
+    pub fn dst_words(&self) -> [u32; 4] {
+        // SAFETY: `dst` is at offset 16 of an 8-byte aligned struct; see `src_words`.
+        unsafe { *(self.dst.as_ptr() as *const [u32; 4]) }
+    }
+}
+
 /// Flow hash over the 5-tuple: picks the ring slot and the outer source of `ipip`. Two LB
 /// instances with the same seed compute the same value, which is what keeps a flow on its
 /// backend when routers move it between instances.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-    let mut h = seed ^ ((key.proto as u32) << 16 | key.family as u32);
+    let ports = (key.sport as u32) << 16 | key.dport as u32;
+    hash_words(
+        seed ^ ((key.proto as u32) << 16 | key.family as u32),
+        &key.src_words(),
+        &key.dst_words(),
+        ports,
+    )
+}
+
+/// The flow hash's rounds: source and destination words interleaved, then the ports.
+#[inline(always)]
+fn hash_words(mut h: u32, src: &[u32; 4], dst: &[u32; 4], ports: u32) -> u32 {
     let mut i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_ne_bytes([key.src[i], key.src[i + 1], key.src[i + 2], key.src[i + 3]]),
-        );
-        h = mix(
-            h,
-            u32::from_ne_bytes([key.dst[i], key.dst[i + 1], key.dst[i + 2], key.dst[i + 3]]),
-        );
-        i += 4;
+    while i < 4 {
+        h = mix(h, src[i]);
+        h = mix(h, dst[i]);
+        i += 1;
     }
-    h = mix(h, (key.sport as u32) << 16 | key.dport as u32);
+    h = mix(h, ports);
     fmix(h)
 }
 
@@ -256,19 +282,12 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
 /// (hence the same Maglev table) meet on one backend, on every LB instance with this seed.
 #[inline(always)]
 pub fn client_hash(key: &FlowKey, seed: u32, affinity: u8) -> u32 {
-    let mut client = FlowKey {
-        src: key.src,
-        family: key.family,
-        ..FlowKey::default()
-    };
+    let mut src = key.src_words();
     if key.family == FAMILY_IPV6 && affinity != AFFINITY_CLIENT_V6_HOST {
-        let mut i = 8;
-        while i < 16 {
-            client.src[i] = 0;
-            i += 1;
-        }
+        src[2] = 0;
+        src[3] = 0;
     }
-    flow_hash(&client, seed)
+    hash_words(seed ^ key.family as u32, &src, &[0; 4], 0)
 }
 
 /// One murmur3 round.
@@ -409,6 +428,25 @@ impl SourcePrefix {
     }
 }
 
+impl SourcePrefix {
+    /// [`Self::of_source`] for a flow key's source, read as words.
+    #[inline(always)]
+    pub fn of_flow_source(scope: u32, key: &FlowKey) -> Self {
+        let src = key.src_words();
+        let words = if key.family == FAMILY_IPV4 {
+            [0, 0, u32::from_be(0xffff), src[0]]
+        } else {
+            src
+        };
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
+        let addr: [u8; 16] = unsafe { core::mem::transmute(words) };
+        Self {
+            scope: scope.to_be_bytes(),
+            addr,
+        }
+    }
+}
+
 /// Prefix length of a [`SourcePrefix`] key for a `len`-bit prefix of `family`.
 #[inline(always)]
 pub fn source_prefix_len(family: u8, len: u32) -> u32 {
@@ -431,21 +469,17 @@ pub struct VipLimits {
 }
 const _: () = assert!(core::mem::size_of::<VipLimits>() == 40);
 
-/// The two `SOURCE_RATES` slots of a client (`src` in the flow key's layout) of a VIP. IPv6
+/// The two `SOURCE_RATES` slots of a client (the flow key's source) of a VIP. IPv6
 /// clients count per /64: the last 8 bytes are left out. `seed` is the flow hash's, so the
 /// slots are not predictable from outside.
 #[inline(always)]
-pub fn source_slots(vip_id: u32, family: u8, src: &[u8; 16], seed: u32) -> [u32; 2] {
-    let words = if family == FAMILY_IPV6 { 2 } else { 1 };
-    let mut h = seed ^ vip_id.rotate_left(8) ^ family as u32;
+pub fn source_slots(vip_id: u32, key: &FlowKey, seed: u32) -> [u32; 2] {
+    let words = if key.family == FAMILY_IPV6 { 2 } else { 1 };
+    let src = key.src_words();
+    let mut h = seed ^ vip_id.rotate_left(8) ^ key.family as u32;
     let mut i = 0;
     while i < 4 {
-        let word = if i < words {
-            u32::from_ne_bytes([src[i * 4], src[i * 4 + 1], src[i * 4 + 2], src[i * 4 + 3]])
-        } else {
-            0
-        };
-        h = mix(h, word);
+        h = mix(h, if i < words { src[i] } else { 0 });
         i += 1;
     }
     let first = fmix(h);

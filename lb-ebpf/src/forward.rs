@@ -2,6 +2,7 @@
 //! out of the same interface (`XDP_TX`) or another one (`XDP_REDIRECT`).
 
 use crate::{
+    lookup::FlowHash,
     maps::{CONFIG, TX_PORTS},
     parse::{ptr_at, Packet, ETH_P_IPV4, ETH_P_IPV6},
 };
@@ -38,18 +39,19 @@ fn transmit(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
         .map_err(|_| counters::DROP_INTERNAL)
 }
 
-/// Sends the packet to `backend` the way `vip` forwards. `hash` is the flow hash (outer
-/// source and flow label of `ipip`). `nat` (issue 12) adds its translation here.
+/// Sends the packet to `backend` the way `vip` forwards. `hash` gives the flow hash on
+/// demand (outer source and flow label of `ipip`; `dsr` never computes it). `nat` (issue 12)
+/// adds its translation here.
 #[inline(always)]
 pub fn to_backend(
     ctx: &XdpContext,
     pkt: &Packet,
     vip: &VipMeta,
     backend: &Backend,
-    hash: u32,
+    hash: &FlowHash,
 ) -> Result<u32, u32> {
     if vip.mode == MODE_IPIP {
-        ipip(ctx, pkt, backend, hash)
+        ipip(ctx, pkt, backend, hash.get())
     } else {
         dsr(ctx, backend)
     }

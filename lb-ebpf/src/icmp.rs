@@ -55,6 +55,7 @@ struct FlowError {
     packet: Packet,
     /// The flow's hash (picks the `ipip` outer source, as for the flow's own packets).
     hash: u32,
+    seed: u32,
 }
 
 /// Sends an ICMP error about a VIP's flow to that flow's backend. Anything else is passed.
@@ -67,13 +68,12 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
     let Some(vip) = lookup::find_vip(&error.packet.key, flags) else {
         return pass(idx::PASS_NOT_VIP);
     };
-    let hash = lb_common::flow_hash(&error.packet.key, seed);
-    let ring_hash = lookup::ring_hash(&error.packet.key, hash, seed, vip);
-    let Some((backend_id, backend)) = lookup::flow_backend(&error.packet.key, ring_hash, vip)
+    let hash = lookup::FlowHash::new(&error.packet.key, seed);
+    let Some((backend_id, backend)) = lookup::flow_backend(&error.packet.key, hash.ring(vip), vip)
     else {
         return pass(idx::PASS_ICMP_NO_BACKEND);
     };
-    error.hash = hash;
+    (error.hash, error.seed) = (hash.get(), seed);
     let sent = send(ctx, &error, vip, backend);
     if sent.is_ok() {
         counters::global(idx::ICMP_ERROR_FORWARDED);
@@ -87,7 +87,8 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
 /// (BPF calls take at most five arguments, the result's pointer included.)
 #[inline(never)]
 fn send(ctx: &XdpContext, error: &FlowError, vip: &VipMeta, backend: &Backend) -> Result<u32, u32> {
-    forward::to_backend(ctx, &error.packet, vip, backend, error.hash)
+    let hash = lookup::FlowHash::known(&error.packet.key, error.seed, error.hash);
+    forward::to_backend(ctx, &error.packet, vip, backend, &hash)
 }
 
 #[inline(always)]
@@ -167,6 +168,7 @@ fn flow_error(ctx: &XdpContext) -> Option<FlowError> {
             tcp_flags: 0,
         },
         hash: 0,
+        seed: 0,
     })
 }
 

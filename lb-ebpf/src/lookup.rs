@@ -6,6 +6,7 @@ use crate::{
     parse::Packet,
 };
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use core::cell::Cell;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
     BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_PINNED,
@@ -17,7 +18,8 @@ use lb_common::{
 #[inline(always)]
 pub fn find_vip(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
     let mut key = VipKey {
-        addr: flow.dst,
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
+        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(flow.dst_words()) },
         port: flow.dport,
         proto: flow.proto,
         family: flow.family,
@@ -34,14 +36,54 @@ pub fn find_vip(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
     unsafe { VIPS.get(&key) }
 }
 
-/// The hash that picks the ring slot: the flow hash, or the client's for a VIP with client
-/// affinity (only those pay for a second hash).
-#[inline(always)]
-pub fn ring_hash(key: &FlowKey, flow_hash: u32, seed: u32, vip: &VipMeta) -> u32 {
-    if vip.affinity == AFFINITY_CONNECTION {
-        flow_hash
-    } else {
-        client_hash(key, seed, vip.affinity)
+/// The flow hash, computed on first use: a flow hit in `dsr` never needs it (only new
+/// flows, `ipip`'s outer source and the ICMP path do), and it is a few dozen instructions.
+pub struct FlowHash<'a> {
+    key: &'a FlowKey,
+    seed: u32,
+    value: Cell<Option<u32>>,
+}
+
+impl<'a> FlowHash<'a> {
+    #[inline(always)]
+    pub fn new(key: &'a FlowKey, seed: u32) -> Self {
+        Self {
+            key,
+            seed,
+            value: Cell::new(None),
+        }
+    }
+
+    /// A hash already computed (`seed` is then only used by [`Self::ring`] for affinity).
+    #[inline(always)]
+    pub fn known(key: &'a FlowKey, seed: u32, value: u32) -> Self {
+        Self {
+            key,
+            seed,
+            value: Cell::new(Some(value)),
+        }
+    }
+
+    /// The 5-tuple hash ([`lb_common::flow_hash`]).
+    #[inline(always)]
+    pub fn get(&self) -> u32 {
+        if let Some(value) = self.value.get() {
+            return value;
+        }
+        let value = lb_common::flow_hash(self.key, self.seed);
+        self.value.set(Some(value));
+        value
+    }
+
+    /// The hash that picks the ring slot: the flow hash, or the client's for a VIP with
+    /// client affinity (only those pay for a second hash).
+    #[inline(always)]
+    pub fn ring(&self, vip: &VipMeta) -> u32 {
+        if vip.affinity == AFFINITY_CONNECTION {
+            self.get()
+        } else {
+            client_hash(self.key, self.seed, vip.affinity)
+        }
     }
 }
 
@@ -127,7 +169,7 @@ fn state_bits(pkt: &Packet) -> u8 {
 #[inline(always)]
 pub fn choose_backend(
     pkt: &Packet,
-    hash: u32,
+    hash: &FlowHash,
     vip: &VipMeta,
     limit_new: impl FnOnce() -> Result<(), u32>,
 ) -> Result<Choice, u32> {

@@ -64,14 +64,13 @@ fn balance(ctx: &XdpContext) -> u32 {
     if let Err(reason) = filter::admit(&pkt.key, vip, flags) {
         return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
     }
-    let hash = lb_common::flow_hash(&pkt.key, seed);
-    let ring_hash = lookup::ring_hash(&pkt.key, hash, seed, vip);
+    let hash = lookup::FlowHash::new(&pkt.key, seed);
     let limit_new = || filter::limit_new_flow(&pkt.key, vip, seed);
-    let choice = match lookup::choose_backend(&pkt, ring_hash, vip, limit_new) {
+    let choice = match lookup::choose_backend(&pkt, &hash, vip, limit_new) {
         Ok(choice) => choice,
         Err(reason) => return counters::vip_drop(vip.vip_id, pkt.l3_len, reason),
     };
-    match forward::to_backend(ctx, &pkt, vip, choice.backend, hash) {
+    match forward::to_backend(ctx, &pkt, vip, choice.backend, &hash) {
         Err(idx::PASS_TOO_BIG) => {
             counters::not_forwarded(vip.vip_id, choice.backend_id, pkt.l3_len);
             icmp::too_big(ctx, &pkt, choice.backend)
