@@ -26,6 +26,7 @@ pub mod api;
 pub mod attachments;
 pub mod blocklist;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
