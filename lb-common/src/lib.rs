@@ -30,6 +30,7 @@
 //! | [`map_names::VIP_DROPS`] | `PERCPU_ARRAY` | `max_vips` | per-VIP [`VipDrops`] by reason |
 //! | [`map_names::PINNED`] | `HASH` | `flow_table_size` | flows pinned by the flood defence: never evicted by inserts (full = no more pins); the daemon expires idle ones |
 //! | [`map_names::FLOOD`] | `ARRAY` | 1 | the pin budget ([`FloodState`]) |
+//! | [`map_names::VIP_ADDRS`] | `ARRAY` of `u64` | [`VIP_ADDR_WORDS`] | a bitmap of the addresses that have a VIP, by hash ([`vip_addr_bit`]): a packet whose destination's bit is clear is no VIP's, decided by two inlined loads instead of a hash-map lookup (a helper call that hashes and walks a bucket); a set bit is only a hint, `VIPS` decides |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -72,6 +73,7 @@ pub mod map_names {
     pub const VIP_DROPS: &str = "VIP_DROPS";
     pub const PINNED: &str = "PINNED";
     pub const FLOOD: &str = "FLOOD";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -98,6 +100,10 @@ pub const MAX_BLOCKLIST_ENTRIES: u32 = 1 << 16;
 /// chosen by hash: a client is limited wrongly only when both of its buckets are shared with
 /// clients that exhaust them.
 pub const SOURCE_RATE_SLOTS: u32 = 1 << 18;
+
+/// Words of `VIP_ADDRS`: 65,536 bits, so even a thousand VIP addresses set under 2 % of them
+/// and nearly every packet to another address is told apart without a `VIPS` lookup.
+pub const VIP_ADDR_WORDS: u32 = 1 << 10;
 
 /// Address families, as stored in `family` fields.
 pub const FAMILY_IPV4: u8 = 4;
@@ -144,6 +150,28 @@ pub struct VipKey {
     pub family: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+impl VipKey {
+    /// `addr` as four 32-bit words, in memory order (see [`FlowKey::src_words`]).
+    #[inline(always)]
+    pub fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: `addr` is at offset 0 of a 4-byte aligned struct; 16 bytes, any value valid.
+        unsafe { *(self.addr.as_ptr() as *const [u32; 4]) }
+    }
+}
+
+/// The `VIP_ADDRS` word and bit of a destination address (words in memory order, IPv4 in the
+/// first): a multiplicative hash of the address, cheap enough for every packet.
+#[inline(always)]
+pub fn vip_addr_bit(family: u8, addr: &[u32; 4]) -> (u32, u64) {
+    let x = addr[0]
+        ^ addr[1].rotate_left(8)
+        ^ addr[2].rotate_left(16)
+        ^ addr[3].rotate_left(24)
+        ^ family as u32;
+    let h = x.wrapping_mul(0x9e37_79b1) >> 16;
+    ((h >> 6) & (VIP_ADDR_WORDS - 1), 1 << (h & 63))
+}
 
 /// What the data path needs to serve one VIP.
 ///

@@ -2,7 +2,7 @@
 //! [`crate::schedule`]).
 
 use crate::{
-    maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS},
+    maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS, VIP_ADDRS},
     parse::Packet,
 };
 use core::cell::Cell;
@@ -13,12 +13,18 @@ use lb_common::{
 };
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
-/// has one (`CONFIG_HAS_PORT0_VIPS`).
+/// has one (`CONFIG_HAS_PORT0_VIPS`). A destination whose `VIP_ADDRS` bit is clear has no
+/// VIP: no `VIPS` lookup at all.
 #[inline(always)]
 pub fn find_vip(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
+    let dst = flow.dst_words();
+    let (word, bit) = lb_common::vip_addr_bit(flow.family, &dst);
+    if VIP_ADDRS.get(word).is_none_or(|bits| bits & bit == 0) {
+        return None;
+    }
     let mut key = VipKey {
         // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
-        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(flow.dst_words()) },
+        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(dst) },
         port: flow.dport,
         proto: flow.proto,
         family: flow.family,

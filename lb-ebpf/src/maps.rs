@@ -11,7 +11,7 @@ use lb_common::{
     SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, ACTIVE_CONNS_MAP_FLAGS,
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS,
     MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS,
-    SOURCE_RATE_SLOTS,
+    SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
 };
 
 #[map]
@@ -88,3 +88,6 @@ pub static PINNED: HashMap<FlowKey, FlowValue> =
 
 #[map]
 pub static FLOOD: Array<FloodState> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static VIP_ADDRS: Array<u64> = Array::with_max_entries(VIP_ADDR_WORDS, 0);

@@ -19,7 +19,7 @@ use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
     SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta,
     FLOW_PINNED, LAYOUT_VERSION, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS,
-    MAX_TX_PORTS, SOURCE_RATE_SLOTS,
+    MAX_TX_PORTS, SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
 };
 use std::{
     borrow::Cow,
@@ -191,6 +191,7 @@ pub struct Dataplane {
     pinned: HashMap<MapData, FlowKey, FlowValue>,
     pinned_fd: std::os::fd::OwnedFd,
     flood: Array<MapData, FloodState>,
+    vip_addrs: Array<MapData, u64>,
 }
 
 /// A key of the ACL or blocklist trie.
@@ -295,6 +296,7 @@ impl Dataplane {
             pinned_fd: duplicate_fd(&ebpf, map_names::PINNED)?,
             pinned: take(&mut ebpf, map_names::PINNED)?,
             flood: take(&mut ebpf, map_names::FLOOD)?,
+            vip_addrs: take(&mut ebpf, map_names::VIP_ADDRS)?,
             ebpf,
             role,
             sizes,
@@ -734,6 +736,31 @@ impl Dataplane {
             .map_err(map_err(map_names::FLOOD))
     }
 
+    /// Writes words of the `VIP_ADDRS` bitmap (see [`crate::vip_addrs`]).
+    pub fn set_vip_addr_words(&mut self, writes: &[(u32, u64)]) -> Result<()> {
+        for (word, bits) in writes {
+            self.vip_addrs
+                .set(*word, bits, 0)
+                .map_err(map_err(map_names::VIP_ADDRS))?;
+        }
+        Ok(())
+    }
+
+    /// The bitmap's non-zero words.
+    pub fn vip_addr_words(&self) -> Result<std::collections::BTreeMap<u32, u64>> {
+        let mut words = std::collections::BTreeMap::new();
+        for word in 0..VIP_ADDR_WORDS {
+            let bits = self
+                .vip_addrs
+                .get(&word, 0)
+                .map_err(map_err(map_names::VIP_ADDRS))?;
+            if bits != 0 {
+                words.insert(word, bits);
+            }
+        }
+        Ok(words)
+    }
+
     pub fn flood(&self) -> Result<FloodState> {
         self.flood.get(&0, 0).map_err(map_err(map_names::FLOOD))
     }
@@ -1020,6 +1047,7 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::VIP_DROPS, sizes.max_vips),
         (map_names::PINNED, sizes.flow_table_size),
         (map_names::FLOOD, 1),
+        (map_names::VIP_ADDRS, VIP_ADDR_WORDS),
     ]
 }
 

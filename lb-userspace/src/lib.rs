@@ -46,4 +46,5 @@ pub mod persist;
 pub mod scheduler;
 pub mod state;
 pub mod stats;
+pub mod vip_addrs;
 pub mod watch;

@@ -287,6 +287,8 @@ pub struct Live {
     blocked: BTreeSet<(u32, SourceEntry)>,
     /// The pin budget's parameters (its running state zeroed).
     flood: Option<FloodState>,
+    /// `VIP_ADDRS`' non-zero words.
+    vip_addrs: BTreeMap<u32, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -334,6 +336,7 @@ impl Live {
             orphan_acl: Vec::new(),
             blocked: BTreeSet::new(),
             flood: None,
+            vip_addrs: BTreeMap::new(),
         }
     }
 
@@ -344,6 +347,7 @@ impl Live {
         let sizes = dataplane.sizes();
         let mut live = Self::empty(sizes);
         live.config = Some(dataplane.config()?);
+        live.vip_addrs = dataplane.vip_addr_words()?;
         let mut by_vip: BTreeMap<u32, BTreeMap<IpAddr, LiveBackend>> = BTreeMap::new();
         for id in 0..sizes.max_backends {
             let entry = dataplane.backend(id)?;
@@ -452,6 +456,8 @@ pub enum Change {
     AddBlock(u32, SourceEntry),
     RemoveBlock(u32, SourceEntry),
     SetFlood(FloodState),
+    /// `VIP_ADDRS` words (index, bits).
+    SetVipAddrs(Vec<(u32, u64)>),
 }
 
 /// The changes that turn `live` into `target`, and the live state after them. Pure.
@@ -500,6 +506,14 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
         next.vip_ids.give_back(vip.meta.vip_id);
     }
 
+    // New VIPs' address bits before the VIPs (removed ones' bits may still be set: harmless).
+    let union = crate::vip_addrs::words(live.vips.keys().chain(target.vips.keys()));
+    let writes = crate::vip_addrs::writes(&next.vip_addrs, &union);
+    if !writes.is_empty() {
+        changes.push(Change::SetVipAddrs(writes));
+        next.vip_addrs = union;
+    }
+
     // Backends leaving a VIP that stays keep their ids until the whole plan is made: their
     // VIP's ring may still refer to them until its flip, so no other backend may take them
     // over in the same plan.
@@ -523,6 +537,13 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
         next.backend_ids.give_back(id);
     }
     plan_blocklist(&mut next, &mut changes, target);
+    // Exactly the remaining VIPs' bits, now that removed VIPs are gone from `VIPS`.
+    let exact = crate::vip_addrs::words(target.vips.keys());
+    let writes = crate::vip_addrs::writes(&next.vip_addrs, &exact);
+    if !writes.is_empty() {
+        changes.push(Change::SetVipAddrs(writes));
+        next.vip_addrs = exact;
+    }
     Ok((changes, next))
 }
 
@@ -777,6 +798,7 @@ pub fn apply(dataplane: &mut Dataplane, changes: &[Change]) -> Result<(), Datapl
             Change::AddBlock(scope, entry) => dataplane.add_block(&entry.key(*scope))?,
             Change::RemoveBlock(scope, entry) => dataplane.remove_block(&entry.key(*scope))?,
             Change::SetFlood(state) => dataplane.set_flood(state)?,
+            Change::SetVipAddrs(writes) => dataplane.set_vip_addr_words(writes)?,
         }
     }
     Ok(())
@@ -878,6 +900,7 @@ mod tests {
                 Change::AddBlock(..) => "add-block",
                 Change::RemoveBlock(..) => "remove-block",
                 Change::SetFlood(_) => "flood",
+                Change::SetVipAddrs(_) => "vip-addrs",
             })
             .collect()
     }
@@ -977,6 +1000,8 @@ mod tests {
             [
                 "config",
                 "flood",
+                // The address bit before the VIP can match.
+                "vip-addrs",
                 "clear-vip-counters",
                 "clear-backend",
                 "set-backend",
@@ -1158,8 +1183,19 @@ mod tests {
             vip("api", 11, &[(2, 100)]),
         ]);
         let (changes, next) = plan_for(&live, &services(vec![vip("api", 11, &[(2, 100)])]));
-        assert_eq!(kinds(&changes), ["remove-vip", "clear-backend"]);
+        // Its address bit goes last, once no VIP of that address is left in `VIPS`.
+        assert_eq!(
+            kinds(&changes),
+            ["remove-vip", "clear-backend", "vip-addrs"]
+        );
         assert_eq!(next.vips.len(), 1);
+        let Change::SetVipAddrs(writes) = &changes[2] else {
+            unreachable!()
+        };
+        let kept = crate::vip_addrs::words(next.vips.keys());
+        assert!(writes
+            .iter()
+            .all(|(word, bits)| kept.get(word).copied().unwrap_or(0) == *bits));
     }
 
     #[test]
