@@ -8,8 +8,8 @@ use crate::{
 use core::cell::Cell;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
-    BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_PINNED,
-    FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
+    BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FILTER_LIMITS, FLOW_ACK_SEEN, FLOW_FIN_SEEN,
+    FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
 };
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
@@ -162,7 +162,9 @@ fn state_bits(pkt: &Packet) -> u8 {
 /// Flow table first: an existing flow keeps its backend while that backend is still part of
 /// the VIP, even drained or re-weighted. Otherwise (a new flow, or one another LB instance
 /// started) the ring decides and the flow is remembered. A packet that would start a new
-/// connection must first pass `limit_new` (the filter's new-flow limits). An entry evicted
+/// connection must first pass `limit_new` (the filter's new-flow limits), asked only when
+/// the VIP has limits: it is a BPF-to-BPF call (two call sites), which a VIP without limits
+/// does not pay. An entry evicted
 /// from the flow table but pinned by the flood defence counts as found. `Err` is a
 /// drop-reason counter.
 #[inline(always)]
@@ -214,7 +216,7 @@ pub fn choose_backend(
                 }
             }
         }
-        if reopened {
+        if reopened && vip.filter & FILTER_LIMITS != 0 {
             limit_new()?;
         }
         crate::counters::global(counters::FLOW_REHASH);
@@ -236,7 +238,9 @@ pub fn choose_backend(
         });
     }
     crate::counters::global(counters::FLOW_MISS);
-    limit_new()?;
+    if vip.filter & FILTER_LIMITS != 0 {
+        limit_new()?;
+    }
     let (backend_id, backend) =
         crate::schedule::pick(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
     let value = FlowValue {
