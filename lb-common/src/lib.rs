@@ -382,8 +382,13 @@ pub struct FlowValue {
     pub last_seen: u32,
     pub state: u8,
     pub _pad: [u8; 3],
+    /// The flow hash when the entry was created ([`flow_hash`] with the seed of then): the
+    /// `ipip` outer source and flow label of the flow's packets, so a hit does not hash the
+    /// 5-tuple again. A flow keeps it across a seed change (its outer header stays the same);
+    /// ring choices always use the current seed.
+    pub hash: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 20);
 
 /// Global knobs, one entry in `CONFIG`.
 #[repr(C)]

@@ -40,7 +40,8 @@ fn transmit(ctx: &XdpContext, backend: &Backend) -> Result<u32, u32> {
 }
 
 /// Sends the packet to `backend` the way `vip` forwards. `hash` gives the flow hash on
-/// demand (outer source and flow label of `ipip`; `dsr` never computes it). `nat` (issue 12)
+/// demand (`outer()`: outer source and flow label of `ipip`, the one the flow's entry stores
+/// on a hit; `dsr` never computes it). `nat` (issue 12)
 /// adds its translation here.
 #[inline(always)]
 pub fn to_backend(
@@ -51,7 +52,7 @@ pub fn to_backend(
     hash: &FlowHash,
 ) -> Result<u32, u32> {
     if vip.mode == MODE_IPIP {
-        ipip(ctx, pkt, backend, hash.get())
+        ipip(ctx, pkt, backend, hash.outer())
     } else {
         dsr(ctx, backend)
     }

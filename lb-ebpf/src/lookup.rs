@@ -47,6 +47,8 @@ pub struct FlowHash<'a> {
     key: &'a FlowKey,
     seed: u32,
     value: Cell<Option<u32>>,
+    /// The hash stored in the flow's entry, for the outer header ([`Self::outer`]).
+    stored: Cell<Option<u32>>,
 }
 
 impl<'a> FlowHash<'a> {
@@ -56,6 +58,7 @@ impl<'a> FlowHash<'a> {
             key,
             seed,
             value: Cell::new(None),
+            stored: Cell::new(None),
         }
     }
 
@@ -66,6 +69,7 @@ impl<'a> FlowHash<'a> {
             key,
             seed,
             value: Cell::new(Some(value)),
+            stored: Cell::new(None),
         }
     }
 
@@ -78,6 +82,19 @@ impl<'a> FlowHash<'a> {
         let value = lb_common::flow_hash(self.key, self.seed);
         self.value.set(Some(value));
         value
+    }
+
+    /// The hash of the flow's outer header (`ipip` source, flow label): the one its entry
+    /// stores when the flow table gave one, else the 5-tuple hash.
+    #[inline(always)]
+    pub fn outer(&self) -> u32 {
+        self.stored.get().unwrap_or_else(|| self.get())
+    }
+
+    /// Records the hash a flow-table entry holds (see [`Self::outer`]).
+    #[inline(always)]
+    fn remember(&self, stored: u32) {
+        self.stored.set(Some(stored));
     }
 
     /// The hash that picks the ring slot: the flow hash, or the client's for a VIP with
@@ -197,6 +214,7 @@ pub fn choose_backend(
                     backend.flags & BACKEND_DOWN != 0 && (key.proto == PROTO_UDP || syn);
                 if !leave_down {
                     crate::counters::global(counters::FLOW_HIT);
+                    hash.remember(flow.hash);
                     let before = flow.state;
                     if flow.last_seen != now || flow.state | state != flow.state {
                         flow.last_seen = now;
@@ -228,6 +246,7 @@ pub fn choose_backend(
         flow.created = now;
         flow.last_seen = now;
         flow.state = state | pinned | crate::schedule::open(vip, backend_id, state);
+        flow.hash = hash.get();
         if pinned != 0 {
             crate::flood::sync(key, flow);
         }
@@ -249,6 +268,7 @@ pub fn choose_backend(
         last_seen: now,
         state: state | crate::schedule::open(vip, backend_id, state),
         _pad: [0; 3],
+        hash: hash.get(),
     };
     if FLOWS.insert(key, &value, 0).is_err() {
         // Still forward: Maglev gives the same answer for the next packet (round robin and

@@ -758,6 +758,7 @@ mod tests {
                     last_seen,
                     state,
                     _pad: [0; 3],
+                    hash: 0,
                 },
             )
         };

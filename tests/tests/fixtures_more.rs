@@ -671,6 +671,11 @@ fn flow_entry_records_state_backend_and_times() {
     let after = monotonic_seconds();
     let after_syn = lb.dataplane.flow(&key).unwrap().expect("entry after SYN");
     assert_eq!(after_syn.state, FLOW_SYN_SEEN);
+    assert_eq!(
+        after_syn.hash,
+        lb_common::flow_hash(&key, SEED),
+        "the entry keeps the flow hash (ipip's outer source on hits)"
+    );
     // The data path reads the time through jiffies: the same seconds as userspace's clock
     // (a tick behind at most, so never after it).
     assert!(
