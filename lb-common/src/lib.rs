@@ -38,6 +38,7 @@
 //! | [`map_names::NAT_CONFIG`] | `ARRAY` | 1 | `nat`: timeouts, port range, configured source addresses ([`NatConfig`]) |
 //! | [`map_names::NAT_PROGS`] | `PROG_ARRAY` | [`NAT_PROGRAMS`] | `nat`: the tail-called nat programs ([`program_names::NAT`]); pinned, so a restarting daemon never leaves the slots empty |
 //! | [`map_names::NAT_SCRATCH`] | `PERCPU_ARRAY` | 1 | `nat`: the balancer's hand-off to a nat program (its choice) and room for the entries it builds, off the BPF stack. Pinned: while a restarted daemon swaps programs, an old balancer may tail-call a new nat program, and both must read the same hand-off |
+//! | [`map_names::VIP_ADDRS`] | `ARRAY` of `u64` | [`VIP_ADDR_WORDS`] | a bitmap of the addresses that have a VIP, by hash ([`vip_addr_bit`]): a packet whose destination's bit is clear is no VIP's, decided by two inlined loads instead of a hash-map lookup (a helper call that hashes and walks a bucket); a set bit is only a hint, `VIPS` decides |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -45,7 +46,7 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
@@ -88,6 +89,7 @@ pub mod map_names {
     pub const NAT_CONFIG: &str = "NAT_CONFIG";
     pub const NAT_PROGS: &str = "NAT_PROGS";
     pub const NAT_SCRATCH: &str = "NAT_SCRATCH";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -101,6 +103,7 @@ pub mod program_names {
         "xdplb_nat_error_from_backend",
         "xdplb_nat_error_to_backend",
     ];
+    pub const CLOCK: &str = "xdplb_clock";
 }
 
 /// Slots of `NAT_PROGS`.
@@ -123,6 +126,10 @@ pub const MAX_BLOCKLIST_ENTRIES: u32 = 1 << 16;
 /// chosen by hash: a client is limited wrongly only when both of its buckets are shared with
 /// clients that exhaust them.
 pub const SOURCE_RATE_SLOTS: u32 = 1 << 18;
+
+/// Words of `VIP_ADDRS`: 65,536 bits, so even a thousand VIP addresses set under 2 % of them
+/// and nearly every packet to another address is told apart without a `VIPS` lookup.
+pub const VIP_ADDR_WORDS: u32 = 1 << 10;
 
 /// Address families, as stored in `family` fields.
 pub const FAMILY_IPV4: u8 = 4;
@@ -162,7 +169,8 @@ pub const IPV4_HEADER_LEN: u32 = 20;
 pub const IPV6_HEADER_LEN: u32 = 40;
 
 /// Hash-map key of a virtual service. `port` is in network byte order, 0 = all ports.
-#[repr(C)]
+/// 4-byte aligned (same size and offsets as packed) so the data path fills it word by word.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -171,6 +179,28 @@ pub struct VipKey {
     pub family: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+impl VipKey {
+    /// `addr` as four 32-bit words, in memory order (see [`FlowKey::src_words`]).
+    #[inline(always)]
+    pub fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: `addr` is at offset 0 of a 4-byte aligned struct; 16 bytes, any value valid.
+        unsafe { *(self.addr.as_ptr() as *const [u32; 4]) }
+    }
+}
+
+/// The `VIP_ADDRS` word and bit of a destination address (words in memory order, IPv4 in the
+/// first): a multiplicative hash of the address, cheap enough for every packet.
+#[inline(always)]
+pub fn vip_addr_bit(family: u8, addr: &[u32; 4]) -> (u32, u64) {
+    let x = addr[0]
+        ^ addr[1].rotate_left(8)
+        ^ addr[2].rotate_left(16)
+        ^ addr[3].rotate_left(24)
+        ^ family as u32;
+    let h = x.wrapping_mul(0x9e37_79b1) >> 16;
+    ((h >> 6) & (VIP_ADDR_WORDS - 1), 1 << (h & 63))
+}
 
 /// What the data path needs to serve one VIP.
 ///
@@ -242,8 +272,10 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 40);
 
-/// Flow-table key: the 5-tuple as seen by the load balancer (client -> VIP).
-#[repr(C)]
+/// Flow-table key: the 5-tuple as seen by the load balancer (client -> VIP). 8-byte aligned
+/// (the size and offsets are those of the packed layout) so the data path builds and hashes it
+/// word by word instead of byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -257,25 +289,48 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
+impl FlowKey {
+    /// `src` as four 32-bit words, in memory order (one aligned load each, where the data
+    /// path would otherwise read and reassemble 16 bytes).
+    #[inline(always)]
+    pub fn src_words(&self) -> [u32; 4] {
+        // SAFETY: `src` is at offset 0 of an 8-byte aligned struct; [u32; 4] has 16 bytes
+        // and every bit pattern is valid.
+        unsafe { *(self.src.as_ptr() as *const [u32; 4]) }
+    }
+
+    /// `dst` as four 32-bit words, in memory order.
+    #[inline(always)]
+    pub fn dst_words(&self) -> [u32; 4] {
+        // SAFETY: `dst` is at offset 16 of an 8-byte aligned struct; see `src_words`.
+        unsafe { *(self.dst.as_ptr() as *const [u32; 4]) }
+    }
+}
+
 /// Flow hash over the 5-tuple: picks the ring slot and the outer source of `ipip`. Two LB
 /// instances with the same seed compute the same value, which is what keeps a flow on its
 /// backend when routers move it between instances.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-    let mut h = seed ^ ((key.proto as u32) << 16 | key.family as u32);
+    let ports = (key.sport as u32) << 16 | key.dport as u32;
+    hash_words(
+        seed ^ ((key.proto as u32) << 16 | key.family as u32),
+        &key.src_words(),
+        &key.dst_words(),
+        ports,
+    )
+}
+
+/// The flow hash's rounds: source and destination words interleaved, then the ports.
+#[inline(always)]
+fn hash_words(mut h: u32, src: &[u32; 4], dst: &[u32; 4], ports: u32) -> u32 {
     let mut i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_ne_bytes([key.src[i], key.src[i + 1], key.src[i + 2], key.src[i + 3]]),
-        );
-        h = mix(
-            h,
-            u32::from_ne_bytes([key.dst[i], key.dst[i + 1], key.dst[i + 2], key.dst[i + 3]]),
-        );
-        i += 4;
+    while i < 4 {
+        h = mix(h, src[i]);
+        h = mix(h, dst[i]);
+        i += 1;
     }
-    h = mix(h, (key.sport as u32) << 16 | key.dport as u32);
+    h = mix(h, ports);
     fmix(h)
 }
 
@@ -285,19 +340,12 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
 /// (hence the same Maglev table) meet on one backend, on every LB instance with this seed.
 #[inline(always)]
 pub fn client_hash(key: &FlowKey, seed: u32, affinity: u8) -> u32 {
-    let mut client = FlowKey {
-        src: key.src,
-        family: key.family,
-        ..FlowKey::default()
-    };
+    let mut src = key.src_words();
     if key.family == FAMILY_IPV6 && affinity != AFFINITY_CLIENT_V6_HOST {
-        let mut i = 8;
-        while i < 16 {
-            client.src[i] = 0;
-            i += 1;
-        }
+        src[2] = 0;
+        src[3] = 0;
     }
-    flow_hash(&client, seed)
+    hash_words(seed ^ key.family as u32, &src, &[0; 4], 0)
 }
 
 /// One murmur3 round.
@@ -352,7 +400,8 @@ pub const FLOW_COUNTED: u8 = 16;
 /// by its next packet.
 pub const FLOW_PINNED: u8 = 32;
 
-/// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_ns() / 1e9`);
+/// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (read through `jiffies`, see
+/// [`LbConfig::jiffies_per_second`]);
 /// `last_seen` is only rewritten when the second changes, to keep writes off the hot path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -362,8 +411,13 @@ pub struct FlowValue {
     pub last_seen: u32,
     pub state: u8,
     pub _pad: [u8; 3],
+    /// The flow hash when the entry was created ([`flow_hash`] with the seed of then): the
+    /// `ipip` outer source and flow label of the flow's packets, so a hit does not hash the
+    /// 5-tuple again. A flow keeps it across a seed change (its outer header stays the same);
+    /// ring choices always use the current seed.
+    pub hash: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 20);
 
 /// Global knobs, one entry in `CONFIG`.
 #[repr(C)]
@@ -382,8 +436,41 @@ pub struct LbConfig {
     pub _pad: [u8; 3],
     /// "Too big to encapsulate" ICMP replies allowed per second and CPU (also the burst).
     pub icmp_too_big_per_sec: u32,
+    /// The kernel's tick rate (`HZ`) and the value `jiffies` had when `CLOCK_MONOTONIC` was 0:
+    /// the data path reads the clock as `(bpf_jiffies64() - jiffies_at_zero) /
+    /// jiffies_per_second` seconds, because the verifier inlines `bpf_jiffies64` into one
+    /// load, where `bpf_ktime_get_coarse_ns` is a helper call (about 25 ns per packet on this
+    /// kernel: every call and return goes through the CPU's return-thunk mitigations). Written
+    /// by userspace's data-plane loader, which measures both once ([`clock_params`]); 0 = not
+    /// known yet, the data path then falls back to the helper.
+    pub jiffies_per_second: u32,
+    pub jiffies_at_zero: u64,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 52);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 64);
+
+/// [`LbConfig::jiffies_per_second`] and [`LbConfig::jiffies_at_zero`] from the tick period
+/// (`clock_getres(CLOCK_MONOTONIC_COARSE)`, which is one jiffy) and one simultaneous reading
+/// of `jiffies` and `CLOCK_MONOTONIC_COARSE` in nanoseconds, taken in the kernel.
+pub fn clock_params(tick_ns: u64, jiffies: u64, monotonic_ns: u64) -> (u32, u64) {
+    let hz = (1_000_000_000 + tick_ns / 2) / tick_ns.max(1);
+    let elapsed = (monotonic_ns as u128 * hz as u128 / 1_000_000_000) as u64;
+    (hz as u32, jiffies.wrapping_sub(elapsed))
+}
+
+/// Seconds of `CLOCK_MONOTONIC` from `jiffies` and the parameters of [`clock_params`];
+/// `None` while the parameters are unknown (`jiffies_per_second` = 0).
+#[inline(always)]
+pub fn jiffies_to_seconds(
+    jiffies: u64,
+    jiffies_per_second: u32,
+    jiffies_at_zero: u64,
+) -> Option<u32> {
+    // checked_div: no division-by-zero panic path for the verifier to reject.
+    jiffies
+        .wrapping_sub(jiffies_at_zero)
+        .checked_div(jiffies_per_second as u64)
+        .map(|seconds| seconds as u32)
+}
 
 /// `LbConfig::flags`: some VIP serves all ports of its address. Without it the program skips
 /// the port-0 lookup, so a packet for no VIP costs one hash lookup instead of two.
@@ -444,6 +531,25 @@ impl SourcePrefix {
     }
 }
 
+impl SourcePrefix {
+    /// [`Self::of_source`] for a flow key's source, read as words.
+    #[inline(always)]
+    pub fn of_flow_source(scope: u32, key: &FlowKey) -> Self {
+        let src = key.src_words();
+        let words = if key.family == FAMILY_IPV4 {
+            [0, 0, u32::from_be(0xffff), src[0]]
+        } else {
+            src
+        };
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
+        let addr: [u8; 16] = unsafe { core::mem::transmute(words) };
+        Self {
+            scope: scope.to_be_bytes(),
+            addr,
+        }
+    }
+}
+
 /// Prefix length of a [`SourcePrefix`] key for a `len`-bit prefix of `family`.
 #[inline(always)]
 pub fn source_prefix_len(family: u8, len: u32) -> u32 {
@@ -466,21 +572,17 @@ pub struct VipLimits {
 }
 const _: () = assert!(core::mem::size_of::<VipLimits>() == 40);
 
-/// The two `SOURCE_RATES` slots of a client (`src` in the flow key's layout) of a VIP. IPv6
+/// The two `SOURCE_RATES` slots of a client (the flow key's source) of a VIP. IPv6
 /// clients count per /64: the last 8 bytes are left out. `seed` is the flow hash's, so the
 /// slots are not predictable from outside.
 #[inline(always)]
-pub fn source_slots(vip_id: u32, family: u8, src: &[u8; 16], seed: u32) -> [u32; 2] {
-    let words = if family == FAMILY_IPV6 { 2 } else { 1 };
-    let mut h = seed ^ vip_id.rotate_left(8) ^ family as u32;
+pub fn source_slots(vip_id: u32, key: &FlowKey, seed: u32) -> [u32; 2] {
+    let words = if key.family == FAMILY_IPV6 { 2 } else { 1 };
+    let src = key.src_words();
+    let mut h = seed ^ vip_id.rotate_left(8) ^ key.family as u32;
     let mut i = 0;
     while i < 4 {
-        let word = if i < words {
-            u32::from_ne_bytes([src[i * 4], src[i * 4 + 1], src[i * 4 + 2], src[i * 4 + 3]])
-        } else {
-            0
-        };
-        h = mix(h, word);
+        h = mix(h, if i < words { src[i] } else { 0 });
         i += 1;
     }
     let first = fmix(h);

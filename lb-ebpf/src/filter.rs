@@ -26,7 +26,7 @@ pub fn admit(key: &FlowKey, vip: &VipMeta, config_flags: u8) -> Result<(), u32> 
         let verdict = if key.family == FAMILY_IPV4 {
             let data = SourcePrefix4 {
                 scope: vip.vip_id.to_be_bytes(),
-                addr: [key.src[0], key.src[1], key.src[2], key.src[3]],
+                addr: key.src_words()[0].to_ne_bytes(),
             };
             ACL4.get(Key::new(64, data))
         } else {
@@ -48,7 +48,7 @@ pub fn admit(key: &FlowKey, vip: &VipMeta, config_flags: u8) -> Result<(), u32> 
 fn source_key(scope: u32, key: &FlowKey) -> Key<SourcePrefix> {
     Key::new(
         source_prefix_len(FAMILY_IPV6, 128),
-        SourcePrefix::of_source(scope, key.family, &key.src),
+        SourcePrefix::of_flow_source(scope, key),
     )
 }
 
@@ -81,7 +81,7 @@ pub fn limit_new_flow(key: &FlowKey, vip: &VipMeta, seed: u32) -> Result<(), u32
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if limits.source_interval_ns != 0 {
-        let [a, b] = source_slots(vip.vip_id, key.family, &key.src, seed);
+        let [a, b] = source_slots(vip.vip_id, key, seed);
         let (Some(a), Some(b)) = (SOURCE_RATES.get_ptr_mut(a), SOURCE_RATES.get_ptr_mut(b)) else {
             return Ok(());
         };

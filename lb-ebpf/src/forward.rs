@@ -3,7 +3,7 @@
 //! or another one (`XDP_REDIRECT`).
 
 use crate::{
-    lookup::Choice,
+    lookup::{Choice, FlowHash},
     maps::{CONFIG, TX_PORTS},
     parse::{ptr_at, Packet, ETH_P_IPV4, ETH_P_IPV6},
 };
@@ -46,23 +46,24 @@ pub fn out_of(ctx: &XdpContext, ifindex: u32) -> Result<u32, u32> {
         .map_err(|_| counters::DROP_INTERNAL)
 }
 
-/// Sends the packet to the chosen backend the way `vip` forwards. `hash` is the flow hash
-/// (outer source and flow label of `ipip`, first port slot of `nat`). `nat` continues in its
-/// own program (a tail call that returns only on failure).
+/// Sends the packet to the chosen backend the way `vip` forwards. `hash` gives the flow hash
+/// on demand (`outer()`: outer source and flow label of `ipip`, the one the flow's entry
+/// stores on a hit; `get()`: first port slot of `nat`; `dsr` never computes it). `nat`
+/// continues in its own program (a tail call that returns only on failure).
 #[inline(always)]
 pub fn to_backend(
     ctx: &XdpContext,
     pkt: &Packet,
     vip: &VipMeta,
     choice: &Choice,
-    hash: u32,
+    hash: &FlowHash,
 ) -> Result<u32, u32> {
     if vip.mode == MODE_NAT {
         let with = crate::nat::HandOff {
             backend_id: choice.backend_id,
             vip_id: vip.vip_id,
             new_flow: choice.new_flow,
-            hash,
+            hash: hash.outer(),
         };
         return Err(crate::nat::hand_off(
             ctx,
@@ -82,10 +83,10 @@ pub fn dsr_or_ipip(
     pkt: &Packet,
     vip: &VipMeta,
     backend: &Backend,
-    hash: u32,
+    hash: &FlowHash,
 ) -> Result<u32, u32> {
     if vip.mode == MODE_IPIP {
-        ipip(ctx, pkt, backend, hash)
+        ipip(ctx, pkt, backend, hash.outer())
     } else {
         dsr(ctx, backend)
     }

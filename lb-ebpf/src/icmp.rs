@@ -57,6 +57,7 @@ struct FlowError {
     packet: Packet,
     /// The flow's hash (picks the `ipip` outer source, as for the flow's own packets).
     hash: u32,
+    seed: u32,
 }
 
 /// Sends an ICMP error about a VIP's flow to that flow's backend. Anything else is passed.
@@ -80,9 +81,8 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
         }
         return pass(idx::PASS_NOT_VIP);
     };
-    let hash = lb_common::flow_hash(&error.packet.key, seed);
-    let ring_hash = lookup::ring_hash(&error.packet.key, hash, seed, vip);
-    let Some((backend_id, backend)) = lookup::flow_backend(&error.packet.key, ring_hash, vip)
+    let hash = lookup::FlowHash::new(&error.packet.key, seed);
+    let Some((backend_id, backend)) = lookup::flow_backend(&error.packet.key, hash.ring(vip), vip)
     else {
         return pass(idx::PASS_ICMP_NO_BACKEND);
     };
@@ -91,7 +91,7 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
             backend_id,
             vip_id: vip.vip_id,
             new_flow: false,
-            hash,
+            hash: hash.get(),
         };
         let reason =
             crate::nat::hand_off(ctx, Some(&error.packet), crate::nat::ERROR_TO_BACKEND, with);
@@ -103,7 +103,7 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
             Err(reason),
         );
     }
-    error.hash = hash;
+    (error.hash, error.seed) = (hash.get(), seed);
     let sent = send(ctx, &error, vip, backend);
     if sent.is_ok() {
         counters::global(idx::ICMP_ERROR_FORWARDED);
@@ -117,7 +117,8 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
 /// (BPF calls take at most five arguments, the result's pointer included.)
 #[inline(never)]
 fn send(ctx: &XdpContext, error: &FlowError, vip: &VipMeta, backend: &Backend) -> Result<u32, u32> {
-    forward::dsr_or_ipip(ctx, &error.packet, vip, backend, error.hash)
+    let hash = lookup::FlowHash::known(&error.packet.key, error.seed, error.hash);
+    forward::dsr_or_ipip(ctx, &error.packet, vip, backend, &hash)
 }
 
 #[inline(always)]
@@ -197,6 +198,7 @@ fn flow_error(ctx: &XdpContext) -> Option<FlowError> {
             tcp_flags: 0,
         },
         hash: 0,
+        seed: 0,
     })
 }
 

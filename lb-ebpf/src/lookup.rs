@@ -2,22 +2,29 @@
 //! [`crate::schedule`]).
 
 use crate::{
-    maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS},
+    maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS, VIP_ADDRS},
     parse::Packet,
 };
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use core::cell::Cell;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
-    BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_PINNED,
-    FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
+    BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FILTER_LIMITS, FLOW_ACK_SEEN, FLOW_FIN_SEEN,
+    FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
 };
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
-/// has one (`CONFIG_HAS_PORT0_VIPS`).
+/// has one (`CONFIG_HAS_PORT0_VIPS`). A destination whose `VIP_ADDRS` bit is clear has no
+/// VIP: no `VIPS` lookup at all.
 #[inline(always)]
 pub fn find_vip(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
+    let dst = flow.dst_words();
+    let (word, bit) = lb_common::vip_addr_bit(flow.family, &dst);
+    if VIP_ADDRS.get(word).is_none_or(|bits| bits & bit == 0) {
+        return None;
+    }
     let mut key = VipKey {
-        addr: flow.dst,
+        // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
+        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(dst) },
         port: flow.dport,
         proto: flow.proto,
         family: flow.family,
@@ -34,14 +41,71 @@ pub fn find_vip(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
     unsafe { VIPS.get(&key) }
 }
 
-/// The hash that picks the ring slot: the flow hash, or the client's for a VIP with client
-/// affinity (only those pay for a second hash).
-#[inline(always)]
-pub fn ring_hash(key: &FlowKey, flow_hash: u32, seed: u32, vip: &VipMeta) -> u32 {
-    if vip.affinity == AFFINITY_CONNECTION {
-        flow_hash
-    } else {
-        client_hash(key, seed, vip.affinity)
+/// The flow hash, computed on first use: a flow hit in `dsr` never needs it (only new
+/// flows, `ipip`'s outer source and the ICMP path do), and it is a few dozen instructions.
+pub struct FlowHash<'a> {
+    key: &'a FlowKey,
+    seed: u32,
+    value: Cell<Option<u32>>,
+    /// The hash stored in the flow's entry, for the outer header ([`Self::outer`]).
+    stored: Cell<Option<u32>>,
+}
+
+impl<'a> FlowHash<'a> {
+    #[inline(always)]
+    pub fn new(key: &'a FlowKey, seed: u32) -> Self {
+        Self {
+            key,
+            seed,
+            value: Cell::new(None),
+            stored: Cell::new(None),
+        }
+    }
+
+    /// A hash already computed (`seed` is then only used by [`Self::ring`] for affinity).
+    #[inline(always)]
+    pub fn known(key: &'a FlowKey, seed: u32, value: u32) -> Self {
+        Self {
+            key,
+            seed,
+            value: Cell::new(Some(value)),
+            stored: Cell::new(None),
+        }
+    }
+
+    /// The 5-tuple hash ([`lb_common::flow_hash`]).
+    #[inline(always)]
+    pub fn get(&self) -> u32 {
+        if let Some(value) = self.value.get() {
+            return value;
+        }
+        let value = lb_common::flow_hash(self.key, self.seed);
+        self.value.set(Some(value));
+        value
+    }
+
+    /// The hash of the flow's outer header (`ipip` source, flow label): the one its entry
+    /// stores when the flow table gave one, else the 5-tuple hash.
+    #[inline(always)]
+    pub fn outer(&self) -> u32 {
+        self.stored.get().unwrap_or_else(|| self.get())
+    }
+
+    /// Records the hash a flow-table entry holds (see [`Self::outer`]).
+    #[inline(always)]
+    fn remember(&self, stored: u32) {
+        self.stored.set(Some(stored));
+    }
+
+    /// The hash that picks the ring slot: the flow hash, or the client's for a VIP with
+    /// client affinity (only those pay for a second hash).
+    #[inline(always)]
+    pub fn ring(&self, vip: &VipMeta) -> u32 {
+        if vip.affinity == AFFINITY_CONNECTION {
+            self.get()
+        } else {
+            client_hash(self.key, self.seed, vip.affinity)
+        }
     }
 }
 
@@ -88,12 +152,6 @@ pub struct Choice {
 }
 
 #[inline(always)]
-fn now_seconds() -> u32 {
-    // SAFETY: helper without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
-}
-
-#[inline(always)]
 pub fn backend_of_vip(backend_id: u32, vip: &VipMeta) -> Option<&'static Backend> {
     let backend = BACKENDS.get(backend_id)?;
     (backend.flags & BACKEND_PRESENT != 0 && backend.vip_id == vip.vip_id).then_some(backend)
@@ -123,18 +181,20 @@ fn state_bits(pkt: &Packet) -> u8 {
 /// Flow table first: an existing flow keeps its backend while that backend is still part of
 /// the VIP, even drained or re-weighted. Otherwise (a new flow, or one another LB instance
 /// started) the ring decides and the flow is remembered. A packet that would start a new
-/// connection must first pass `limit_new` (the filter's new-flow limits). An entry evicted
+/// connection must first pass `limit_new` (the filter's new-flow limits), asked only when
+/// the VIP has limits: it is a BPF-to-BPF call (two call sites), which a VIP without limits
+/// does not pay. An entry evicted
 /// from the flow table but pinned by the flood defence counts as found. `Err` is a
 /// drop-reason counter.
 #[inline(always)]
 pub fn choose_backend(
     pkt: &Packet,
-    hash: u32,
+    hash: &FlowHash,
     vip: &VipMeta,
     limit_new: impl FnOnce() -> Result<(), u32>,
 ) -> Result<Choice, u32> {
     let key = &pkt.key;
-    let now = now_seconds();
+    let now = crate::clock::now_seconds();
     let state = state_bits(pkt);
     if let Some(flow) = FLOWS
         .get_ptr_mut(key)
@@ -156,6 +216,7 @@ pub fn choose_backend(
                     backend.flags & BACKEND_DOWN != 0 && (key.proto == PROTO_UDP || syn);
                 if !leave_down {
                     crate::counters::global(counters::FLOW_HIT);
+                    hash.remember(flow.hash);
                     let before = flow.state;
                     if flow.last_seen != now || flow.state | state != flow.state {
                         flow.last_seen = now;
@@ -176,7 +237,7 @@ pub fn choose_backend(
                 }
             }
         }
-        if reopened {
+        if reopened && vip.filter & FILTER_LIMITS != 0 {
             limit_new()?;
         }
         crate::counters::global(counters::FLOW_REHASH);
@@ -188,6 +249,7 @@ pub fn choose_backend(
         flow.created = now;
         flow.last_seen = now;
         flow.state = state | pinned | crate::schedule::open(vip, backend_id, state);
+        flow.hash = hash.get();
         if pinned != 0 {
             crate::flood::sync(key, flow);
         }
@@ -199,7 +261,9 @@ pub fn choose_backend(
         });
     }
     crate::counters::global(counters::FLOW_MISS);
-    limit_new()?;
+    if vip.filter & FILTER_LIMITS != 0 {
+        limit_new()?;
+    }
     let (backend_id, backend) =
         crate::schedule::pick(vip, hash).ok_or(counters::DROP_NO_BACKEND)?;
     let value = FlowValue {
@@ -208,6 +272,7 @@ pub fn choose_backend(
         last_seen: now,
         state: state | crate::schedule::open(vip, backend_id, state),
         _pad: [0; 3],
+        hash: hash.get(),
     };
     if FLOWS.insert(key, &value, 0).is_err() {
         // Still forward: Maglev gives the same answer for the next packet (round robin and

@@ -8,6 +8,7 @@
 //!   connections (translated back to their clients). ICMP errors about a VIP's flow branch off
 //!   after parse to the flow's backend.
 //! * `xdplb_decap` (on backends): removes the `ipip` outer header for local VIPs.
+//! * `xdplb_clock`: one reading of the kernel's clocks for userspace (see clock.rs).
 //!
 //! Nothing here can abort: every error is a counted `XDP_PASS` or `XDP_DROP`.
 #![no_std]
@@ -19,6 +20,7 @@
 // 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod clock;
 mod counters;
 mod decap;
 mod events;
@@ -66,6 +68,12 @@ pub fn xdplb_nat_error_to_backend(ctx: XdpContext) -> u32 {
     counters::action(nat::error_to_backend(&ctx))
 }
 
+/// Not a data path: userspace runs it once to relate `jiffies` to `CLOCK_MONOTONIC`.
+#[xdp]
+pub fn xdplb_clock(ctx: XdpContext) -> u32 {
+    clock::reading(&ctx)
+}
+
 #[inline(always)]
 fn pass(reason: u32) -> u32 {
     counters::global(reason);
@@ -96,10 +104,9 @@ fn balance(ctx: &XdpContext) -> u32 {
         events::dropped(flags, &pkt.key, vip, reason);
         return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
     }
-    let hash = lb_common::flow_hash(&pkt.key, seed);
-    let ring_hash = lookup::ring_hash(&pkt.key, hash, seed, vip);
+    let hash = lookup::FlowHash::new(&pkt.key, seed);
     let limit_new = || filter::limit_new_flow(&pkt.key, vip, seed);
-    let choice = match lookup::choose_backend(&pkt, ring_hash, vip, limit_new) {
+    let choice = match lookup::choose_backend(&pkt, &hash, vip, limit_new) {
         Ok(choice) => choice,
         Err(reason) => {
             events::dropped(flags, &pkt.key, vip, reason);
@@ -107,7 +114,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         }
     };
     events::chosen(flags, &pkt.key, vip, &choice);
-    match forward::to_backend(ctx, &pkt, vip, &choice, hash) {
+    match forward::to_backend(ctx, &pkt, vip, &choice, &hash) {
         Err(idx::PASS_TOO_BIG) => {
             counters::not_forwarded(vip.vip_id, choice.backend_id, pkt.l3_len);
             icmp::too_big(ctx, &pkt, choice.backend)

@@ -15,7 +15,7 @@ use lb_common::{
     VipKey, VipLimits, VipMeta, ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE,
     LOG_RING_BYTES, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
-    RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS,
+    RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
 };
 
 #[map]
@@ -122,3 +122,6 @@ pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch> = PerCpuArray::with_max
 
 #[map]
 pub static NAT_PROGS: ProgramArray = ProgramArray::with_max_entries(lb_common::NAT_PROGRAMS, 0);
+
+#[map]
+pub static VIP_ADDRS: Array<u64> = Array::with_max_entries(VIP_ADDR_WORDS, 0);

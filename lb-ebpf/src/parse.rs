@@ -5,7 +5,7 @@
 //! passed to the kernel stack untouched.
 
 use aya_ebpf::programs::XdpContext;
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 use lb_common::{counters, FlowKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
 use network_types::{
     eth::EthHdr,
@@ -124,44 +124,92 @@ pub fn frame_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
 }
 
+/// A `u16`/`u32` field at `offset` in a header already proven to lie inside the packet, read
+/// with one load instead of one per byte (network-types' fields are byte arrays, alignment
+/// 1, which LLVM's BPF backend splits into byte loads, shifts and ors). Packet fields are
+/// often not aligned to their size (an IPv4 address at frame offset 26): the BPF loads of
+/// packet data this compiles to accept that on the architectures XDP runs on (the verifier
+/// rejects a misaligned packet access only where the CPU lacks efficient unaligned access).
+///
+/// # Safety
+/// `base + offset + size_of::<T>()` must lie inside a header checked with [`ptr_at`].
+#[inline(always)]
+pub unsafe fn load<T: Copy>(base: *const u8, offset: usize) -> T {
+    // SAFETY: see above; `T` is a plain integer, every bit pattern is valid.
+    unsafe { core::ptr::read(base.add(offset) as *const T) }
+}
+
+/// Stores a 32-bit word of the packet into the flow key at byte `offset` (a multiple of 4:
+/// the key is 8-byte aligned, so this is one aligned store).
+#[inline(always)]
+fn set_key_word(key: &mut FlowKey, offset: usize, word: u32) {
+    // SAFETY: inside the key and aligned (FlowKey is `align(8)`, offset a multiple of 4).
+    unsafe { *((key as *mut FlowKey as *mut u8).add(offset) as *mut u32) = word }
+}
+
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, l2_len: usize) -> Result<(Packet, usize), u32> {
-    let ip: &Ipv4Hdr = header(ctx, l2_len).map_err(|_| counters::PASS_MALFORMED)?;
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    let l3_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || l3_len < ihl || l2_len + l3_len > frame_len(ctx) {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, l2_len).map_err(|_| counters::PASS_MALFORMED)? as *const u8;
+    // SAFETY: all fields read below lie inside the 20 bytes ptr_at checked.
+    let (vihl, tos, tot_len, frags, proto) = unsafe {
+        (
+            load::<u8>(ip, offset_of!(Ipv4Hdr, vihl)),
+            load::<u8>(ip, offset_of!(Ipv4Hdr, tos)),
+            load::<u16>(ip, offset_of!(Ipv4Hdr, tot_len)),
+            load::<u16>(ip, offset_of!(Ipv4Hdr, frags)),
+            load::<u8>(ip, offset_of!(Ipv4Hdr, proto)),
+        )
+    };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let l3_len = u16::from_be(tot_len) as usize;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || l3_len < ihl || l2_len + l3_len > frame_len(ctx) {
         return Err(counters::PASS_MALFORMED);
     }
     // Every fragment goes to the stack: later fragments carry no ports, so a first fragment
     // forwarded alone could never be reassembled by the backend.
-    if u16::from_be_bytes(ip.frags) & IPV4_MF_OR_OFFSET != 0 {
+    if u16::from_be(frags) & IPV4_MF_OR_OFFSET != 0 {
         return Err(counters::PASS_FRAGMENT);
     }
     let mut pkt = Packet {
         l2_len,
         key: FlowKey {
-            proto: ip.proto,
+            proto,
             family: FAMILY_IPV4,
             ..FlowKey::default()
         },
         l3_len: l3_len as u32,
-        tos: ip.tos,
+        tos,
         tcp_flags: 0,
     };
-    pkt.key.src[..4].copy_from_slice(&ip.src_addr);
-    pkt.key.dst[..4].copy_from_slice(&ip.dst_addr);
+    // SAFETY: inside the checked header.
+    let (src, dst) = unsafe {
+        (
+            load::<u32>(ip, offset_of!(Ipv4Hdr, src_addr)),
+            load::<u32>(ip, offset_of!(Ipv4Hdr, dst_addr)),
+        )
+    };
+    set_key_word(&mut pkt.key, offset_of!(FlowKey, src), src);
+    set_key_word(&mut pkt.key, offset_of!(FlowKey, dst), dst);
     parse_l4(ctx, l2_len + ihl, &mut pkt)?;
     Ok((pkt, l2_len + ihl))
 }
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, l2_len: usize) -> Result<(Packet, usize), u32> {
-    let ip: &Ipv6Hdr = header(ctx, l2_len).map_err(|_| counters::PASS_MALFORMED)?;
-    let l3_len = Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
-    if ip.vcf[0] >> 4 != 6 || l2_len + l3_len > frame_len(ctx) {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, l2_len).map_err(|_| counters::PASS_MALFORMED)? as *const u8;
+    // SAFETY: inside the 40 bytes ptr_at checked.
+    let (vcf, payload_len, next_hdr) = unsafe {
+        (
+            load::<[u8; 2]>(ip, offset_of!(Ipv6Hdr, vcf)),
+            load::<u16>(ip, offset_of!(Ipv6Hdr, payload_len)),
+            load::<u8>(ip, offset_of!(Ipv6Hdr, next_hdr)),
+        )
+    };
+    let l3_len = Ipv6Hdr::LEN + u16::from_be(payload_len) as usize;
+    if vcf[0] >> 4 != 6 || l2_len + l3_len > frame_len(ctx) {
         return Err(counters::PASS_MALFORMED);
     }
-    let mut next = ip.next_hdr;
+    let mut next = next_hdr;
     let mut offset = l2_len + Ipv6Hdr::LEN;
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         let hdr_len = match next {
@@ -183,50 +231,69 @@ fn parse_ipv6(ctx: &XdpContext, l2_len: usize) -> Result<(Packet, usize), u32> {
     let mut pkt = Packet {
         l2_len,
         key: FlowKey {
-            src: ip.src_addr,
-            dst: ip.dst_addr,
             proto: next,
             family: FAMILY_IPV6,
             ..FlowKey::default()
         },
         l3_len: l3_len as u32,
-        tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+        tos: (vcf[0] << 4) | (vcf[1] >> 4),
         tcp_flags: 0,
     };
+    let mut i = 0;
+    while i < 16 {
+        // SAFETY: inside the checked header.
+        let (src, dst) = unsafe {
+            (
+                load::<u32>(ip, offset_of!(Ipv6Hdr, src_addr) + i),
+                load::<u32>(ip, offset_of!(Ipv6Hdr, dst_addr) + i),
+            )
+        };
+        set_key_word(&mut pkt.key, offset_of!(FlowKey, src) + i, src);
+        set_key_word(&mut pkt.key, offset_of!(FlowKey, dst) + i, dst);
+        i += 4;
+    }
     parse_l4(ctx, offset, &mut pkt)?;
     Ok((pkt, offset))
 }
 
-/// Reads the ports. Headers must end inside the IP packet, not in Ethernet padding after it.
+/// Reads the ports (both at once: they sit in the key in packet order) and the TCP flags.
+/// Headers must end inside the IP packet, not in Ethernet padding after it.
 #[inline(always)]
 fn parse_l4(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), u32> {
     let l3_end = pkt.l2_len + pkt.l3_len as usize;
-    match pkt.key.proto {
+    let ports = match pkt.key.proto {
         PROTO_TCP => {
             if offset + TcpHdr::LEN > l3_end {
                 return Err(counters::PASS_MALFORMED);
             }
-            let tcp: &TcpHdr = header(ctx, offset).map_err(|_| counters::PASS_MALFORMED)?;
-            if (tcp.doff() as usize) * 4 < TcpHdr::LEN {
+            let tcp =
+                ptr_at::<TcpHdr>(ctx, offset).map_err(|_| counters::PASS_MALFORMED)? as *const u8;
+            // SAFETY: inside the 20 bytes ptr_at checked. The bitfield's two bytes are the
+            // data offset (high nibble), then the flags (FIN, SYN, RST, PSH, ACK... from bit 0).
+            let (ports, doff, flags) = unsafe {
+                (
+                    load::<u32>(tcp, offset_of!(TcpHdr, source)),
+                    load::<u8>(tcp, offset_of!(TcpHdr, _bitfield_1)),
+                    load::<u8>(tcp, offset_of!(TcpHdr, _bitfield_1) + 1),
+                )
+            };
+            if ((doff >> 4) as usize) * 4 < TcpHdr::LEN {
                 return Err(counters::PASS_MALFORMED);
             }
-            pkt.key.sport = u16::from_ne_bytes(tcp.source);
-            pkt.key.dport = u16::from_ne_bytes(tcp.dest);
-            pkt.tcp_flags = (tcp.fin() as u8 * TCP_FIN)
-                | (tcp.syn() as u8 * TCP_SYN)
-                | (tcp.rst() as u8 * TCP_RST)
-                | (tcp.ack() as u8 * TCP_ACK);
-            Ok(())
+            pkt.tcp_flags = flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK);
+            ports
         }
         PROTO_UDP => {
             if offset + UdpHdr::LEN > l3_end {
                 return Err(counters::PASS_MALFORMED);
             }
-            let udp: &UdpHdr = header(ctx, offset).map_err(|_| counters::PASS_MALFORMED)?;
-            pkt.key.sport = u16::from_ne_bytes(udp.src);
-            pkt.key.dport = u16::from_ne_bytes(udp.dst);
-            Ok(())
+            let udp =
+                ptr_at::<UdpHdr>(ctx, offset).map_err(|_| counters::PASS_MALFORMED)? as *const u8;
+            // SAFETY: inside the 8 bytes ptr_at checked.
+            unsafe { load::<u32>(udp, offset_of!(UdpHdr, src)) }
         }
-        _ => Err(counters::PASS_NOT_TCP_UDP),
-    }
+        _ => return Err(counters::PASS_NOT_TCP_UDP),
+    };
+    set_key_word(&mut pkt.key, offset_of!(FlowKey, sport), ports);
+    Ok(())
 }

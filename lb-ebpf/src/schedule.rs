@@ -12,7 +12,7 @@
 //!   adds: +1 when a flow is counted, -1 when its client sends FIN or RST.
 
 use crate::{
-    lookup::{backend_of_vip, from_ring},
+    lookup::{backend_of_vip, from_ring, FlowHash},
     maps::{ACTIVE_CONNS, RINGS, SCHED_CURSORS},
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
@@ -23,11 +23,11 @@ use lb_common::{
 
 /// The backend for a new flow of `vip`, or `None` when the VIP has none available.
 #[inline(always)]
-pub fn pick(vip: &VipMeta, hash: u32) -> Option<(u32, &'static Backend)> {
+pub fn pick(vip: &VipMeta, hash: &FlowHash) -> Option<(u32, &'static Backend)> {
     match vip.scheduler {
         SCHED_ROUND_ROBIN => round_robin(vip),
         SCHED_LEAST_CONN => least_conn(vip),
-        _ => from_ring(vip, hash),
+        _ => from_ring(vip, hash.ring(vip)),
     }
 }
 

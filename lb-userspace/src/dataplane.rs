@@ -2,6 +2,7 @@
 //! access to every map. This is the only module that writes maps; everything else goes through
 //! [`crate::state`], which decides *what* to write.
 
+use crate::clock::KernelClock;
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
@@ -20,7 +21,7 @@ use lb_common::{
     LogBudget, NatBackend, NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4,
     TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, FLOW_PINNED, LAYOUT_VERSION,
     LOG_RING_BYTES, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
-    SOURCE_RATE_SLOTS,
+    SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
 };
 use std::{
     borrow::Cow,
@@ -50,6 +51,8 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("measuring the kernel clock: {0}")]
+    Clock(#[from] crate::clock::ClockError),
     #[error("reading the possible CPUs failed: {0}")]
     PossibleCpus(#[source] std::io::Error),
     #[error("registering interface {0} for XDP_REDIRECT failed: {1}")]
@@ -168,6 +171,8 @@ pub struct Dataplane {
     /// `<pin root>/v<LAYOUT_VERSION>` when pinning.
     pin_dir: Option<PathBuf>,
     adoption: Adoption,
+    /// Written into every config (the balancer's data path reads its clock with it).
+    clock: Option<KernelClock>,
     vips: HashMap<MapData, VipKey, VipMeta>,
     rings: MappedArray,
     /// Least-conn counts, mapped so reconciliation adds atomically like the data path.
@@ -203,6 +208,7 @@ pub struct Dataplane {
     nat_config: Array<MapData, NatConfig>,
     /// Holds the tail-called nat programs (balancer only).
     _nat_programs: Option<ProgramArray<MapData>>,
+    vip_addrs: Array<MapData, u64>,
 }
 
 /// A key of the ACL or blocklist trie.
@@ -280,8 +286,13 @@ impl Dataplane {
             Role::Balancer => Some(load_nat_programs(&mut ebpf)?),
             Role::Decap => None,
         };
+        let clock = match role {
+            Role::Balancer => Some(crate::clock::measure(&mut ebpf)?),
+            Role::Decap => None,
+        };
         Ok(Self {
             _nat_programs: nat_programs,
+            clock,
             vips: take(&mut ebpf, map_names::VIPS)?,
             rings: MappedArray::map(
                 &mut ebpf,
@@ -315,6 +326,7 @@ impl Dataplane {
             nat_rev: take(&mut ebpf, map_names::NAT_REV)?,
             nat_backends: take(&mut ebpf, map_names::NAT_BACKENDS)?,
             nat_config: take(&mut ebpf, map_names::NAT_CONFIG)?,
+            vip_addrs: take(&mut ebpf, map_names::VIP_ADDRS)?,
             ebpf,
             role,
             sizes,
@@ -501,11 +513,27 @@ impl Dataplane {
         }
     }
 
+    /// The config as [`crate::state`] wrote it: without the clock parameters, which are this
+    /// machine's, not the desired state's.
     pub fn config(&self) -> Result<LbConfig> {
-        self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
+        let config = self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
+        Ok(LbConfig {
+            jiffies_per_second: 0,
+            jiffies_at_zero: 0,
+            ..config
+        })
     }
 
+    /// Writes `config` with the clock parameters measured at load.
     pub fn set_config(&mut self, config: &LbConfig) -> Result<()> {
+        let clock = self
+            .clock
+            .map_or((0, 0), |c| (c.jiffies_per_second, c.jiffies_at_zero));
+        let config = LbConfig {
+            jiffies_per_second: clock.0,
+            jiffies_at_zero: clock.1,
+            ..*config
+        };
         self.config
             .set(0, config, 0)
             .map_err(map_err(map_names::CONFIG))
@@ -737,6 +765,31 @@ impl Dataplane {
         self.flood
             .set(0, state, 0)
             .map_err(map_err(map_names::FLOOD))
+    }
+
+    /// Writes words of the `VIP_ADDRS` bitmap (see [`crate::vip_addrs`]).
+    pub fn set_vip_addr_words(&mut self, writes: &[(u32, u64)]) -> Result<()> {
+        for (word, bits) in writes {
+            self.vip_addrs
+                .set(*word, bits, 0)
+                .map_err(map_err(map_names::VIP_ADDRS))?;
+        }
+        Ok(())
+    }
+
+    /// The bitmap's non-zero words.
+    pub fn vip_addr_words(&self) -> Result<std::collections::BTreeMap<u32, u64>> {
+        let mut words = std::collections::BTreeMap::new();
+        for word in 0..VIP_ADDR_WORDS {
+            let bits = self
+                .vip_addrs
+                .get(&word, 0)
+                .map_err(map_err(map_names::VIP_ADDRS))?;
+            if bits != 0 {
+                words.insert(word, bits);
+            }
+        }
+        Ok(words)
     }
 
     pub fn flood(&self) -> Result<FloodState> {
@@ -1114,6 +1167,7 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::NAT_CONFIG, 1),
         (map_names::NAT_PROGS, lb_common::NAT_PROGRAMS),
         (map_names::NAT_SCRATCH, 1),
+        (map_names::VIP_ADDRS, VIP_ADDR_WORDS),
     ]
 }
 

@@ -154,6 +154,7 @@ mod tests {
                 last_seen: now,
                 state,
                 _pad: [0; 3],
+                hash: 0,
             },
         )
     }

@@ -201,6 +201,9 @@ pub fn target(
         },
         _pad: [0; 3],
         icmp_too_big_per_sec: settings.icmp_too_big_rate,
+        // The data plane fills the clock in (Dataplane::set_config).
+        jiffies_per_second: 0,
+        jiffies_at_zero: 0,
     };
     let mut vips = BTreeMap::new();
     let mut unresolved = Vec::new();
@@ -363,6 +366,8 @@ pub struct Live {
     /// The log budget's parameters (running state zeroed; unknown when adopted).
     log: Option<LogBudget>,
     nat: Option<NatConfig>,
+    /// `VIP_ADDRS`' non-zero words.
+    vip_addrs: BTreeMap<u32, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -413,6 +418,7 @@ impl Live {
             flood: None,
             log: None,
             nat: None,
+            vip_addrs: BTreeMap::new(),
         }
     }
 
@@ -423,6 +429,7 @@ impl Live {
         let sizes = dataplane.sizes();
         let mut live = Self::empty(sizes);
         live.config = Some(dataplane.config()?);
+        live.vip_addrs = dataplane.vip_addr_words()?;
         let mut by_vip: BTreeMap<u32, BTreeMap<IpAddr, LiveBackend>> = BTreeMap::new();
         for id in 0..sizes.max_backends {
             let entry = dataplane.backend(id)?;
@@ -544,6 +551,8 @@ pub enum Change {
     SetNatConfig(Box<NatConfig>),
     /// Written before the backend entry, so no packet finds a nat backend without its port.
     SetNatBackend(u32, NatBackend),
+    /// `VIP_ADDRS` words (index, bits).
+    SetVipAddrs(Vec<(u32, u64)>),
 }
 
 /// The changes that turn `live` into `target`, and the live state after them. Pure.
@@ -603,6 +612,14 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
         next.vip_ids.give_back(vip.meta.vip_id);
     }
 
+    // New VIPs' address bits before the VIPs (removed ones' bits may still be set: harmless).
+    let union = crate::vip_addrs::words(live.vips.keys().chain(target.vips.keys()));
+    let writes = crate::vip_addrs::writes(&next.vip_addrs, &union);
+    if !writes.is_empty() {
+        changes.push(Change::SetVipAddrs(writes));
+        next.vip_addrs = union;
+    }
+
     // Backends leaving a VIP that stays keep their ids until the whole plan is made: their
     // VIP's ring may still refer to them until its flip, so no other backend may take them
     // over in the same plan.
@@ -626,6 +643,13 @@ pub fn plan(live: &Live, target: &Target) -> Result<(Vec<Change>, Live), StateEr
         next.backend_ids.give_back(id);
     }
     plan_blocklist(&mut next, &mut changes, target);
+    // Exactly the remaining VIPs' bits, now that removed VIPs are gone from `VIPS`.
+    let exact = crate::vip_addrs::words(target.vips.keys());
+    let writes = crate::vip_addrs::writes(&next.vip_addrs, &exact);
+    if !writes.is_empty() {
+        changes.push(Change::SetVipAddrs(writes));
+        next.vip_addrs = exact;
+    }
     Ok((changes, next))
 }
 
@@ -888,6 +912,7 @@ pub fn apply(dataplane: &mut Dataplane, changes: &[Change]) -> Result<(), Datapl
             Change::SetLogBudget(budget) => dataplane.set_log_budget(budget)?,
             Change::SetNatConfig(config) => dataplane.set_nat_config(config)?,
             Change::SetNatBackend(id, nat) => dataplane.set_nat_backend(*id, nat)?,
+            Change::SetVipAddrs(writes) => dataplane.set_vip_addr_words(writes)?,
         }
     }
     Ok(())
@@ -995,6 +1020,7 @@ mod tests {
                 Change::SetLogBudget(_) => "log-budget",
                 Change::SetNatConfig(_) => "nat-config",
                 Change::SetNatBackend(..) => "nat-backend",
+                Change::SetVipAddrs(_) => "vip-addrs",
             })
             .collect()
     }
@@ -1123,6 +1149,8 @@ mod tests {
                 "config",
                 "flood",
                 "nat-config",
+                // The address bit before the VIP can match.
+                "vip-addrs",
                 "clear-vip-counters",
                 "clear-backend",
                 "set-backend",
@@ -1356,8 +1384,19 @@ mod tests {
             vip("api", 11, &[(2, 100)]),
         ]);
         let (changes, next) = plan_for(&live, &services(vec![vip("api", 11, &[(2, 100)])]));
-        assert_eq!(kinds(&changes), ["remove-vip", "clear-backend"]);
+        // Its address bit goes last, once no VIP of that address is left in `VIPS`.
+        assert_eq!(
+            kinds(&changes),
+            ["remove-vip", "clear-backend", "vip-addrs"]
+        );
         assert_eq!(next.vips.len(), 1);
+        let Change::SetVipAddrs(writes) = &changes[2] else {
+            unreachable!()
+        };
+        let kept = crate::vip_addrs::words(next.vips.keys());
+        assert!(writes
+            .iter()
+            .all(|(word, bits)| kept.get(word).copied().unwrap_or(0) == *bits));
     }
 
     #[test]
