@@ -1904,7 +1904,7 @@ mod tests {
 
     #[test]
     fn the_example_file_parses() {
-        let config = valid(include_str!("../../examples/xdplb.toml"));
+        let config = valid(include_str!("../../../examples/xdplb.toml"));
         let vips = &config.services.vips;
         assert_eq!(vips.len(), 2);
         let (web, api) = (&vips[0], &vips[1]);
