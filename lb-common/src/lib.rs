@@ -82,6 +82,7 @@ pub mod map_names {
 pub mod program_names {
     pub const LB: &str = "xdplb";
     pub const DECAP: &str = "xdplb_decap";
+    pub const CLOCK: &str = "xdplb_clock";
 }
 
 /// Placeholder sizes compiled into the object; userspace always overrides them at load time.
@@ -327,7 +328,8 @@ pub const FLOW_COUNTED: u8 = 16;
 /// by its next packet.
 pub const FLOW_PINNED: u8 = 32;
 
-/// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_ns() / 1e9`);
+/// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (read through `jiffies`, see
+/// [`LbConfig::jiffies_per_second`]);
 /// `last_seen` is only rewritten when the second changes, to keep writes off the hot path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -357,8 +359,41 @@ pub struct LbConfig {
     pub _pad: [u8; 3],
     /// "Too big to encapsulate" ICMP replies allowed per second and CPU (also the burst).
     pub icmp_too_big_per_sec: u32,
+    /// The kernel's tick rate (`HZ`) and the value `jiffies` had when `CLOCK_MONOTONIC` was 0:
+    /// the data path reads the clock as `(bpf_jiffies64() - jiffies_at_zero) /
+    /// jiffies_per_second` seconds, because the verifier inlines `bpf_jiffies64` into one
+    /// load, where `bpf_ktime_get_coarse_ns` is a helper call (about 25 ns per packet on this
+    /// kernel: every call and return goes through the CPU's return-thunk mitigations). Written
+    /// by userspace's data-plane loader, which measures both once ([`clock_params`]); 0 = not
+    /// known yet, the data path then falls back to the helper.
+    pub jiffies_per_second: u32,
+    pub jiffies_at_zero: u64,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 52);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 64);
+
+/// [`LbConfig::jiffies_per_second`] and [`LbConfig::jiffies_at_zero`] from the tick period
+/// (`clock_getres(CLOCK_MONOTONIC_COARSE)`, which is one jiffy) and one simultaneous reading
+/// of `jiffies` and `CLOCK_MONOTONIC_COARSE` in nanoseconds, taken in the kernel.
+pub fn clock_params(tick_ns: u64, jiffies: u64, monotonic_ns: u64) -> (u32, u64) {
+    let hz = (1_000_000_000 + tick_ns / 2) / tick_ns.max(1);
+    let elapsed = (monotonic_ns as u128 * hz as u128 / 1_000_000_000) as u64;
+    (hz as u32, jiffies.wrapping_sub(elapsed))
+}
+
+/// Seconds of `CLOCK_MONOTONIC` from `jiffies` and the parameters of [`clock_params`];
+/// `None` while the parameters are unknown (`jiffies_per_second` = 0).
+#[inline(always)]
+pub fn jiffies_to_seconds(
+    jiffies: u64,
+    jiffies_per_second: u32,
+    jiffies_at_zero: u64,
+) -> Option<u32> {
+    // checked_div: no division-by-zero panic path for the verifier to reject.
+    jiffies
+        .wrapping_sub(jiffies_at_zero)
+        .checked_div(jiffies_per_second as u64)
+        .map(|seconds| seconds as u32)
+}
 
 /// `LbConfig::flags`: some VIP serves all ports of its address. Without it the program skips
 /// the port-0 lookup, so a packet for no VIP costs one hash lookup instead of two.

@@ -5,7 +5,6 @@ use crate::{
     maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS},
     parse::Packet,
 };
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
     BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FLOW_ACK_SEEN, FLOW_FIN_SEEN, FLOW_PINNED,
@@ -88,12 +87,6 @@ pub struct Choice {
 }
 
 #[inline(always)]
-fn now_seconds() -> u32 {
-    // SAFETY: helper without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
-}
-
-#[inline(always)]
 pub fn backend_of_vip(backend_id: u32, vip: &VipMeta) -> Option<&'static Backend> {
     let backend = BACKENDS.get(backend_id)?;
     (backend.flags & BACKEND_PRESENT != 0 && backend.vip_id == vip.vip_id).then_some(backend)
@@ -134,7 +127,7 @@ pub fn choose_backend(
     limit_new: impl FnOnce() -> Result<(), u32>,
 ) -> Result<Choice, u32> {
     let key = &pkt.key;
-    let now = now_seconds();
+    let now = crate::clock::now_seconds();
     let state = state_bits(pkt);
     if let Some(flow) = FLOWS
         .get_ptr_mut(key)

@@ -7,6 +7,7 @@
 //!   connection log (`events`) when it is on. ICMP errors about a VIP's flow branch off
 //!   after parse to the flow's backend.
 //! * `xdplb_decap` (on backends): removes the `ipip` outer header for local VIPs.
+//! * `xdplb_clock`: one reading of the kernel's clocks for userspace (see clock.rs).
 //!
 //! Nothing here can abort: every error is a counted `XDP_PASS` or `XDP_DROP`.
 #![no_std]
@@ -18,6 +19,7 @@
 // 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod clock;
 mod counters;
 mod decap;
 mod events;
@@ -41,6 +43,12 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdplb_decap(ctx: XdpContext) -> u32 {
     counters::action(decap::run(&ctx))
+}
+
+/// Not a data path: userspace runs it once to relate `jiffies` to `CLOCK_MONOTONIC`.
+#[xdp]
+pub fn xdplb_clock(ctx: XdpContext) -> u32 {
+    clock::reading(&ctx)
 }
 
 #[inline(always)]

@@ -2,6 +2,7 @@
 //! access to every map. This is the only module that writes maps; everything else goes through
 //! [`crate::state`], which decides *what* to write.
 
+use crate::clock::KernelClock;
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
@@ -48,6 +49,8 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("measuring the kernel clock: {0}")]
+    Clock(#[from] crate::clock::ClockError),
     #[error("reading the possible CPUs failed: {0}")]
     PossibleCpus(#[source] std::io::Error),
     #[error("registering interface {0} for XDP_REDIRECT failed: {1}")]
@@ -162,6 +165,8 @@ pub struct Dataplane {
     /// `<pin root>/v<LAYOUT_VERSION>` when pinning.
     pin_dir: Option<PathBuf>,
     adoption: Adoption,
+    /// Written into every config (the balancer's data path reads its clock with it).
+    clock: Option<KernelClock>,
     vips: HashMap<MapData, VipKey, VipMeta>,
     rings: MappedArray,
     /// Least-conn counts, mapped so reconciliation adds atomically like the data path.
@@ -262,7 +267,12 @@ impl Dataplane {
         program
             .load()
             .map_err(|source| DataplaneError::Program { name, source })?;
+        let clock = match role {
+            Role::Balancer => Some(crate::clock::measure(&mut ebpf)?),
+            Role::Decap => None,
+        };
         Ok(Self {
+            clock,
             vips: take(&mut ebpf, map_names::VIPS)?,
             rings: MappedArray::map(
                 &mut ebpf,
@@ -476,11 +486,27 @@ impl Dataplane {
         }
     }
 
+    /// The config as [`crate::state`] wrote it: without the clock parameters, which are this
+    /// machine's, not the desired state's.
     pub fn config(&self) -> Result<LbConfig> {
-        self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
+        let config = self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
+        Ok(LbConfig {
+            jiffies_per_second: 0,
+            jiffies_at_zero: 0,
+            ..config
+        })
     }
 
+    /// Writes `config` with the clock parameters measured at load.
     pub fn set_config(&mut self, config: &LbConfig) -> Result<()> {
+        let clock = self
+            .clock
+            .map_or((0, 0), |c| (c.jiffies_per_second, c.jiffies_at_zero));
+        let config = LbConfig {
+            jiffies_per_second: clock.0,
+            jiffies_at_zero: clock.1,
+            ..*config
+        };
         self.config
             .set(0, config, 0)
             .map_err(map_err(map_names::CONFIG))

@@ -28,6 +28,7 @@ pub mod api;
 pub mod attachments;
 pub mod blocklist;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod connlog;
 pub mod daemon;

@@ -185,6 +185,9 @@ pub fn target(
         },
         _pad: [0; 3],
         icmp_too_big_per_sec: settings.icmp_too_big_rate,
+        // The data plane fills the clock in (Dataplane::set_config).
+        jiffies_per_second: 0,
+        jiffies_at_zero: 0,
     };
     let mut vips = BTreeMap::new();
     let mut unresolved = Vec::new();

@@ -421,7 +421,8 @@ pub fn whole_seconds(duration: Duration) -> u32 {
 }
 
 /// Seconds of `CLOCK_MONOTONIC_COARSE`: the clock and unit of [`FlowValue`]'s times (the kernel
-/// stores `bpf_ktime_get_coarse_ns() / 1e9`).
+/// reads them through `jiffies`, converted with parameters measured against this clock: see
+/// [`crate::clock`]).
 pub fn monotonic_seconds() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -7,6 +7,7 @@ use lb_userspace::{
     dataplane::Role,
     model::{Forwarding, Protocol, Services},
     state::{addr_bytes, BackendStatus},
+    stats::monotonic_seconds,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use xdplb_tests::fixture::*;
@@ -665,9 +666,18 @@ fn flow_entry_records_state_backend_and_times() {
     let key = flow_key(IpAddr::V4(CLIENT4), IpAddr::V4(WEB4), 45501, 80, 6);
     assert_eq!(lb.dataplane.flow(&key).unwrap(), None);
     let syn = from_client(&tcp4(WEB4, 45501, 80, TCP_SYN));
+    let before = monotonic_seconds();
     assert_eq!(lb.run(&syn).action, Action::Tx as u32);
+    let after = monotonic_seconds();
     let after_syn = lb.dataplane.flow(&key).unwrap().expect("entry after SYN");
     assert_eq!(after_syn.state, FLOW_SYN_SEEN);
+    // The data path reads the time through jiffies: the same seconds as userspace's clock
+    // (a tick behind at most, so never after it).
+    assert!(
+        (before.saturating_sub(1)..=after).contains(&after_syn.created),
+        "created {} outside [{before} - 1, {after}]",
+        after_syn.created
+    );
 
     let fin = from_client(&tcp4(WEB4, 45501, 80, TCP_FIN | TCP_ACK));
     assert_eq!(lb.run(&fin).action, Action::Tx as u32);
