@@ -30,7 +30,7 @@
 //! | [`map_names::VIP_DROPS`] | `PERCPU_ARRAY` | `max_vips` | per-VIP [`VipDrops`] by reason |
 //! | [`map_names::PINNED`] | `HASH` | `flow_table_size` | flows pinned by the flood defence: never evicted by inserts (full = no more pins); the daemon expires idle ones |
 //! | [`map_names::FLOOD`] | `ARRAY` | 1 | the pin budget ([`FloodState`]) |
-//! | [`map_names::EVENTS`] | `RINGBUF` | [`LOG_RING_BYTES`] bytes | connection log ([`LogRecord`]): one ring shared by every CPU keeps records in time order, costs no syscall per record, and a full ring fails the reserve (counted) instead of blocking |
+//! | [`map_names::EVENTS`] | `ARRAY`, mmapable | possible CPUs x [`LOG_CPU_SLOTS`] | connection log ([`LogRecord`]): a ring of [`LOG_RECORDS_PER_CPU`] records per CPU, each behind its [`LogCursor`] slot. The writer needs no helper call (the verifier inlines the array lookups and the CPU id), unlike a `RINGBUF` (reserve + submit take its lock: about 60 ns per record here); it overwrites its CPU's oldest record, and the daemon, which reads the mapping, counts what it missed (`overrun`)
 //! | [`map_names::LOG_BUDGET`] | `ARRAY` | 1 | the connection log's kernel budget ([`LogBudget`]): one shared GCRA bucket, so the cap holds for the whole LB, not per CPU |
 //! | [`map_names::NAT_FWD`] | `HASH` | `nat_table_size` | `nat` (issue 12): client 5-tuple -> the (nat address, nat port, backend) it was given ([`NatForward`]); a plain hash, never evicted, so a live connection never loses its translation; the daemon deletes expired entries |
 //! | [`map_names::NAT_REV`] | `HASH` | `nat_table_size` | `nat`: backend-side 5-tuple (backend -> nat address:port) -> the client connection and its hop ([`NatState`]). Inserted with `BPF_NOEXIST`, it is the ownership claim of a nat port: atomic across CPUs, pinned across restarts. Full = exhaustion (counted, the new flow dropped) |
@@ -46,7 +46,7 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
@@ -472,6 +472,18 @@ pub fn jiffies_to_seconds(
         .map(|seconds| seconds as u32)
 }
 
+/// Nanoseconds of `CLOCK_MONOTONIC` from `jiffies`, like [`jiffies_to_seconds`], so at the
+/// tick's resolution (1/HZ). Whole seconds and the remainder apart: `jiffies * 1e9` would
+/// overflow after months of uptime, and `1e9 / HZ` is not whole for every HZ.
+#[inline(always)]
+pub fn jiffies_to_ns(jiffies: u64, jiffies_per_second: u32, jiffies_at_zero: u64) -> Option<u64> {
+    let ticks = jiffies.wrapping_sub(jiffies_at_zero);
+    let hz = jiffies_per_second as u64;
+    let seconds = ticks.checked_div(hz)?;
+    let rest = ticks.checked_rem(hz)?;
+    Some(seconds * 1_000_000_000 + rest * 1_000_000_000 / hz)
+}
+
 /// `LbConfig::flags`: some VIP serves all ports of its address. Without it the program skips
 /// the port-0 lookup, so a packet for no VIP costs one hash lookup instead of two.
 pub const CONFIG_HAS_PORT0_VIPS: u8 = 1;
@@ -622,10 +634,29 @@ pub fn gcra(tat_ns: u64, now_ns: u64, interval_ns: u64, tolerance_ns: u64) -> Op
     (next - now_ns <= tolerance_ns).then_some(next)
 }
 
-/// Bytes of the connection log's ring buffer (a power of two, a multiple of the page size):
-/// 2 MiB holds about 29,000 records, well over a second at the default budget of 20,000/s,
-/// while the daemon drains it every few milliseconds.
-pub const LOG_RING_BYTES: u32 = 1 << 21;
+/// Records in each CPU's part of the connection log (a power of two): 4096 x 64 bytes =
+/// 256 KiB per CPU, 20 daemon reads (every 10 ms) at the default budget of 20,000/s even if
+/// one CPU makes them all. A CPU doing nothing but new flows (about 2 million/s) outruns it:
+/// raise `max_per_second` that far and the reader counts overruns.
+pub const LOG_RECORDS_PER_CPU: u32 = 4096;
+/// `EVENTS` slots per CPU: its [`LogCursor`], then its records.
+pub const LOG_CPU_SLOTS: u32 = LOG_RECORDS_PER_CPU + 1;
+/// `EVENTS` flags: `BPF_F_MMAPABLE`, the daemon reads the records from its mapping.
+pub const EVENTS_MAP_FLAGS: u32 = RINGS_MAP_FLAGS;
+
+/// The first `EVENTS` slot of each CPU (`cpu * LOG_CPU_SLOTS`), in a record's place: `head`
+/// counts the records this CPU ever wrote (record `n` is in slot `1 + n %
+/// LOG_RECORDS_PER_CPU`), stored by the XDP program after the record; `tail` is the next
+/// record the daemon will read, stored by the daemon, so a restarted daemon goes on where
+/// the last one stopped. One cache line per CPU: writers on different CPUs never share one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogCursor {
+    pub head: u64,
+    pub tail: u64,
+    pub _pad: [u64; 6],
+}
+const _: () = assert!(core::mem::size_of::<LogCursor>() == core::mem::size_of::<LogRecord>());
 
 /// [`LogRecord::event`]: what the record reports.
 /// A packet created a flow (flow-table miss) and the scheduler picked `backend_id`.
@@ -648,7 +679,8 @@ pub const LOG_RATE_LIMITED: u8 = 5;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LogRecord {
-    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`); userspace converts to wall time.
+    /// `CLOCK_MONOTONIC` nanoseconds at the kernel tick's resolution (read through
+    /// `jiffies`, see [`jiffies_to_ns`]); userspace converts to wall time.
     pub time_ns: u64,
     /// Client address, in the flow key's layout (IPv4 in the first four bytes).
     pub client: [u8; 16],
@@ -920,14 +952,13 @@ pub mod counters {
         FLOOD_RESTORED = 30, "flood_restored", "flood defence: flow evicted from the flow table restored from the pinned table";
         // Issue #15, the connection log.
         LOG_RECORDS_DROPPED_BUDGET = 31, "log_records_dropped_budget", "connection log: record not emitted, over [daemon.log] max_per_second";
-        LOG_RECORDS_DROPPED_RING_FULL = 32, "log_records_dropped_ring_full", "connection log: record not emitted, the ring buffer was full (the daemon reads too slowly)";
         // Issue 12: nat forwarding.
-        NAT_NEW = 33, "nat_new", "nat: a connection got a nat address and port";
-        NAT_RECLAIMED = 34, "nat_reclaimed", "nat: a new connection took over the port of an expired one";
-        DROP_NAT_EXHAUSTED = 35, "drop_nat_exhausted", "dropped: nat found no free port (or the nat table is full) for a new connection";
-        NAT_REPLY = 36, "nat_reply", "nat: a backend's reply translated back to its client";
-        NAT_ICMP_TO_CLIENT = 37, "nat_icmp_to_client", "nat: an ICMP error about a nat connection translated and sent to its client";
-        NAT_ICMP_TO_BACKEND = 38, "nat_icmp_to_backend", "nat: an ICMP error about a nat connection translated and sent to its backend";
+        NAT_NEW = 32, "nat_new", "nat: a connection got a nat address and port";
+        NAT_RECLAIMED = 33, "nat_reclaimed", "nat: a new connection took over the port of an expired one";
+        DROP_NAT_EXHAUSTED = 34, "drop_nat_exhausted", "dropped: nat found no free port (or the nat table is full) for a new connection";
+        NAT_REPLY = 35, "nat_reply", "nat: a backend's reply translated back to its client";
+        NAT_ICMP_TO_CLIENT = 36, "nat_icmp_to_client", "nat: an ICMP error about a nat connection translated and sent to its client";
+        NAT_ICMP_TO_BACKEND = 37, "nat_icmp_to_backend", "nat: an ICMP error about a nat connection translated and sent to its backend";
     }
 }
 

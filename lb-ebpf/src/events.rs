@@ -1,22 +1,30 @@
-//! The connection log: a [`LogRecord`] into the `EVENTS` ring buffer for each new or
+//! The connection log: a [`LogRecord`] into this CPU's part of `EVENTS` for each new or
 //! re-picked flow and for each packet the filter drops (ACL, blocklist, new-flow limits).
 //!
 //! Off (`CONFIG_LOG` clear), each hook costs one flag test. On, records pass a kernel budget
 //! first (`LOG_BUDGET`, GCRA over one bucket shared by every CPU, updated without atomics
-//! like the VIP-wide new-flow limit: racing CPUs may each let one extra record through), then
-//! a reserve in the ring; a record over the budget or without room is counted and forgotten,
-//! never waited for. Records are submitted without waking the reader: the daemon drains the
-//! ring on its own timer, so a flood costs no wake-ups.
+//! like the VIP-wide new-flow limit: racing CPUs may each let one extra record through); a
+//! record over the budget is counted and forgotten. Then it is stored in the CPU's ring
+//! (see `LogCursor`): no helper is called on the way, because on this kernel every call and
+//! return pays the CPU's return-thunk mitigation; the verifier inlines the array lookups,
+//! `bpf_get_smp_processor_id` and `bpf_jiffies64` (the time, at the tick's resolution). A
+//! CPU's ring overwrites its oldest record and never waits: the daemon reads the mapping on
+//! its own timer and counts the records it was too late for.
 
 use crate::{
     counters,
     lookup::Choice,
-    maps::{EVENTS, LOG_BUDGET},
+    maps::{CONFIG, EVENTS, LOG_BUDGET},
 };
-use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, helpers::bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns};
+use core::{
+    ptr::addr_of_mut,
+    sync::atomic::{compiler_fence, Ordering},
+};
 use lb_common::{
-    counters as idx, gcra, FlowKey, LogRecord, VipMeta, CONFIG_LOG, LOG_BLOCKED, LOG_DENIED,
-    LOG_NEW, LOG_RATE_LIMITED, LOG_REHASH, NO_BACKEND,
+    counters as idx, gcra, jiffies_to_ns, FlowKey, LogCursor, VipMeta, CONFIG_LOG, LOG_BLOCKED,
+    LOG_CPU_SLOTS, LOG_DENIED, LOG_NEW, LOG_RATE_LIMITED, LOG_RECORDS_PER_CPU, LOG_REHASH,
+    NO_BACKEND,
 };
 
 /// After the backend choice: logs a flow that was created or re-picked.
@@ -45,12 +53,29 @@ pub fn dropped(config_flags: u8, key: &FlowKey, vip: &VipMeta, reason: u32) {
     emit(key, vip.vip_id, NO_BACKEND, event, reason as u8);
 }
 
+/// `CLOCK_MONOTONIC` in ns through `jiffies` (one load once the verifier inlined it), or
+/// the helper until userspace wrote the clock parameters.
+#[inline(always)]
+fn now_ns() -> u64 {
+    CONFIG
+        .get(0)
+        .and_then(|c| {
+            // SAFETY: helper without arguments.
+            jiffies_to_ns(
+                unsafe { bpf_jiffies64() },
+                c.jiffies_per_second,
+                c.jiffies_at_zero,
+            )
+        })
+        // SAFETY: helper without arguments.
+        .unwrap_or_else(|| unsafe { bpf_ktime_get_ns() })
+}
+
 /// A BPF-to-BPF call: the record's code stays out of the inlined packet path, which only
 /// the log-on case enters.
 #[inline(never)]
 fn emit(key: &FlowKey, vip_id: u32, backend_id: u32, event: u8, reason: u8) {
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let Some(budget) = LOG_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -60,23 +85,44 @@ fn emit(key: &FlowKey, vip_id: u32, backend_id: u32, event: u8, reason: u8) {
         Some(next) => budget.tat_ns = next,
         None => return counters::global(idx::LOG_RECORDS_DROPPED_BUDGET),
     }
-    let Some(mut entry) = EVENTS.reserve::<LogRecord>(0) else {
-        return counters::global(idx::LOG_RECORDS_DROPPED_RING_FULL);
+    // SAFETY: helper without arguments (inlined by the verifier).
+    let first = unsafe { bpf_get_smp_processor_id() } * LOG_CPU_SLOTS;
+    let Some(cursor) = EVENTS.get_ptr_mut(first) else {
+        return;
     };
-    entry.write(LogRecord {
-        time_ns: now,
-        client: key.src,
-        nat_addr: [0; 16],
-        vip_id,
-        backend_id,
-        client_port: key.sport,
-        nat_port: 0,
-        vip_port: key.dport,
-        event,
-        proto: key.proto,
-        family: key.family,
-        reason,
-        _pad: [0; 6],
-    });
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    let cursor = cursor.cast::<LogCursor>();
+    // SAFETY: this CPU's cursor slot (a LogCursor is a LogRecord's size); only this CPU
+    // writes `head`, and an XDP program is not re-entered on a CPU.
+    let head = unsafe { core::ptr::addr_of!((*cursor).head).read_volatile() };
+    let Some(slot) = EVENTS.get_ptr_mut(first + 1 + (head as u32 & (LOG_RECORDS_PER_CPU - 1)))
+    else {
+        return;
+    };
+    // SAFETY: array values of this CPU (a LogRecord slot, 8-byte aligned). The record is
+    // stored before the head that publishes it: the fence keeps that order in the compiler
+    // (it emits no instruction), and x86-64 keeps the order of stores (TSO), so a reader that
+    // sees the head sees the record. Field by field, straight into the slot (a whole record
+    // goes through the 512-byte stack), and the zero byte arrays as volatile words: LLVM
+    // turns a plain zeroing into a call to memset, and every call pays the return thunk.
+    unsafe {
+        addr_of_mut!((*slot).time_ns).write(now);
+        addr_of_mut!((*slot).client).write(key.src);
+        let nat_addr = addr_of_mut!((*slot).nat_addr).cast::<u64>();
+        nat_addr.write_volatile(0);
+        nat_addr.add(1).write_volatile(0);
+        addr_of_mut!((*slot).vip_id).write(vip_id);
+        addr_of_mut!((*slot).backend_id).write(backend_id);
+        addr_of_mut!((*slot).client_port).write(key.sport);
+        addr_of_mut!((*slot).nat_port).write(0);
+        addr_of_mut!((*slot).vip_port).write(key.dport);
+        addr_of_mut!((*slot).event).write(event);
+        addr_of_mut!((*slot).proto).write(key.proto);
+        addr_of_mut!((*slot).family).write(key.family);
+        addr_of_mut!((*slot).reason).write(reason);
+        let pad = addr_of_mut!((*slot)._pad).cast::<u16>();
+        pad.write_volatile(0);
+        pad.add(1).cast::<u32>().write_volatile(0);
+        compiler_fence(Ordering::Release);
+        addr_of_mut!((*cursor).head).write_volatile(head + 1);
+    }
 }

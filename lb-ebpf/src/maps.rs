@@ -4,18 +4,15 @@
 use crate::counters::SharedCount;
 use aya_ebpf::{
     macros::map,
-    maps::{
-        lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray,
-        RingBuf,
-    },
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, LogBudget, NatBackend,
-    NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4, TrafficCounters, VipDrops,
-    VipKey, VipLimits, VipMeta, ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE,
+    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, LogBudget, LogRecord,
+    NatBackend, NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4, TrafficCounters,
+    VipDrops, VipKey, VipLimits, VipMeta, ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE,
-    LOG_RING_BYTES, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
-    RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
+    EVENTS_MAP_FLAGS, LOG_CPU_SLOTS, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS,
+    MAX_TX_PORTS, RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
 };
 
 #[map]
@@ -94,7 +91,7 @@ pub static PINNED: HashMap<FlowKey, FlowValue> =
 pub static FLOOD: Array<FloodState> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(LOG_RING_BYTES, 0);
+pub static EVENTS: Array<LogRecord> = Array::with_max_entries(LOG_CPU_SLOTS, EVENTS_MAP_FLAGS);
 
 #[map]
 pub static LOG_BUDGET: Array<LogBudget> = Array::with_max_entries(1, 0);

@@ -61,8 +61,9 @@ pub fn measure(ebpf: &mut Ebpf) -> Result<KernelClock, ClockError> {
     })
 }
 
-/// One jiffy in ns: the resolution of the coarse clocks, which advance once per tick.
-fn tick_ns() -> u64 {
+/// One jiffy in ns: the resolution of the coarse clocks, which advance once per tick, and of
+/// the connection log's record times.
+pub fn tick_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -75,7 +76,7 @@ fn tick_ns() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{clock_params, jiffies_to_seconds};
+    use lb_common::{clock_params, jiffies_to_ns, jiffies_to_seconds};
 
     #[test]
     fn jiffies_convert_to_the_monotonic_seconds_they_were_measured_with() {
@@ -99,6 +100,27 @@ mod tests {
             None,
             "not measured yet"
         );
+    }
+
+    #[test]
+    fn jiffies_convert_to_monotonic_ns_at_the_tick_resolution() {
+        // HZ = 300: a tick is not a whole number of ns.
+        let at_zero = u64::MAX - 10;
+        assert_eq!(
+            jiffies_to_ns(at_zero.wrapping_add(1), 300, at_zero),
+            Some(3_333_333)
+        );
+        assert_eq!(
+            jiffies_to_ns(at_zero.wrapping_add(301), 300, at_zero),
+            Some(1_003_333_333)
+        );
+        // A year of uptime at HZ = 1000 does not overflow.
+        let year = 365 * 86_400;
+        assert_eq!(
+            jiffies_to_ns(at_zero.wrapping_add(year * 1000), 1000, at_zero),
+            Some(year * 1_000_000_000)
+        );
+        assert_eq!(jiffies_to_ns(5, 0, 0), None, "not measured yet");
     }
 
     #[test]

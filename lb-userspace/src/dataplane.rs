@@ -2,12 +2,11 @@
 //! access to every map. This is the only module that writes maps; everything else goes through
 //! [`crate::state`], which decides *what* to write.
 
-use crate::clock::KernelClock;
+use crate::{clock::KernelClock, connlog::LogRing};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
         Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray,
-        RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -20,7 +19,7 @@ use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
     LogBudget, NatBackend, NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4,
     TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, FLOW_PINNED, LAYOUT_VERSION,
-    LOG_RING_BYTES, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
+    LOG_CPU_SLOTS, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
     SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
 };
 use std::{
@@ -198,8 +197,8 @@ pub struct Dataplane {
     pinned_fd: std::os::fd::OwnedFd,
     flood: Array<MapData, FloodState>,
     log_budget: Array<MapData, LogBudget>,
-    /// The connection log's ring, until [`Self::take_events`] hands it to its reader.
-    events: Option<RingBuf<MapData>>,
+    /// The connection log's rings, until [`Self::take_events`] hands them to their reader.
+    events: Option<LogRing>,
     nat_fwd: HashMap<MapData, FlowKey, NatForward>,
     nat_fwd_fd: std::os::fd::OwnedFd,
     nat_rev: HashMap<MapData, FlowKey, NatState>,
@@ -252,7 +251,14 @@ impl Dataplane {
     /// pinned there with the same sizes are reused: their contents survive, which is what makes
     /// a daemon restart hitless. A layout version bump or a size change gets fresh maps.
     pub fn load(role: Role, sizes: Sizes, pin_root: Option<&Path>) -> Result<Self> {
-        let map_sizes = map_sizes(&sizes);
+        // The connection log has a ring per CPU on a balancer; decap hosts do not log.
+        let log_cpus = match role {
+            Role::Balancer => {
+                aya::util::nr_cpus().map_err(|(_, err)| DataplaneError::PossibleCpus(err))? as u32
+            }
+            Role::Decap => 1,
+        };
+        let map_sizes = map_sizes(&sizes, log_cpus);
         let pin_dir = pin_root.map(|root| root.join(format!("v{LAYOUT_VERSION}")));
         let adoption = match &pin_dir {
             Some(dir) => prepare_pin_dir(dir, &map_sizes)?,
@@ -319,7 +325,15 @@ impl Dataplane {
             pinned: take(&mut ebpf, map_names::PINNED)?,
             flood: take(&mut ebpf, map_names::FLOOD)?,
             log_budget: take(&mut ebpf, map_names::LOG_BUDGET)?,
-            events: Some(take(&mut ebpf, map_names::EVENTS)?),
+            events: Some(LogRing::new(
+                MappedArray::map_values(
+                    &mut ebpf,
+                    map_names::EVENTS,
+                    log_cpus * LOG_CPU_SLOTS,
+                    std::mem::size_of::<lb_common::LogRecord>(),
+                )?,
+                log_cpus,
+            )),
             nat_fwd_fd: duplicate_fd(&ebpf, map_names::NAT_FWD)?,
             nat_fwd: take(&mut ebpf, map_names::NAT_FWD)?,
             nat_rev_fd: duplicate_fd(&ebpf, map_names::NAT_REV)?,
@@ -809,7 +823,7 @@ impl Dataplane {
     }
 
     /// The connection log's ring buffer, for its one reader (`None` once taken).
-    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+    pub fn take_events(&mut self) -> Option<LogRing> {
         self.events.take()
     }
 
@@ -908,10 +922,10 @@ impl Dataplane {
     }
 }
 
-/// An array map of `u32` or `u64` values mapped into this process (`BPF_F_MMAPABLE`): the
-/// rings and the least-conn counts. The kernel stores array values 8-byte aligned, so slot
-/// `i` lives at byte `8 * i` either way.
-struct MappedArray {
+/// An array map mapped into this process (`BPF_F_MMAPABLE`): the Maglev rings and the
+/// least-conn counts (`u32` or `u64` values: the kernel stores array values 8-byte aligned,
+/// so slot `i` lives at byte `8 * i` either way), and the connection log's records.
+pub(crate) struct MappedArray {
     name: &'static str,
     slots: *mut std::sync::atomic::AtomicU32,
     entries: u32,
@@ -1023,12 +1037,22 @@ unsafe impl Send for MappedArray {}
 
 impl MappedArray {
     fn map(ebpf: &mut Ebpf, name: &'static str, entries: u32) -> Result<Self> {
+        Self::map_values(ebpf, name, entries, SLOT_STRIDE)
+    }
+
+    /// An array of `entries` values of `value_size` bytes (a multiple of 8).
+    pub(crate) fn map_values(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+        entries: u32,
+        value_size: usize,
+    ) -> Result<Self> {
         let Some(aya::maps::Map::Array(data)) = ebpf.take_map(name) else {
             return Err(DataplaneError::MissingMap(name));
         };
         use std::os::fd::{AsFd, AsRawFd};
         let page = 4096;
-        let bytes = (entries as usize * SLOT_STRIDE).div_ceil(page) * page;
+        let bytes = (entries as usize * value_size).div_ceil(page) * page;
         // SAFETY: mapping a BPF array fd created with BPF_F_MMAPABLE, shared and writable.
         let ptr = unsafe {
             libc::mmap(
@@ -1053,6 +1077,11 @@ impl MappedArray {
             bytes,
             _map: data,
         })
+    }
+
+    /// The start of the mapping and its length in bytes.
+    pub(crate) fn bytes(&self) -> (*mut u8, usize) {
+        (self.slots.cast(), self.bytes)
     }
 
     fn slot(&self, index: u32) -> Result<&std::sync::atomic::AtomicU32> {
@@ -1136,7 +1165,7 @@ fn remove_dir(dir: &Path) -> Result<()> {
 
 /// Every map with its max_entries: what the loader creates, and what a pinned map must have
 /// to be adopted.
-fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
+fn map_sizes(sizes: &Sizes, log_cpus: u32) -> Vec<(&'static str, u32)> {
     vec![
         (map_names::VIPS, sizes.max_vips),
         (map_names::VIP_COUNTERS, sizes.max_vips),
@@ -1159,7 +1188,7 @@ fn map_sizes(sizes: &Sizes) -> Vec<(&'static str, u32)> {
         (map_names::VIP_DROPS, sizes.max_vips),
         (map_names::PINNED, sizes.flow_table_size),
         (map_names::FLOOD, 1),
-        (map_names::EVENTS, LOG_RING_BYTES),
+        (map_names::EVENTS, log_cpus * LOG_CPU_SLOTS),
         (map_names::LOG_BUDGET, 1),
         (map_names::NAT_FWD, sizes.nat_table_size),
         (map_names::NAT_REV, sizes.nat_table_size),

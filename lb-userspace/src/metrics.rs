@@ -94,7 +94,7 @@ const GLOBAL_FAMILIES: [GlobalFamily; 9] = [
         prefix: LOG_DROPPED_PREFIX,
         family: "xdplb_log_records_dropped",
         label: "reason",
-        help: "Connection-log records lost, by reason: over the kernel budget (budget), ring buffer full (ring_full), file writer behind (file_backlog)",
+        help: "Connection-log records lost, by reason: over the kernel budget (budget), overwritten in their CPU's ring before the daemon read them (overrun), file writer behind (file_backlog)",
     },
     GlobalFamily {
         prefix: "nat_",
@@ -389,16 +389,21 @@ pub fn render(
             }
         }
         if family.prefix == LOG_DROPPED_PREFIX {
-            samples.push(
-                vec![(family.label, "file_backlog".to_string())],
-                ConstCounter::new(log.dropped_file_backlog.load(Ordering::Relaxed)),
-            );
+            for (reason, count) in [
+                ("overrun", &log.dropped_overrun),
+                ("file_backlog", &log.dropped_file_backlog),
+            ] {
+                samples.push(
+                    vec![(family.label, reason.to_string())],
+                    ConstCounter::new(count.load(Ordering::Relaxed)),
+                );
+            }
         }
         registry.register(family.family, family.help, samples);
     }
     registry.register(
         "xdplb_log_records_read",
-        "Connection-log records the daemon read from the ring buffer",
+        "Connection-log records the daemon read from the per-CPU rings",
         ConstCounter::new(log.read.load(Ordering::Relaxed)),
     );
     registry.register(
@@ -763,7 +768,7 @@ mod tests {
             "xdplb_blocklist_entries 3",
             "xdplb_pinned_flows 17",
             "xdplb_nat_connections 5",
-            r#"xdplb_nat_events_total{event="new"} 330"#,
+            r#"xdplb_nat_events_total{event="new"} 320"#,
             r#"xdplb_backend_bytes_total{vip="web",backend="10.0.0.2"} 19008"#,
             r#"xdplb_backend_new_flows_total{vip="web",backend="10.0.0.1"} 35"#,
             r#"xdplb_backend_active_flows{vip="web",backend="10.0.0.1"} 30"#,
@@ -836,11 +841,11 @@ mod tests {
                 .any(|f| l.starts_with(&format!("xdplb_{f}_total{{")))
             })
             .count();
-        // The log's drops have one reason counted by the daemon, not the kernel.
-        assert_eq!(global, counters::ALL.len() + 1);
+        // The log's drops have two reasons counted by the daemon, not the kernel.
+        assert_eq!(global, counters::ALL.len() + 2);
         for expected in [
             r#"xdplb_log_records_dropped_total{reason="budget"} 310"#,
-            r#"xdplb_log_records_dropped_total{reason="ring_full"} 320"#,
+            r#"xdplb_log_records_dropped_total{reason="overrun"} 0"#,
             r#"xdplb_log_records_dropped_total{reason="file_backlog"} 0"#,
         ] {
             assert!(lines.contains(&expected), "{expected} missing:\n{text}");

@@ -494,8 +494,22 @@ fn connlog_a_flood_beyond_the_budget_is_counted_and_forwarding_and_the_daemon_st
         thread::sleep(Duration::from_millis(200));
         dropped = global(&daemon, "log_records_dropped_budget");
     }
-    assert_eq!(global(&daemon, "log_records_dropped_ring_full"), 0);
-    let records = cli_entries(&daemon, &["-n", "100000"]);
+    // Nothing lost but to the budget (no ring overrun): each flood record either was over
+    // it or reached the reader, once the reader had its next pass.
+    let deadline = Instant::now() + SETTLE;
+    let records = loop {
+        let records = cli_entries(&daemon, &["-n", "100000"]);
+        dropped = global(&daemon, "log_records_dropped_budget");
+        if records.len() as u64 + dropped >= sent || Instant::now() >= deadline {
+            break records;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        records.len() as u64 + dropped >= sent,
+        "{} records logged and {dropped} over the budget for {sent} flood packets",
+        records.len()
+    );
     assert!(
         (records.len() as u64) <= allowed + during.len() as u64,
         "{} records passed a budget of {BUDGET}/s over {flooded_for:?}",

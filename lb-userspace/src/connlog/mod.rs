@@ -6,8 +6,10 @@
 pub mod cli;
 mod file;
 mod reader;
+mod ring;
 
 pub use reader::{ConnLog, LogCounters};
+pub use ring::LogRing;
 
 use crate::{
     config::{Problems, Reported, Table},
@@ -250,7 +252,7 @@ pub fn wall_offset_ns() -> i128 {
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
 
-/// `CLOCK_MONOTONIC` now, in the kernel's `bpf_ktime_get_ns` terms.
+/// `CLOCK_MONOTONIC` now (the clock of record times, which have a tick's resolution).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

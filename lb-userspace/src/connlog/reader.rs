@@ -1,14 +1,13 @@
-//! The ring's one reader: a thread of its own that drains `EVENTS` on a timer, decodes each
+//! The rings' one reader: a thread of its own that drains `EVENTS` on a timer, decodes each
 //! batch, keeps the last records for `xdplb log`, hands them to followers and to the file
 //! writer. Nothing here takes the daemon's lock, so a flood of records never slows its
 //! other work, and a slow disk only costs records (counted), never the reader's pace.
 
 use super::{
-    file::FileWriter, monotonic_ns, wall_offset_ns, Decoder, Entry, Filter, LogSpec, Names,
+    file::FileWriter, monotonic_ns, wall_offset_ns, Decoder, Entry, Filter, LogRing, LogSpec, Names,
 };
 use crate::api::Response;
-use aya::maps::{MapData, RingBuf};
-use lb_common::LogRecord;
+use lb_common::{LogRecord, LOG_RECORDS_PER_CPU};
 use std::{
     collections::VecDeque,
     sync::{
@@ -19,11 +18,17 @@ use std::{
     time::Duration,
 };
 use tokio::sync::{broadcast, mpsc};
-use tracing::{error, warn};
+use tracing::error;
 
-/// How often the ring is drained: at the default budget about 200 records per pass, and the
-/// 2 MiB ring holds well over a second of them.
+/// How often the rings are read at most: at the default budget about 200 records per pass,
+/// and each CPU's ring holds 4096.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// How often at least: when records come faster, the reader comes back sooner (see
+/// [`next_pass`]).
+const MIN_DRAIN_INTERVAL: Duration = Duration::from_millis(1);
+/// Records per pass the reader aims to stay under: a quarter of one CPU's ring, so even a
+/// burst on one CPU has room before it overwrites anything.
+const PASS_RECORDS: f64 = LOG_RECORDS_PER_CPU as f64 / 4.0;
 /// Records kept for `xdplb log` without `--follow`.
 pub const RECENT_RECORDS: usize = 10_000;
 /// Records a follower may fall behind by before it is told it missed some.
@@ -32,8 +37,10 @@ const FOLLOW_BACKLOG: usize = 16_384;
 /// Userspace counts, for metrics.
 #[derive(Debug, Default)]
 pub struct LogCounters {
-    /// Records read from the ring.
+    /// Records read from the rings.
     pub read: AtomicU64,
+    /// Records their CPU overwrote before they were read (the reader was too slow).
+    pub dropped_overrun: AtomicU64,
     /// Records written to the file.
     pub written: AtomicU64,
     /// Records the file writer could not take (it is behind: slow disk).
@@ -65,7 +72,7 @@ pub struct ConnLog {
 
 impl ConnLog {
     /// Starts reading `events` (when the object has the ring) and writing `spec`'s file.
-    pub fn start(events: Option<RingBuf<MapData>>, spec: Option<&LogSpec>) -> Self {
+    pub fn start(events: Option<LogRing>, spec: Option<&LogSpec>) -> Self {
         let counters = Arc::new(LogCounters::default());
         let inner = Arc::new(Inner {
             decoder: Mutex::new(Decoder::default()),
@@ -86,9 +93,13 @@ impl ConnLog {
         Self { inner, reader }
     }
 
-    /// The maps now mean `names` (called after every apply).
+    /// The maps now mean `names` (called after every apply). Record times come from jiffies
+    /// and run up to two ticks behind `CLOCK_MONOTONIC` (see `lb_common::jiffies_to_ns`):
+    /// stamped that much earlier, the set covers every record made from now on, and records
+    /// of the last two ticks before the apply may get the new names too.
     pub fn set_names(&self, names: Names) {
-        lock(&self.inner.decoder).push(monotonic_ns(), names);
+        let since = monotonic_ns().saturating_sub(2 * crate::clock::tick_ns());
+        lock(&self.inner.decoder).push(since, names);
     }
 
     /// Reopens the file, or switches to `spec`'s (SIGHUP / `xdplb reload`: logrotate).
@@ -177,19 +188,32 @@ fn last_matching(recent: &VecDeque<Arc<Entry>>, filter: &Filter, limit: usize) -
     out
 }
 
-fn read_loop(mut ring: RingBuf<MapData>, inner: &Inner) {
+/// The pause before the next pass after `records` came in `elapsed`: the time
+/// [`PASS_RECORDS`] take at that rate, within [`MIN_DRAIN_INTERVAL`]..=[`DRAIN_INTERVAL`].
+fn next_pass(records: usize, elapsed: Duration) -> Duration {
+    if records == 0 {
+        return DRAIN_INTERVAL;
+    }
+    elapsed
+        .mul_f64(PASS_RECORDS / records as f64)
+        .clamp(MIN_DRAIN_INTERVAL, DRAIN_INTERVAL)
+}
+
+fn read_loop(mut ring: LogRing, inner: &Inner) {
     let mut records: Vec<LogRecord> = Vec::new();
+    let mut pause = DRAIN_INTERVAL;
+    let mut last_pass = std::time::Instant::now();
     while !inner.stop.load(Ordering::Relaxed) {
-        std::thread::sleep(DRAIN_INTERVAL);
-        while let Some(item) = ring.next() {
-            match record_of(&item) {
-                Some(record) => records.push(record),
-                None => warn!(
-                    len = item.len(),
-                    "connection log: record of unexpected size"
-                ),
-            }
-        }
+        std::thread::sleep(pause);
+        let lost = ring.read(&mut records);
+        pause = next_pass(records.len() + lost as usize, last_pass.elapsed());
+        last_pass = std::time::Instant::now();
+        inner
+            .counters
+            .dropped_overrun
+            .fetch_add(lost, Ordering::Relaxed);
+        // One ring per CPU: merged in time order (stable, so each CPU's order stays).
+        records.sort_by_key(|r| r.time_ns);
         if records.is_empty() {
             continue;
         }
@@ -223,12 +247,18 @@ fn read_loop(mut ring: RingBuf<MapData>, inner: &Inner) {
     }
 }
 
-/// The record in a ring item (the kernel reserves exactly one `LogRecord`).
-fn record_of(bytes: &[u8]) -> Option<LogRecord> {
-    if bytes.len() != std::mem::size_of::<LogRecord>() {
-        return None;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_comes_back_sooner_when_records_come_faster() {
+        // Idle or at the default budget (200 per 10 ms): every 10 ms.
+        assert_eq!(next_pass(0, DRAIN_INTERVAL), DRAIN_INTERVAL);
+        assert_eq!(next_pass(200, DRAIN_INTERVAL), DRAIN_INTERVAL);
+        // 2,048 in 10 ms: back after 5 ms, for about 1,024.
+        assert_eq!(next_pass(2048, DRAIN_INTERVAL), Duration::from_millis(5));
+        // A flood: never more often than every millisecond.
+        assert_eq!(next_pass(100_000, DRAIN_INTERVAL), MIN_DRAIN_INTERVAL);
     }
-    // SAFETY: the length matches and LogRecord is plain old data (any bytes are valid);
-    // read_unaligned makes no alignment assumption.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<LogRecord>()) })
 }
