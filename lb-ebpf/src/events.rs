@@ -22,19 +22,30 @@ use core::{
     sync::atomic::{compiler_fence, Ordering},
 };
 use lb_common::{
-    counters as idx, gcra, jiffies_to_ns, FlowKey, LogCursor, VipMeta, CONFIG_LOG, LOG_BLOCKED,
-    LOG_CPU_SLOTS, LOG_DENIED, LOG_NEW, LOG_RATE_LIMITED, LOG_RECORDS_PER_CPU, LOG_REHASH,
-    NO_BACKEND,
+    counters as idx, gcra, jiffies_to_ns, FlowKey, LogCursor, NatForward, VipMeta, CONFIG_LOG,
+    LOG_BLOCKED, LOG_CPU_SLOTS, LOG_DENIED, LOG_NEW, LOG_RATE_LIMITED, LOG_RECORDS_PER_CPU,
+    LOG_REHASH, MODE_NAT, NO_BACKEND,
 };
 
-/// After the backend choice: logs a flow that was created or re-picked.
+/// After the backend choice: logs a flow that was created or re-picked. A `nat` VIP's flow
+/// is logged by the nat program instead ([`nat_chosen`]), once it has its nat port.
 #[inline(always)]
 pub fn chosen(config_flags: u8, key: &FlowKey, vip: &VipMeta, choice: &Choice) {
-    if config_flags & CONFIG_LOG == 0 || !choice.new_flow {
+    if config_flags & CONFIG_LOG == 0 || !choice.new_flow || vip.mode == MODE_NAT {
         return;
     }
     let event = if choice.rehash { LOG_REHASH } else { LOG_NEW };
-    emit(key, vip.vip_id, choice.backend_id, event, 0);
+    emit(key, vip.vip_id, choice.backend_id, event as u32, None);
+}
+
+/// A new or re-picked `nat` flow, with the nat address and port it was given.
+#[inline(always)]
+pub fn nat_chosen(key: &FlowKey, vip_id: u32, backend_id: u32, rehash: bool, nat: &NatForward) {
+    if CONFIG.get(0).map_or(0, |c| c.flags) & CONFIG_LOG == 0 {
+        return;
+    }
+    let event = if rehash { LOG_REHASH } else { LOG_NEW };
+    emit(key, vip_id, backend_id, event as u32, Some(nat));
 }
 
 /// Where a VIP's packet is dropped: logs the filter's drops (`reason` is the drop counter);
@@ -50,7 +61,13 @@ pub fn dropped(config_flags: u8, key: &FlowKey, vip: &VipMeta, reason: u32) {
         idx::DROP_RATE_LIMITED_SOURCE | idx::DROP_RATE_LIMITED_TOTAL => LOG_RATE_LIMITED,
         _ => return,
     };
-    emit(key, vip.vip_id, NO_BACKEND, event, reason as u8);
+    emit(
+        key,
+        vip.vip_id,
+        NO_BACKEND,
+        event as u32 | reason << 8,
+        None,
+    );
 }
 
 /// `CLOCK_MONOTONIC` in ns through `jiffies` (one load once the verifier inlined it), or
@@ -72,9 +89,11 @@ fn now_ns() -> u64 {
 }
 
 /// A BPF-to-BPF call: the record's code stays out of the inlined packet path, which only
-/// the log-on case enters.
+/// the log-on case enters. `event_reason`: the `LOG_*` event, the drop reason in the next
+/// byte (BPF calls take at most five arguments).
 #[inline(never)]
-fn emit(key: &FlowKey, vip_id: u32, backend_id: u32, event: u8, reason: u8) {
+fn emit(key: &FlowKey, vip_id: u32, backend_id: u32, event_reason: u32, nat: Option<&NatForward>) {
+    let (event, reason) = (event_reason as u8, (event_reason >> 8) as u8);
     let now = now_ns();
     let Some(budget) = LOG_BUDGET.get_ptr_mut(0) else {
         return;
@@ -107,13 +126,28 @@ fn emit(key: &FlowKey, vip_id: u32, backend_id: u32, event: u8, reason: u8) {
     unsafe {
         addr_of_mut!((*slot).time_ns).write(now);
         addr_of_mut!((*slot).client).write(key.src);
-        let nat_addr = addr_of_mut!((*slot).nat_addr).cast::<u64>();
-        nat_addr.write_volatile(0);
-        nat_addr.add(1).write_volatile(0);
+        // Word by word (a byte-array copy becomes a call to memcpy); the forward entry is
+        // 4-byte aligned.
+        let nat_addr = addr_of_mut!((*slot).nat_addr).cast::<u32>();
+        let nat_port = match nat {
+            Some(nat) => {
+                let words = nat.nat_addr.as_ptr().cast::<u32>();
+                for i in 0..4 {
+                    nat_addr.add(i).write_volatile(words.add(i).read());
+                }
+                nat.nat_port
+            }
+            None => {
+                for i in 0..4 {
+                    nat_addr.add(i).write_volatile(0);
+                }
+                0
+            }
+        };
         addr_of_mut!((*slot).vip_id).write(vip_id);
         addr_of_mut!((*slot).backend_id).write(backend_id);
         addr_of_mut!((*slot).client_port).write(key.sport);
-        addr_of_mut!((*slot).nat_port).write(0);
+        addr_of_mut!((*slot).nat_port).write(nat_port);
         addr_of_mut!((*slot).vip_port).write(key.dport);
         addr_of_mut!((*slot).event).write(event);
         addr_of_mut!((*slot).proto).write(key.proto);

@@ -63,6 +63,7 @@ pub fn to_backend(
             backend_id: choice.backend_id,
             vip_id: vip.vip_id,
             new_flow: choice.new_flow,
+            rehash: choice.rehash,
             hash: hash.outer(),
         };
         return Err(crate::nat::hand_off(

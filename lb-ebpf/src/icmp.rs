@@ -91,6 +91,7 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
             backend_id,
             vip_id: vip.vip_id,
             new_flow: false,
+            rehash: false,
             hash: hash.get(),
         };
         let reason =

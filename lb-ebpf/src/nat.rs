@@ -118,7 +118,7 @@ pub struct Scratch {
     hash: u32,
     now: u32,
     result: u32,
-    _pad: u32,
+    rehash: u32,
 }
 
 /// `NAT_PROGS` slots, one per nat program (see lb-ebpf/src/main.rs).
@@ -140,6 +140,8 @@ pub struct HandOff {
     pub backend_id: u32,
     pub vip_id: u32,
     pub new_flow: bool,
+    /// The new flow replaced an ended one on the same tuple (the log's `rehash`).
+    pub rehash: bool,
     pub hash: u32,
 }
 
@@ -159,6 +161,7 @@ pub fn hand_off(ctx: &XdpContext, error: Option<&Packet>, slot: u32, with: HandO
     scratch.backend_id = with.backend_id;
     scratch.vip_id = with.vip_id;
     scratch.new_flow = with.new_flow as u32;
+    scratch.rehash = with.rehash as u32;
     scratch.hash = with.hash;
     // SAFETY: a tail call on our own context; on failure it returns here.
     unsafe { NAT_PROGS.tail_call(ctx, slot) };
@@ -170,6 +173,7 @@ pub const NO_CHOICE: HandOff = HandOff {
     backend_id: 0,
     vip_id: 0,
     new_flow: false,
+    rehash: false,
     hash: 0,
 };
 
@@ -187,6 +191,16 @@ pub fn to_backend(ctx: &XdpContext) -> u32 {
         scratch.new_flow != 0,
     );
     let sent = translate_to_backend(ctx, scratch);
+    // Logged here, not by the balancer: only now are the nat address and port known.
+    if new_flow && sent.is_ok() {
+        crate::events::nat_chosen(
+            &scratch.pkt.key,
+            vip_id,
+            backend_id,
+            scratch.rehash != 0,
+            &scratch.fwd,
+        );
+    }
     counters::sent_to_backend(vip_id, backend_id, bytes, new_flow, sent)
 }
 

@@ -421,3 +421,65 @@ fn connlog_a_ring_read_too_late_keeps_the_newest_records_and_counts_the_rest() {
     let next: Vec<[u8; 16]> = drain(&mut ring).iter().map(|r| r.client).collect();
     assert_eq!(next, [v4_bytes(client(sent))]);
 }
+
+#[test]
+fn connlog_a_nat_flow_is_recorded_with_the_nat_address_and_port_it_was_given() {
+    const NAT_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 70);
+    const NAT_SOURCE: Ipv4Addr = Ipv4Addr::new(10, 3, 0, 1);
+    pin_to_one_cpu();
+    let mut services = Services {
+        settings: settings(SEED),
+        vips: vec![vip_spec(
+            "nat",
+            vip(IpAddr::V4(NAT_VIP), 80, Protocol::Tcp),
+            Forwarding::Nat,
+            13,
+            &[(v4(10, 3, 0, 11), mac(0x31), 100)],
+        )],
+    };
+    services.vips[0].backends[0].port = Some(8080);
+    services.settings.nat.sources_v4 = vec![NAT_SOURCE];
+    let mut lb = Harness::new(Role::Balancer);
+    lb.log = budget(20_000);
+    lb.apply(&services);
+    let mut ring = lb.dataplane.take_events().expect("the ring");
+    let ids = ids(&lb, "nat");
+
+    let syn = lb.run(&from_client(&tcp(CLIENT, NAT_VIP, 40001, 80, TCP_SYN)));
+    assert_eq!(
+        syn.action,
+        Action::Tx as u32,
+        "the SYN is sent to the backend"
+    );
+    let ack = lb.run(&from_client(&tcp(CLIENT, NAT_VIP, 40001, 80, TCP_ACK)));
+    assert_eq!(ack.action, Action::Tx as u32, "and so is its next packet");
+    // The translated SYN: Ethernet (14), IPv4 (20), then the TCP ports.
+    let ip = &syn.output[14..34];
+    assert_eq!(ip[12..16], NAT_SOURCE.octets(), "sent from the nat source");
+    let nat_port = u16::from_be_bytes([syn.output[34], syn.output[35]]);
+
+    let records = drain(&mut ring);
+    assert_eq!(
+        records.len(),
+        1,
+        "one record for the new flow: {records:#?}"
+    );
+    let want = LogRecord {
+        time_ns: records[0].time_ns,
+        nat_addr: v4_bytes(NAT_SOURCE),
+        nat_port: nat_port.to_be(),
+        ..Expected {
+            event: LOG_NEW,
+            vip: ids,
+            backend: true,
+            client: v4_bytes(CLIENT),
+            family: FAMILY_IPV4,
+            proto: PROTO_TCP,
+            sport: 40001,
+            dport: 80,
+            reason: 0,
+        }
+        .record(0)
+    };
+    assert_eq!(records[0], want);
+}
