@@ -1339,6 +1339,7 @@ mod tests {
                 "config",
                 "flood",
                 "nat-config",
+                "vip-addrs",
                 "clear-vip-counters",
                 "clear-backend",
                 "nat-backend",
