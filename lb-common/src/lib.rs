@@ -39,6 +39,7 @@
 //! | [`map_names::NAT_PROGS`] | `PROG_ARRAY` | [`NAT_PROGRAMS`] | `nat`: the tail-called nat programs ([`program_names::NAT`]); pinned, so a restarting daemon never leaves the slots empty |
 //! | [`map_names::NAT_SCRATCH`] | `PERCPU_ARRAY` | 1 | `nat`: the balancer's hand-off to a nat program (its choice) and room for the entries it builds, off the BPF stack. Pinned: while a restarted daemon swaps programs, an old balancer may tail-call a new nat program, and both must read the same hand-off |
 //! | [`map_names::VIP_ADDRS`] | `ARRAY` of `u64` | [`VIP_ADDR_WORDS`] | a bitmap of the addresses that have a VIP, by hash ([`vip_addr_bit`]): a packet whose destination's bit is clear is no VIP's, decided by two inlined loads instead of a hash-map lookup (a helper call that hashes and walks a bucket); a set bit is only a hint, `VIPS` decides |
+//! | [`map_names::VIP_SLOTS`] | `ARRAY` | `max_vips` | each VIP's key and [`VipMeta`] by VIP id ([`VipSlot`]), a copy of `VIPS` written with it: a flow hit finds its VIP through its backend's `vip_id` with inlined array loads instead of a second hash-map lookup |
 //!
 //! Sizes marked with a name are set by userspace at load time (`EbpfLoader::set_max_entries`);
 //! the numbers compiled into the object are only placeholders.
@@ -46,7 +47,7 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
@@ -90,6 +91,7 @@ pub mod map_names {
     pub const NAT_PROGS: &str = "NAT_PROGS";
     pub const NAT_SCRATCH: &str = "NAT_SCRATCH";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_SLOTS: &str = "VIP_SLOTS";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -227,6 +229,16 @@ pub struct VipMeta {
     pub filter: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// `VIP_SLOTS[vip_id]`: the VIP that holds the id, key and value as in `VIPS` (all zero when
+/// no VIP does: family 0 matches no packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub meta: VipMeta,
+}
+const _: () = assert!(core::mem::size_of::<VipSlot>() == 36);
 
 /// [`VipMeta::affinity`]: the ring is indexed by the 5-tuple hash (every connection on its own).
 pub const AFFINITY_CONNECTION: u8 = 0;
@@ -969,6 +981,7 @@ mod pod {
     // size assertions above), so every byte pattern is a valid value.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for VipSlot {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}

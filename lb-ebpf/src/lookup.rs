@@ -2,7 +2,7 @@
 //! [`crate::schedule`]).
 
 use crate::{
-    maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS, VIP_ADDRS},
+    maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS, VIP_ADDRS, VIP_SLOTS},
     parse::Packet,
 };
 use core::cell::Cell;
@@ -12,19 +12,71 @@ use lb_common::{
     FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
 };
 
+/// What the VIP stage found: the packet's VIP, and its flow entry when the flow table has one
+/// (looked up on the way, so [`choose_backend`] does not look again).
+pub struct Found {
+    pub vip: &'static VipMeta,
+    pub flow: Option<*mut FlowValue>,
+}
+
+/// Flow table first: a flow hit finds its VIP through its backend's `vip_id` in `VIP_SLOTS`
+/// (inlined array loads) and proves it by comparing the slot's key with the packet's, so a hit
+/// makes one hash-map lookup, not two. A miss, or a flow of an all-ports VIP (an exact VIP
+/// added since may now own the packet), asks `VIPS` as [`find_vip`] does. A destination
+/// whose `VIP_ADDRS` bit is clear looks up nothing.
+#[inline(always)]
+pub fn find_vip_and_flow(key: &FlowKey, config_flags: u8) -> Option<Found> {
+    if !may_be_vip(key) {
+        return None;
+    }
+    let flow = FLOWS.get_ptr_mut(key);
+    // SAFETY: LRU map value, read only here (see `choose_backend` for the writes).
+    if let Some(vip) = flow.and_then(|flow| vip_of_flow(unsafe { &*flow }, key)) {
+        return Some(Found { vip, flow });
+    }
+    let vip = vips_lookup(key, config_flags)?;
+    Some(Found { vip, flow })
+}
+
+/// The VIP of a flow's backend when it is the VIP with exactly the packet's (address, port,
+/// protocol); port-0 VIPs never match (`VIPS` decides for them).
+#[inline(always)]
+fn vip_of_flow(flow: &FlowValue, key: &FlowKey) -> Option<&'static VipMeta> {
+    let backend = BACKENDS.get(flow.backend_id)?;
+    if backend.flags & BACKEND_PRESENT == 0 {
+        return None;
+    }
+    let slot = VIP_SLOTS.get(backend.vip_id)?;
+    let same = slot.key.port == key.dport
+        && slot.key.proto == key.proto
+        && slot.key.family == key.family
+        && slot.key.addr_words() == key.dst_words();
+    same.then_some(&slot.meta)
+}
+
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
 /// has one (`CONFIG_HAS_PORT0_VIPS`). A destination whose `VIP_ADDRS` bit is clear has no
 /// VIP: no `VIPS` lookup at all.
 #[inline(always)]
 pub fn find_vip(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
-    let dst = flow.dst_words();
-    let (word, bit) = lb_common::vip_addr_bit(flow.family, &dst);
-    if VIP_ADDRS.get(word).is_none_or(|bits| bits & bit == 0) {
+    if !may_be_vip(flow) {
         return None;
     }
+    vips_lookup(flow, config_flags)
+}
+
+/// False when the destination's `VIP_ADDRS` bit is clear: no VIP has that address.
+#[inline(always)]
+fn may_be_vip(flow: &FlowKey) -> bool {
+    let (word, bit) = lb_common::vip_addr_bit(flow.family, &flow.dst_words());
+    VIP_ADDRS.get(word).is_some_and(|bits| bits & bit != 0)
+}
+
+#[inline(always)]
+fn vips_lookup(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
     let mut key = VipKey {
         // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
-        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(dst) },
+        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(flow.dst_words()) },
         port: flow.dport,
         proto: flow.proto,
         family: flow.family,
@@ -183,7 +235,8 @@ fn state_bits(pkt: &Packet) -> u8 {
 /// started) the ring decides and the flow is remembered. A packet that would start a new
 /// connection must first pass `limit_new` (the filter's new-flow limits), asked only when
 /// the VIP has limits: it is a BPF-to-BPF call (two call sites), which a VIP without limits
-/// does not pay. An entry evicted
+/// does not pay. `flow` is the packet's `FLOWS` entry as [`find_vip_and_flow`] found it. An
+/// entry evicted
 /// from the flow table but pinned by the flood defence counts as found. `Err` is a
 /// drop-reason counter.
 #[inline(always)]
@@ -191,15 +244,13 @@ pub fn choose_backend(
     pkt: &Packet,
     hash: &FlowHash,
     vip: &VipMeta,
+    flow: Option<*mut FlowValue>,
     limit_new: impl FnOnce() -> Result<(), u32>,
 ) -> Result<Choice, u32> {
     let key = &pkt.key;
     let now = crate::clock::now_seconds();
     let state = state_bits(pkt);
-    if let Some(flow) = FLOWS
-        .get_ptr_mut(key)
-        .or_else(|| crate::flood::restore(pkt))
-    {
+    if let Some(flow) = flow.or_else(|| crate::flood::restore(pkt)) {
         // SAFETY: LRU map value; concurrent writers only ever store whole small fields.
         let flow = unsafe { &mut *flow };
         let syn = pkt.is_tcp_syn_only();

@@ -1,7 +1,7 @@
 //! xdplb's XDP programs.
 //!
-//! * `xdplb` (the load balancer): parse -> VIP lookup -> filter (blocklist, source ACL) ->
-//!   flow table with flood defence / new-flow limits / scheduler (Maglev ring, round robin,
+//! * `xdplb` (the load balancer): parse -> VIP lookup (a flow hit finds its VIP through
+//!   its flow entry) -> filter (blocklist, source ACL) -> flow table with flood defence / new-flow limits / scheduler (Maglev ring, round robin,
 //!   least-conn) -> forward (`dsr` MAC rewrite, `ipip` encapsulation, or `nat` translation;
 //!   too big to encapsulate: ICMP to the client) -> count. New flows and filter drops go to the
 //!   connection log (`events`) when it is on. Packets for no VIP may be replies to `nat`
@@ -91,7 +91,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     let (seed, flags) = maps::CONFIG
         .get(0)
         .map_or((0, 0), |c| (c.hash_seed, c.flags));
-    let Some(vip) = lookup::find_vip(&pkt.key, flags) else {
+    let Some(lookup::Found { vip, flow }) = lookup::find_vip_and_flow(&pkt.key, flags) else {
         // Replies from nat backends are addressed to the LB, not to a VIP.
         if flags & CONFIG_HAS_NAT != 0 {
             let reason = nat::hand_off(ctx, None, nat::FROM_BACKEND, nat::NO_CHOICE);
@@ -106,7 +106,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
     let hash = lookup::FlowHash::new(&pkt.key, seed);
     let limit_new = || filter::limit_new_flow(&pkt.key, vip, seed);
-    let choice = match lookup::choose_backend(&pkt, &hash, vip, limit_new) {
+    let choice = match lookup::choose_backend(&pkt, &hash, vip, flow, limit_new) {
         Ok(choice) => choice,
         Err(reason) => {
             events::dropped(flags, &pkt.key, vip, reason);

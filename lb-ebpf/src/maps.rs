@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, LogBudget, LogRecord,
     NatBackend, NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4, TrafficCounters,
-    VipDrops, VipKey, VipLimits, VipMeta, ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE,
+    VipDrops, VipKey, VipLimits, VipMeta, VipSlot, ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE,
     EVENTS_MAP_FLAGS, LOG_CPU_SLOTS, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS,
     MAX_TX_PORTS, RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
@@ -122,3 +122,6 @@ pub static NAT_PROGS: ProgramArray = ProgramArray::with_max_entries(lb_common::N
 
 #[map]
 pub static VIP_ADDRS: Array<u64> = Array::with_max_entries(VIP_ADDR_WORDS, 0);
+
+#[map]
+pub static VIP_SLOTS: Array<VipSlot> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);

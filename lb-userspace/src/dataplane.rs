@@ -18,7 +18,7 @@ use aya::{
 use lb_common::{
     counters, map_names, program_names, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig,
     LogBudget, NatBackend, NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4,
-    TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, FLOW_PINNED, LAYOUT_VERSION,
+    TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, VipSlot, FLOW_PINNED, LAYOUT_VERSION,
     LOG_CPU_SLOTS, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS,
     SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
 };
@@ -173,6 +173,8 @@ pub struct Dataplane {
     /// Written into every config (the balancer's data path reads its clock with it).
     clock: Option<KernelClock>,
     vips: HashMap<MapData, VipKey, VipMeta>,
+    /// `VIPS` again by VIP id, for flow hits (see [`lb_common::VipSlot`]).
+    vip_slots: Array<MapData, VipSlot>,
     rings: MappedArray,
     /// Least-conn counts, mapped so reconciliation adds atomically like the data path.
     active_conns: MappedArray,
@@ -341,6 +343,7 @@ impl Dataplane {
             nat_backends: take(&mut ebpf, map_names::NAT_BACKENDS)?,
             nat_config: take(&mut ebpf, map_names::NAT_CONFIG)?,
             vip_addrs: take(&mut ebpf, map_names::VIP_ADDRS)?,
+            vip_slots: take(&mut ebpf, map_names::VIP_SLOTS)?,
             ebpf,
             role,
             sizes,
@@ -553,13 +556,40 @@ impl Dataplane {
             .map_err(map_err(map_names::CONFIG))
     }
 
+    /// `VIPS` first, then its slot: a flow hit uses the slot only while it holds the same key,
+    /// so it never serves a VIP that `VIPS` does not (yet) have.
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
         self.vips
             .insert(key, meta, 0)
-            .map_err(map_err(map_names::VIPS))
+            .map_err(map_err(map_names::VIPS))?;
+        let slot = VipSlot {
+            key: *key,
+            meta: *meta,
+        };
+        self.vip_slots
+            .set(meta.vip_id, slot, 0)
+            .map_err(map_err(map_names::VIP_SLOTS))
     }
 
+    /// The slot first (flow hits then ask `VIPS`), then `VIPS`. A slot already given to
+    /// another VIP is left alone.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let meta = match self.vips.get(key, 0) {
+            Ok(meta) => Some(meta),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => return Err(map_err(map_names::VIPS)(e)),
+        };
+        if let Some(meta) = meta {
+            let slot = self
+                .vip_slots
+                .get(&meta.vip_id, 0)
+                .map_err(map_err(map_names::VIP_SLOTS))?;
+            if slot.key == *key {
+                self.vip_slots
+                    .set(meta.vip_id, VipSlot::default(), 0)
+                    .map_err(map_err(map_names::VIP_SLOTS))?;
+            }
+        }
         ignore_missing(self.vips.remove(key)).map_err(map_err(map_names::VIPS))
     }
 
@@ -1197,6 +1227,7 @@ fn map_sizes(sizes: &Sizes, log_cpus: u32) -> Vec<(&'static str, u32)> {
         (map_names::NAT_PROGS, lb_common::NAT_PROGRAMS),
         (map_names::NAT_SCRATCH, 1),
         (map_names::VIP_ADDRS, VIP_ADDR_WORDS),
+        (map_names::VIP_SLOTS, sizes.max_vips),
     ]
 }
 

@@ -355,3 +355,94 @@ fn per_vip_and_per_backend_counters_add_up() {
     let counters = lb.dataplane.vip_counters(empty).unwrap();
     assert_eq!((counters.packets, counters.not_forwarded), (0, 1));
 }
+
+/// A flow hit finds its VIP through the flow's backend (`VIP_SLOTS`), and only while that
+/// slot is exactly the packet's VIP: a VIP that changes mode forwards its established flows
+/// the new way, a port-0 VIP's flow moves to an exact VIP added later, and back when that VIP
+/// is removed.
+#[test]
+fn flow_hits_follow_the_vip_that_owns_the_packet_now() {
+    use Forwarding::*;
+    let mut lb = lb();
+    let web = Ipv4Addr::new(192, 0, 2, 10);
+    let any = Ipv4Addr::new(192, 0, 2, 20);
+    let web_ack = tcp4(web, 40101, 80, TCP_ACK | TCP_PSH).payload(b"get");
+    let any_ack = tcp4(any, 40102, 8443, TCP_ACK | TCP_PSH).payload(b"get");
+    lb.check_all(&[
+        Fixture {
+            description: "flow of a dsr VIP started",
+            input: from_client(&tcp4(web, 40101, 80, TCP_SYN)),
+            action: Action::Tx,
+            output: Some(framed(
+                LB_MAC,
+                mac(0x11),
+                &tcp4(web, 40101, 80, TCP_SYN).build(),
+            )),
+            counters: &[(FLOW_MISS, 1)],
+        },
+        Fixture {
+            description: "flow of a port-0 VIP started",
+            input: from_client(&tcp4(any, 40102, 8443, TCP_SYN)),
+            action: Action::Tx,
+            output: Some(framed(
+                LB_MAC,
+                mac(0x12),
+                &tcp4(any, 40102, 8443, TCP_SYN).build(),
+            )),
+            counters: &[(FLOW_MISS, 1)],
+        },
+        Fixture {
+            description: "port-0 VIP flow hit",
+            input: from_client(&any_ack),
+            action: Action::Tx,
+            output: Some(framed(LB_MAC, mac(0x12), &any_ack.build())),
+            counters: &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
+        },
+    ]);
+
+    let mut services = every_mode();
+    services.vips[0].forwarding = Ipip;
+    services.vips.push(vip_spec(
+        "exact",
+        vip(IpAddr::V4(any), 8443, Protocol::Tcp),
+        Dsr,
+        13,
+        &[(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 16)), mac(0x16), 100)],
+    ));
+    lb.apply(&services);
+    let h = hash(IpAddr::V4(CLIENT4), IpAddr::V4(web), 40101, 80, 6);
+    let web_tunnelled = Packet::new()
+        .eth(LB_MAC, mac(0x11))
+        .ipv4(outer_src_v4(h), Ipv4Addr::new(10, 1, 0, 11))
+        .tos(0x28)
+        .df()
+        .ttl(64)
+        .ip_in_ip(&web_ack.build())
+        .build();
+    lb.check_all(&[
+        Fixture {
+            description: "the VIP is ipip now: its established flow is encapsulated",
+            input: from_client(&web_ack),
+            action: Action::Tx,
+            output: Some(web_tunnelled),
+            counters: &[(FLOW_HIT, 1), (FLOOD_PINNED, 1)],
+        },
+        Fixture {
+            description: "an exact VIP now owns the port-0 VIP's flow: its backend takes it",
+            input: from_client(&any_ack),
+            action: Action::Tx,
+            output: Some(framed(LB_MAC, mac(0x16), &any_ack.build())),
+            counters: &[(FLOW_REHASH, 1)],
+        },
+    ]);
+
+    services.vips.pop();
+    lb.apply(&services);
+    lb.check_all(&[Fixture {
+        description: "the exact VIP removed: the port-0 VIP takes the flow back",
+        input: from_client(&any_ack),
+        action: Action::Tx,
+        output: Some(framed(LB_MAC, mac(0x12), &any_ack.build())),
+        counters: &[(FLOW_REHASH, 1)],
+    }]);
+}

@@ -622,7 +622,8 @@ pub fn run(report: &mut Report) -> Result<()> {
         )
         .ratio(ratio(call[5], call[0]), "trivial (per call)"),
     );
-    // The nat path (issue 12) gets its per-call figure here, next to ipip, once it exists.
+    // The nat paths' per-call figures (to the backend, the reply, a new connection) come next
+    // in the same `--only micro` run, from `micro_nat`, each with its own trivial program.
     for (key, label, insns) in [
         (
             "micro.xlated.balancer",
