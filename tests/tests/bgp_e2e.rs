@@ -264,8 +264,15 @@ fn two_lbs_announce_over_bgp_and_fail_over_without_loss() {
     // 1. Both announce: two next hops, and connections use both LBs.
     let took = wait_hops(router, WEB, &lb_hops, Duration::from_secs(20));
     eprintln!("both LBs announced {WEB} {took:?} after the second daemon answered");
+    // A VIP is announced once one backend is up; the other checks may still be on their way.
     for daemon in [&lb1, &lb2_daemon] {
-        assert_eq!(announce_state(daemon, "web"), "announced: 3 backends up");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut state = announce_state(daemon, "web");
+        while state != "announced: 3 backends up" && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            state = announce_state(daemon, "web");
+        }
+        assert_eq!(state, "announced: 3 backends up");
     }
     let ticker = Ticker {
         stop: AtomicBool::new(false),
