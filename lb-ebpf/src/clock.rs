@@ -6,7 +6,7 @@
 use crate::{maps::CONFIG, parse::ptr_at};
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::XdpContext,
 };
 
@@ -26,6 +26,24 @@ pub fn now_seconds() -> u32 {
         // Before userspace wrote the clock parameters.
         // SAFETY: helper without arguments.
         .unwrap_or_else(|| (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32)
+}
+
+/// `CLOCK_MONOTONIC` in ns through `jiffies` (one load once the verifier inlined it), or
+/// the helper until userspace wrote the clock parameters.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    CONFIG
+        .get(0)
+        .and_then(|c| {
+            // SAFETY: helper without arguments.
+            lb_common::jiffies_to_ns(
+                unsafe { bpf_jiffies64() },
+                c.jiffies_per_second,
+                c.jiffies_at_zero,
+            )
+        })
+        // SAFETY: helper without arguments.
+        .unwrap_or_else(|| unsafe { bpf_ktime_get_ns() })
 }
 
 /// Writes `jiffies` then `CLOCK_MONOTONIC_COARSE` in ns (native byte order, 8 bytes each)

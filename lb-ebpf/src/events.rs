@@ -16,15 +16,15 @@ use crate::{
     lookup::Choice,
     maps::{CONFIG, EVENTS, LOG_BUDGET},
 };
-use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_get_smp_processor_id;
 use core::{
     ptr::addr_of_mut,
     sync::atomic::{compiler_fence, Ordering},
 };
 use lb_common::{
-    counters as idx, gcra, jiffies_to_ns, FlowKey, LogCursor, NatForward, VipMeta, CONFIG_LOG,
-    LOG_BLOCKED, LOG_CPU_SLOTS, LOG_DENIED, LOG_NEW, LOG_RATE_LIMITED, LOG_RECORDS_PER_CPU,
-    LOG_REHASH, MODE_NAT, NO_BACKEND,
+    counters as idx, gcra, FlowKey, LogCursor, NatForward, VipMeta, CONFIG_LOG, LOG_BLOCKED,
+    LOG_CPU_SLOTS, LOG_DENIED, LOG_NEW, LOG_RATE_LIMITED, LOG_RECORDS_PER_CPU, LOG_REHASH,
+    MODE_NAT, NO_BACKEND,
 };
 
 /// After the backend choice: logs a flow that was created or re-picked. A `nat` VIP's flow
@@ -70,31 +70,13 @@ pub fn dropped(config_flags: u8, key: &FlowKey, vip: &VipMeta, reason: u32) {
     );
 }
 
-/// `CLOCK_MONOTONIC` in ns through `jiffies` (one load once the verifier inlined it), or
-/// the helper until userspace wrote the clock parameters.
-#[inline(always)]
-fn now_ns() -> u64 {
-    CONFIG
-        .get(0)
-        .and_then(|c| {
-            // SAFETY: helper without arguments.
-            jiffies_to_ns(
-                unsafe { bpf_jiffies64() },
-                c.jiffies_per_second,
-                c.jiffies_at_zero,
-            )
-        })
-        // SAFETY: helper without arguments.
-        .unwrap_or_else(|| unsafe { bpf_ktime_get_ns() })
-}
-
 /// A BPF-to-BPF call: the record's code stays out of the inlined packet path, which only
 /// the log-on case enters. `event_reason`: the `LOG_*` event, the drop reason in the next
 /// byte (BPF calls take at most five arguments).
 #[inline(never)]
 fn emit(key: &FlowKey, vip_id: u32, backend_id: u32, event_reason: u32, nat: Option<&NatForward>) {
     let (event, reason) = (event_reason as u8, (event_reason >> 8) as u8);
-    let now = now_ns();
+    let now = crate::clock::now_ns();
     let Some(budget) = LOG_BUDGET.get_ptr_mut(0) else {
         return;
     };

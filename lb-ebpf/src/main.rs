@@ -100,18 +100,19 @@ fn balance(ctx: &XdpContext) -> u32 {
         }
         return pass(idx::PASS_NOT_VIP);
     };
-    if let Err(reason) = filter::admit(&pkt.key, vip, flags) {
+    // A VIP's packet dropped for `reason`: counted, and logged when it is a filter's drop.
+    let drop = |reason| {
         events::dropped(flags, &pkt.key, vip, reason);
-        return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
+        counters::vip_drop(vip.vip_id, pkt.l3_len, reason)
+    };
+    if let Err(reason) = filter::admit(&pkt.key, vip, flags) {
+        return drop(reason);
     }
     let hash = lookup::FlowHash::new(&pkt.key, seed);
     let limit_new = || filter::limit_new_flow(&pkt.key, vip, seed);
     let choice = match lookup::choose_backend(&pkt, &hash, vip, flow, limit_new) {
         Ok(choice) => choice,
-        Err(reason) => {
-            events::dropped(flags, &pkt.key, vip, reason);
-            return counters::vip_drop(vip.vip_id, pkt.l3_len, reason);
-        }
+        Err(reason) => return drop(reason),
     };
     events::chosen(flags, &pkt.key, vip, &choice);
     match forward::to_backend(ctx, &pkt, vip, &choice, &hash) {

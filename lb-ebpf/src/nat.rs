@@ -28,7 +28,7 @@ use crate::{
 };
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_csum_diff, bpf_ktime_get_coarse_ns, bpf_loop},
+    helpers::{bpf_csum_diff, bpf_loop},
     programs::XdpContext,
 };
 use core::ffi::c_void;
@@ -77,12 +77,6 @@ const EEXIST: i32 = 17;
 /// explicit bound for the verifier on offsets read back from the stack.
 const MAX_L4_OFFSET: usize = 18 + 40 + 4 * 2048;
 const ICMP_HEADER_LEN: usize = 8;
-
-#[inline(always)]
-fn now_seconds() -> u32 {
-    // SAFETY: helper without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
-}
 
 #[inline(always)]
 fn closing_bits(pkt: &Packet) -> u8 {
@@ -238,7 +232,7 @@ fn translate_to_backend(ctx: &XdpContext, scratch: &mut Scratch) -> Result<u32, 
     } else {
         nat_backend.port
     };
-    let now = now_seconds();
+    let now = crate::clock::now_seconds();
     if !current(scratch, backend_port, config, now) {
         claim(ctx, scratch, backend, backend_port, nat_backend, now)?;
     }
@@ -450,7 +444,7 @@ pub fn from_backend(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: hash value; concurrent writers only store whole small fields.
     let state = unsafe { &mut *state };
-    refresh(state, now_seconds(), closing_bits(pkt));
+    refresh(state, crate::clock::now_seconds(), closing_bits(pkt));
     if rewrite(
         ctx,
         pkt,
