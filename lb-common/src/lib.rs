@@ -11,7 +11,7 @@
 //! | [`map_names::VIPS`] | `HASH` | `max_vips` | exact (address, port, protocol) match; few entries, read-mostly |
 //! | [`map_names::RINGS`] | `ARRAY`, mmapable | `max_vips * 2 * max_ring_size` | Maglev tables, two halves per VIP (see [`VipMeta`]); written through a shared mapping |
 //! | [`map_names::BACKENDS`] | `ARRAY` | `max_backends` | indexed by backend id from the ring: one bounds-checked load |
-//! | [`map_names::FLOWS`] | `LRU_HASH` | `flow_table_size` | 5-tuple -> backend; LRU so a full table evicts the coldest flow instead of failing new ones |
+//! | [`map_names::FLOWS`] | `ARRAY` of [`FlowSlot`], mmapable | `flow_table_size` rounded up to a power of two ([`flow_slots`]) | 5-tuple -> backend, set-associative: [`FLOW_WAYS`] slots per set, the set chosen by [`flow_table_hash`]. The verifier inlines every array load, so a lookup is one hash and at most four key compares, and an insert overwrites a slot of its set ([`flow_victim_rank`]): no helper call, lock or LRU list, where an `LRU_HASH` insert into a full table cost about 250 ns here (evicting through the kernel's LRU lists). A full set evicts its least valuable entry, never fails; the daemon reads and updates entries through the mapping |
 //! | [`map_names::CONFIG`] | `ARRAY` | 1 | global knobs ([`LbConfig`]) written once per config change |
 //! | [`map_names::GLOBAL_COUNTERS`] | `PERCPU_ARRAY` | [`counters::COUNT`] | lock-free counters, summed by userspace |
 //! | [`map_names::VIP_COUNTERS`] | `PERCPU_ARRAY` | `max_vips` | per-VIP [`TrafficCounters`] indexed by VIP id |
@@ -47,7 +47,7 @@
 
 /// Bumped whenever a map layout or its meaning changes: a daemon only adopts pinned maps whose
 /// layout version equals its own, and replaces them otherwise.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// `BPF_F_MMAPABLE`: the ring array is mapped into the daemon's memory, so writing a
 /// 65537-slot Maglev table is a memory copy instead of one syscall per slot.
@@ -57,6 +57,10 @@ pub const RINGS_MAP_FLAGS: u32 = 1 << 10;
 /// mapping, which cannot lose a concurrent increment from the data path the way a map update
 /// could.
 pub const ACTIVE_CONNS_MAP_FLAGS: u32 = RINGS_MAP_FLAGS;
+
+/// `FLOWS` is mmapable: the daemon lists a million entries by reading memory, and finds one
+/// by its set like the data path does.
+pub const FLOWS_MAP_FLAGS: u32 = RINGS_MAP_FLAGS;
 
 /// Map names, shared so the loader and the kernel program cannot disagree.
 pub mod map_names {
@@ -412,6 +416,85 @@ pub const FLOW_COUNTED: u8 = 16;
 /// by its next packet.
 pub const FLOW_PINNED: u8 = 32;
 
+/// Slots per set of the flow table: four 64-byte slots, so a set is four cache lines and a
+/// miss compares at most four keys. More ways would hold more flows before a set overflows
+/// (four ways start evicting at about 70 % of the slots in use) but cost every new flow more
+/// compares.
+pub const FLOW_WAYS: u32 = 4;
+
+/// Seed of [`flow_table_hash`]: fixed, so the table's layout never depends on configuration
+/// (a changed `hash_seed` must not lose every flow). 0 is the default `hash_seed`, so a
+/// default LB hashes a new flow's tuple once for both the table and the ring.
+pub const FLOW_TABLE_SEED: u32 = 0;
+
+/// Which set of the flow table holds a flow: its [`flow_hash`] with [`FLOW_TABLE_SEED`].
+#[inline(always)]
+pub fn flow_table_hash(key: &FlowKey) -> u32 {
+    flow_hash(key, FLOW_TABLE_SEED)
+}
+
+/// Slots of a flow table asked to hold `flow_table_size` flows: a power of two (sets are
+/// picked by masking the hash), at least one set.
+pub fn flow_slots(flow_table_size: u32) -> u32 {
+    flow_table_size
+        .max(FLOW_WAYS)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
+/// The first slot of the set of a flow whose [`flow_table_hash`] is `table_hash`;
+/// `set_mask` is [`LbConfig::flow_set_mask`].
+#[inline(always)]
+pub fn flow_set_first_slot(table_hash: u32, set_mask: u32) -> u32 {
+    (table_hash & set_mask) * FLOW_WAYS
+}
+
+/// Which slot of a full set a new flow replaces: the lowest rank, then the oldest
+/// `last_seen`. An empty slot first, then a flow that ended (FIN or RST seen), then a TCP
+/// flow that never completed its handshake (a SYN flood's entries), and only then an
+/// established flow, the least recently seen. So a SYN flood evicts only its own entries.
+#[inline(always)]
+pub fn flow_victim_rank(slot: &FlowSlot) -> u64 {
+    let v = &slot.value;
+    let rank: u64 = if slot.key.family == 0 {
+        0
+    } else if v.state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0 {
+        1
+    } else if slot.key.proto == PROTO_TCP && v.state & FLOW_ACK_SEEN == 0 {
+        2
+    } else {
+        3
+    };
+    rank << 32 | v.last_seen as u64
+}
+
+/// One slot of the flow table (`FLOWS`): the flow's key and entry. An empty slot has
+/// `key.family == 0`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSlot {
+    pub key: FlowKey,
+    pub value: FlowValue,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 64);
+
+impl FlowSlot {
+    /// Whether the slot holds `key`: five word compares (the key is 8-byte aligned and has no
+    /// bytes outside its fields, so equal words mean equal keys).
+    #[inline(always)]
+    pub fn holds(&self, key: &FlowKey) -> bool {
+        // SAFETY: FlowKey is 40 bytes, 8-byte aligned, every bit pattern a valid [u64; 5].
+        let (a, b) = unsafe {
+            (
+                &*(&self.key as *const FlowKey as *const [u64; 5]),
+                &*(key as *const FlowKey as *const [u64; 5]),
+            )
+        };
+        a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
+    }
+}
+
 /// Flow-table value. Times are seconds of `CLOCK_MONOTONIC` (read through `jiffies`, see
 /// [`LbConfig::jiffies_per_second`]);
 /// `last_seen` is only rewritten when the second changes, to keep writes off the hot path.
@@ -457,8 +540,13 @@ pub struct LbConfig {
     /// known yet, the data path then falls back to the helper.
     pub jiffies_per_second: u32,
     pub jiffies_at_zero: u64,
+    /// Sets of `FLOWS` minus one (their count is a power of two, [`flow_slots`]): a flow's set
+    /// is `flow_table_hash & flow_set_mask`. Written by the data-plane loader, which sized the
+    /// map.
+    pub flow_set_mask: u32,
+    pub _pad2: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 72);
 
 /// [`LbConfig::jiffies_per_second`] and [`LbConfig::jiffies_at_zero`] from the tick period
 /// (`clock_getres(CLOCK_MONOTONIC_COARSE)`, which is one jiffy) and one simultaneous reading
@@ -947,7 +1035,7 @@ pub mod counters {
         FLOW_HIT = 13, "flow_hit", "flow-table hit, backend kept";
         FLOW_MISS = 14, "flow_miss", "flow-table miss, backend chosen from the ring";
         FLOW_REHASH = 15, "flow_rehash", "flow entry's backend gone (or UDP to a down backend): re-hashed";
-        FLOW_INSERT_FAILED = 16, "flow_insert_failed", "flow-table insert failed";
+        FLOW_EVICTED = 16, "flow_evicted", "flow table: a new flow replaced a live entry (its set of 4 slots was full)";
         DECAP_OK = 17, "decap_ok", "decap program: outer header removed";
         DECAP_NOT_OURS = 18, "decap_not_ours", "decap program: tunnel packet not for a local address and VIP";
         ICMP_ERROR_FORWARDED = 19, "icmp_error_forwarded", "ICMP error about a VIP's flow forwarded to the flow's backend";

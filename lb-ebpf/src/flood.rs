@@ -7,7 +7,8 @@
 
 use crate::{
     counters,
-    maps::{FLOOD, FLOWS, PINNED},
+    lookup::FlowHash,
+    maps::{FLOOD, PINNED},
     parse::Packet,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
@@ -78,7 +79,7 @@ pub fn sync(key: &FlowKey, flow: &mut FlowValue) {
 /// again by its next packet). Nor is a connection that ended (FIN or RST seen) restored: the
 /// daemon expires such copies soon, and a new connection on the tuple must not inherit it.
 #[inline(always)]
-pub fn restore(pkt: &Packet) -> Option<*mut FlowValue> {
+pub fn restore(pkt: &Packet, hash: &FlowHash) -> Option<*mut FlowValue> {
     if pkt.is_tcp_syn_only() {
         return None;
     }
@@ -88,7 +89,7 @@ pub fn restore(pkt: &Packet) -> Option<*mut FlowValue> {
     if pinned.state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0 {
         return None;
     }
-    FLOWS.insert(key, &pinned, 0).ok()?;
+    let flow = crate::flows::insert(key, &pinned, hash)?;
     counters::global(idx::FLOOD_RESTORED);
-    FLOWS.get_ptr_mut(key)
+    Some(flow)
 }

@@ -82,8 +82,7 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
         return pass(idx::PASS_NOT_VIP);
     };
     let hash = lookup::FlowHash::new(&error.packet.key, seed);
-    let Some((backend_id, backend)) = lookup::flow_backend(&error.packet.key, hash.ring(vip), vip)
-    else {
+    let Some((backend_id, backend)) = lookup::flow_backend(&error.packet.key, &hash, vip) else {
         return pass(idx::PASS_ICMP_NO_BACKEND);
     };
     if vip.mode == MODE_NAT {

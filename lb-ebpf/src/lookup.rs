@@ -2,14 +2,15 @@
 //! [`crate::schedule`]).
 
 use crate::{
-    maps::{BACKENDS, FLOWS, PINNED, RINGS, VIPS, VIP_ADDRS, VIP_SLOTS},
+    maps::{BACKENDS, PINNED, RINGS, VIPS, VIP_ADDRS, VIP_SLOTS},
     parse::Packet,
 };
 use core::cell::Cell;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
     BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FILTER_LIMITS, FLOW_ACK_SEEN, FLOW_FIN_SEEN,
-    FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
+    FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, FLOW_TABLE_SEED, NO_BACKEND, PROTO_UDP,
+    SCHED_MAGLEV,
 };
 
 /// What the VIP stage found: the packet's VIP, and its flow entry when the flow table has one
@@ -21,16 +22,16 @@ pub struct Found {
 
 /// Flow table first: a flow hit finds its VIP through its backend's `vip_id` in `VIP_SLOTS`
 /// (inlined array loads) and proves it by comparing the slot's key with the packet's, so a hit
-/// makes one hash-map lookup, not two. A miss, or a flow of an all-ports VIP (an exact VIP
+/// makes no hash-map lookup at all. A miss, or a flow of an all-ports VIP (an exact VIP
 /// added since may now own the packet), asks `VIPS` as [`find_vip`] does. A destination
 /// whose `VIP_ADDRS` bit is clear looks up nothing.
 #[inline(always)]
-pub fn find_vip_and_flow(key: &FlowKey, config_flags: u8) -> Option<Found> {
+pub fn find_vip_and_flow(key: &FlowKey, hash: &FlowHash, config_flags: u8) -> Option<Found> {
     if !may_be_vip(key) {
         return None;
     }
-    let flow = FLOWS.get_ptr_mut(key);
-    // SAFETY: LRU map value, read only here (see `choose_backend` for the writes).
+    let flow = crate::flows::find(key, hash);
+    // SAFETY: flow-table slot, read only here (see `choose_backend` for the writes).
     if let Some(vip) = flow.and_then(|flow| vip_of_flow(unsafe { &*flow }, key)) {
         return Some(Found { vip, flow });
     }
@@ -93,12 +94,15 @@ fn vips_lookup(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
     unsafe { VIPS.get(&key) }
 }
 
-/// The flow hash, computed on first use: a flow hit in `dsr` never needs it (only new
-/// flows, `ipip`'s outer source and the ICMP path do), and it is a few dozen instructions.
+/// The flow hashes, each computed on first use: the table's ([`Self::table`], every VIP
+/// packet) and the ring's ([`Self::get`]: new flows, `ipip`'s outer source and the ICMP
+/// path), one computation when the seed is the table's.
 pub struct FlowHash<'a> {
     key: &'a FlowKey,
     seed: u32,
     value: Cell<Option<u32>>,
+    /// [`lb_common::flow_table_hash`], when `seed` is not [`FLOW_TABLE_SEED`].
+    table: Cell<Option<u32>>,
     /// The hash stored in the flow's entry, for the outer header ([`Self::outer`]).
     stored: Cell<Option<u32>>,
 }
@@ -110,6 +114,7 @@ impl<'a> FlowHash<'a> {
             key,
             seed,
             value: Cell::new(None),
+            table: Cell::new(None),
             stored: Cell::new(None),
         }
     }
@@ -121,6 +126,7 @@ impl<'a> FlowHash<'a> {
             key,
             seed,
             value: Cell::new(Some(value)),
+            table: Cell::new(None),
             stored: Cell::new(None),
         }
     }
@@ -133,6 +139,20 @@ impl<'a> FlowHash<'a> {
         }
         let value = lb_common::flow_hash(self.key, self.seed);
         self.value.set(Some(value));
+        value
+    }
+
+    /// The hash that picks the flow's set in the flow table.
+    #[inline(always)]
+    pub fn table(&self) -> u32 {
+        if self.seed == FLOW_TABLE_SEED {
+            return self.get();
+        }
+        if let Some(value) = self.table.get() {
+            return value;
+        }
+        let value = lb_common::flow_table_hash(self.key);
+        self.table.set(Some(value));
         value
     }
 
@@ -176,13 +196,15 @@ fn client_hash(key: &FlowKey, seed: u32, affinity: u8) -> u32 {
 #[inline(always)]
 pub fn flow_backend(
     key: &FlowKey,
-    ring_hash: u32,
+    hash: &FlowHash,
     vip: &VipMeta,
 ) -> Option<(u32, &'static Backend)> {
-    // SAFETY: read-only lookup; the value is copied out at once.
+    // SAFETY: read-only lookups; the value is copied out at once.
     // The pinned copy counts too: a flood may have evicted the flow from `FLOWS`.
-    if let Some(backend_id) =
-        unsafe { FLOWS.get(key).or_else(|| PINNED.get(key)) }.map(|flow| flow.backend_id)
+    if let Some(backend_id) = crate::flows::find_out_of_line(key, hash)
+        .map(|flow| unsafe { &*flow })
+        .or_else(|| unsafe { PINNED.get(key) })
+        .map(|flow| flow.backend_id)
     {
         if let Some(backend) = backend_of_vip(backend_id, vip) {
             return Some((backend_id, backend));
@@ -191,7 +213,7 @@ pub fn flow_backend(
     if vip.scheduler != SCHED_MAGLEV {
         return None;
     }
-    from_ring(vip, ring_hash)
+    from_ring(vip, hash.ring(vip))
 }
 
 /// The backend chosen for a packet.
@@ -250,8 +272,8 @@ pub fn choose_backend(
     let key = &pkt.key;
     let now = crate::clock::now_seconds();
     let state = state_bits(pkt);
-    if let Some(flow) = flow.or_else(|| crate::flood::restore(pkt)) {
-        // SAFETY: LRU map value; concurrent writers only ever store whole small fields.
+    if let Some(flow) = flow.or_else(|| crate::flood::restore(pkt, hash)) {
+        // SAFETY: flow-table slot; concurrent writers only ever store whole small fields.
         let flow = unsafe { &mut *flow };
         let syn = pkt.is_tcp_syn_only();
         // A fresh SYN on a tuple whose connection ended is a new connection: let the ring
@@ -325,11 +347,10 @@ pub fn choose_backend(
         _pad: [0; 3],
         hash: hash.get(),
     };
-    if FLOWS.insert(key, &value, 0).is_err() {
-        // Still forward: Maglev gives the same answer for the next packet (round robin and
-        // least-conn may not). No entry holds the count: give it back.
+    if crate::flows::insert(key, &value, hash).is_none() {
+        // Only if `CONFIG` named more sets than the table has (the loader writes both): no
+        // entry holds the count, give it back, and forward anyway.
         crate::schedule::close(value.state, backend_id);
-        crate::counters::global(counters::FLOW_INSERT_FAILED);
     }
     Ok(Choice {
         backend_id,

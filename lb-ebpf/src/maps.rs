@@ -4,15 +4,16 @@
 use crate::counters::SharedCount;
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    counters, AddrKey, Backend, FloodState, FlowKey, FlowValue, LbConfig, LogBudget, LogRecord,
-    NatBackend, NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4, TrafficCounters,
-    VipDrops, VipKey, VipLimits, VipMeta, VipSlot, ACTIVE_CONNS_MAP_FLAGS, DEFAULT_FLOW_TABLE_SIZE,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NAT_TABLE_SIZE,
-    EVENTS_MAP_FLAGS, LOG_CPU_SLOTS, MAX_ACL_ENTRIES, MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS,
-    MAX_TX_PORTS, RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS, VIP_ADDR_WORDS,
+    counters, AddrKey, Backend, FloodState, FlowKey, FlowSlot, FlowValue, LbConfig, LogBudget,
+    LogRecord, NatBackend, NatConfig, NatForward, NatState, SourcePrefix, SourcePrefix4,
+    TrafficCounters, VipDrops, VipKey, VipLimits, VipMeta, VipSlot, ACTIVE_CONNS_MAP_FLAGS,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_VIPS,
+    DEFAULT_NAT_TABLE_SIZE, EVENTS_MAP_FLAGS, FLOWS_MAP_FLAGS, LOG_CPU_SLOTS, MAX_ACL_ENTRIES,
+    MAX_BLOCKLIST_ENTRIES, MAX_DECAP_ADDRS, MAX_TX_PORTS, RINGS_MAP_FLAGS, SOURCE_RATE_SLOTS,
+    VIP_ADDR_WORDS,
 };
 
 #[map]
@@ -28,8 +29,8 @@ pub static RINGS: Array<u32> = Array::with_max_entries(
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static FLOWS: Array<FlowSlot> =
+    Array::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, FLOWS_MAP_FLAGS);
 
 #[map]
 pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);

@@ -792,7 +792,7 @@ mod tests {
             r#"xdplb_packets_passed_total{reason="not_vip"} 90"#,
             r#"xdplb_packets_dropped_total{reason="no_backend"} 110"#,
             r#"xdplb_flow_lookups_total{result="hit"} 130"#,
-            r#"xdplb_flow_lookups_total{result="insert_failed"} 160"#,
+            r#"xdplb_flow_lookups_total{result="evicted"} 160"#,
             r#"xdplb_decap_packets_total{result="ok"} 170"#,
             r#"xdplb_decap_packets_total{result="not_ours"} 180"#,
             r#"xdplb_icmp_packets_total{result="too_big_sent"} 210"#,

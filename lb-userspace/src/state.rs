@@ -201,9 +201,11 @@ pub fn target(
         },
         _pad: [0; 3],
         icmp_too_big_per_sec: settings.icmp_too_big_rate,
-        // The data plane fills the clock in (Dataplane::set_config).
+        // The data plane fills the clock and the flow table's size in (Dataplane::set_config).
         jiffies_per_second: 0,
         jiffies_at_zero: 0,
+        flow_set_mask: 0,
+        _pad2: [0; 4],
     };
     let mut vips = BTreeMap::new();
     let mut unresolved = Vec::new();

@@ -494,7 +494,7 @@ fn a_pinned_flow_survives_a_flood_that_flushes_the_flow_table() {
     assert_eq!(
         lb.dataplane.flow(&key).unwrap(),
         None,
-        "12,000 SYN+ACK tuples evict the idle flow from the 4,096-entry LRU"
+        "12,000 SYN+ACK tuples evict the idle flow from the 4,096-slot table"
     );
     assert_eq!(moved(FLOOD_PINNED), 4096 - 2, "the pinned table filled up");
     assert_eq!(
@@ -508,19 +508,20 @@ fn a_pinned_flow_survives_a_flood_that_flushes_the_flow_table() {
             "after the flood: the idle flow is restored to its drained backend A",
             &seg4(ALLOWED, WEB4, 46601, TCP_ACK),
             0x11,
-            &[(FLOOD_RESTORED, 1), (FLOW_HIT, 1)],
+            // The flood's entries fill every set: coming back takes one's slot.
+            &[(FLOOD_RESTORED, 1), (FLOW_HIT, 1), (FLOW_EVICTED, 1)],
         ),
         forwarded(
             "a SYN on the evicted, pinned second flow: a new connection, the ring picks B",
             &syn4(ALLOWED, WEB4, 46603),
             0x13,
-            &[(FLOW_MISS, 1)],
+            &[(FLOW_MISS, 1), (FLOW_EVICTED, 1)],
         ),
         forwarded(
             "a new client after the flood: served (by the ring: B)",
             &syn4(OUTSIDE, WEB4, 46602),
             0x13,
-            &[(FLOW_MISS, 1)],
+            &[(FLOW_MISS, 1), (FLOW_EVICTED, 1)],
         ),
         forwarded(
             "its second packet: forwarded, the full pinned table refuses the pin",

@@ -216,7 +216,7 @@ const MAX_VIPS: (u32, &str) = (1 << 16, "each VIP has per-CPU counters and two r
 const MAX_BACKENDS: (u32, &str) = (1 << 20, "each backend has 32 bytes of counters per CPU");
 const MAX_FLOW_TABLE_SIZE: (u32, &str) = (
     1 << 28,
-    "each flow entry takes about 100 bytes, so that is already about 25 GiB",
+    "each flow takes a 64-byte slot and about 100 bytes for its pinned copy, so that is already about 40 GiB",
 );
 const MAX_NAT_TABLE_SIZE: (u32, &str) = (
     1 << 26,

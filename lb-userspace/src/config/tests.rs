@@ -710,7 +710,7 @@ fn daemon_problems_are_rejected() {
         ("state_dir = \"var/lib/xdplb\"", "daemon.state_dir", "is not an absolute path"),
         ("pin_dir = \"\"", "daemon.pin_dir", "\"\" is not an absolute path"),
         ("flow_table_size = 0", "daemon.flow_table_size", "0 is too small: use at least 1"),
-        ("flow_table_size = 268435457", "daemon.flow_table_size", "268435457 is too large: use at most 268435456 (each flow entry takes about 100 bytes"),
+        ("flow_table_size = 268435457", "daemon.flow_table_size", "268435457 is too large: use at most 268435456 (each flow takes a 64-byte slot"),
         ("max_vips = 65537", "daemon.max_vips", "65537 is too large: use at most 65536 (each VIP has per-CPU counters"),
         ("max_backends = 1048577", "daemon.max_backends", "1048577 is too large: use at most 1048576 (each backend has 32 bytes of counters per CPU)"),
         ("max_backends = -1", "daemon.max_backends", "-1 is too small: use at least 1"),

@@ -1,4 +1,4 @@
-//! Batched reads (`BPF_MAP_LOOKUP_BATCH`) of the maps keyed by 5-tuples: `FLOWS`, `PINNED`, nat.
+//! Batched reads (`BPF_MAP_LOOKUP_BATCH`) of the hash maps keyed by 5-tuples: `PINNED`, nat.
 
 use super::{collect, map_err, DataplaneError, Result};
 use aya::{
@@ -19,7 +19,7 @@ pub(super) fn duplicate_fd(ebpf: &Ebpf, name: &'static str) -> Result<std::os::f
         .map_err(|e| map_err(name)(MapError::IoError(e)))
 }
 
-/// Every entry of a flow map (`FLOWS` or `PINNED`), in batches when the kernel can.
+/// Every entry of a flow hash map (`PINNED`), in batches when the kernel can.
 pub(super) fn read_flow_map<V: Pod + Default + Clone>(
     fd: &std::os::fd::OwnedFd,
     map: &HashMap<MapData, FlowKey, V>,
@@ -35,7 +35,7 @@ pub(super) fn read_flow_map<V: Pod + Default + Clone>(
     }
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` over a hash map keyed by 5-tuples (`FLOWS`, `PINNED`, nat).
+/// `BPF_MAP_LOOKUP_BATCH` over a hash map keyed by 5-tuples (`PINNED`, nat).
 fn lookup_batch<V: Pod + Default + Clone>(
     fd: &std::os::fd::OwnedFd,
 ) -> std::io::Result<Vec<(FlowKey, V)>> {

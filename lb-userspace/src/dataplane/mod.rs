@@ -3,6 +3,7 @@
 //! [`crate::state`], which decides *what* to write.
 
 mod batch;
+mod flows;
 mod mmap;
 mod pins;
 
@@ -182,9 +183,7 @@ pub struct Dataplane {
     /// Least-conn counts, mapped so reconciliation adds atomically like the data path.
     active_conns: MappedArray,
     backends: Array<MapData, Backend>,
-    flows: HashMap<MapData, FlowKey, FlowValue>,
-    /// The flow map's fd again, for batch reads (aya has no batch lookup).
-    flows_fd: std::os::fd::OwnedFd,
+    flows: flows::FlowTable,
     config: Array<MapData, LbConfig>,
     global_counters: PerCpuArray<MapData, u64>,
     vip_counters: PerCpuArray<MapData, TrafficCounters>,
@@ -264,6 +263,7 @@ impl Dataplane {
             Role::Decap => 1,
         };
         let map_sizes = map_sizes(&sizes, log_cpus);
+        let flow_slots = lb_common::flow_slots(sizes.flow_table_size);
         let pin_dir = pin_root.map(|root| root.join(format!("v{LAYOUT_VERSION}")));
         let adoption = match &pin_dir {
             Some(dir) => prepare_pin_dir(dir, &map_sizes)?,
@@ -312,8 +312,15 @@ impl Dataplane {
             )?,
             active_conns: MappedArray::map(&mut ebpf, map_names::ACTIVE_CONNS, sizes.max_backends)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
-            flows_fd: duplicate_fd(&ebpf, map_names::FLOWS)?,
-            flows: take(&mut ebpf, map_names::FLOWS)?,
+            flows: flows::FlowTable::new(
+                MappedArray::map_values(
+                    &mut ebpf,
+                    map_names::FLOWS,
+                    flow_slots,
+                    size_of::<lb_common::FlowSlot>(),
+                )?,
+                flow_slots,
+            ),
             config: take(&mut ebpf, map_names::CONFIG)?,
             global_counters: take(&mut ebpf, map_names::GLOBAL_COUNTERS)?,
             vip_counters: take(&mut ebpf, map_names::VIP_COUNTERS)?,
@@ -380,11 +387,12 @@ impl Dataplane {
         Ok(LbConfig {
             jiffies_per_second: 0,
             jiffies_at_zero: 0,
+            flow_set_mask: 0,
             ..config
         })
     }
 
-    /// Writes `config` with the clock parameters measured at load.
+    /// Writes `config` with the clock parameters measured at load and the flow table's size.
     pub fn set_config(&mut self, config: &LbConfig) -> Result<()> {
         let clock = self
             .clock
@@ -392,6 +400,7 @@ impl Dataplane {
         let config = LbConfig {
             jiffies_per_second: clock.0,
             jiffies_at_zero: clock.1,
+            flow_set_mask: self.flows.set_mask(),
             ..*config
         };
         self.config
@@ -517,10 +526,10 @@ impl Dataplane {
             .map_err(map_err(map_names::BACKEND_COUNTERS))
     }
 
-    /// Every flow entry, read in batches of thousands per syscall (a million flows take a few
-    /// hundred syscalls instead of two million). Reading takes no lock the data path waits on.
+    /// Every flow entry, read from the table's mapping (no syscall, no lock the data path
+    /// waits on).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        read_flow_map(&self.flows_fd, &self.flows, map_names::FLOWS)
+        Ok(self.flows.all())
     }
 
     /// Least-conn active connections of backend `id`, as the data path compares them
@@ -541,22 +550,11 @@ impl Dataplane {
     /// Rewrites an existing flow entry (never creates one: an entry evicted meanwhile stays
     /// gone). Returns whether it still existed.
     pub fn update_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<bool> {
-        const BPF_EXIST: u64 = 2;
-        match self.flows.insert(key, value, BPF_EXIST) {
-            Ok(()) => Ok(true),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(false)
-            }
-            Err(err) => Err(map_err(map_names::FLOWS)(err)),
-        }
+        Ok(self.flows.update(key, value))
     }
 
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
-        match self.flows.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(err) => Err(map_err(map_names::FLOWS)(err)),
-        }
+        Ok(self.flows.get(key))
     }
 
     /// Writes an ACL entry given in the IPv4-mapped layout of [`SourceKey`]; IPv4 prefixes go

@@ -226,7 +226,10 @@ pub(super) fn map_sizes(sizes: &Sizes, log_cpus: u32) -> Vec<(&'static str, u32)
         (map_names::RINGS, sizes.max_vips * 2 * sizes.max_ring_size),
         (map_names::BACKENDS, sizes.max_backends),
         (map_names::BACKEND_COUNTERS, sizes.max_backends),
-        (map_names::FLOWS, sizes.flow_table_size),
+        (
+            map_names::FLOWS,
+            lb_common::flow_slots(sizes.flow_table_size),
+        ),
         (map_names::CONFIG, 1),
         (map_names::GLOBAL_COUNTERS, counters::COUNT),
         (map_names::TX_PORTS, MAX_TX_PORTS),

@@ -363,12 +363,12 @@ fn memory(report: &mut Report) -> Result<()> {
     let entries = dataplane.flows()?.len();
     let listing = start.elapsed().as_secs_f64();
     let counters = dataplane.global_counters()?;
-    let failed = counters[lb_common::counters::FLOW_INSERT_FAILED as usize];
+    let evicted = counters[lb_common::counters::FLOW_EVICTED as usize];
     drop(dataplane);
 
     let mut total = 0u64;
     let mut per_map = Vec::new();
-    // The dataplane holds some maps through two fds (e.g. the flow map, for batch reads).
+    // The dataplane holds some maps through two fds (e.g. the pinned-flow map, for batch reads).
     let mut seen = std::collections::BTreeSet::new();
     for info in &mine {
         let memlock: u64 = info
@@ -402,9 +402,11 @@ fn memory(report: &mut Report) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // As many flows as slots: four-way sets overflow first (a Poisson(4) set holds on
+    // average 3.22 of its flows), so about 80 % stay, and every other one was an eviction.
     ensure!(
-        entries as f64 > FLOWS as f64 * 0.9,
-        "the flow table holds only {entries} entries after {FLOWS} new flows"
+        entries as f64 > FLOWS as f64 * 0.75 && entries as u64 + evicted == FLOWS as u64,
+        "the flow table holds {entries} entries and counted {evicted} evictions after {FLOWS} new flows"
     );
     let flows_map = per_map
         .iter()
@@ -424,12 +426,13 @@ fn memory(report: &mut Report) -> Result<()> {
     ));
     section.push(Figure::new(
         "control.memory_flows_map",
-        "  of which the flow table (LRU hash, preallocated)",
+        "  of which the flow table (set-associative array, 64-byte slots)",
         mib(flows_map),
         "MiB",
         &format!(
-            "{:.0} bytes per flow entry",
-            flows_map as f64 / FLOWS as f64
+            "{:.0} bytes per slot, {:.0} per flow held",
+            flows_map as f64 / FLOWS as f64,
+            flows_map as f64 / entries.max(1) as f64
         ),
     ));
     section.push(Figure::new(
@@ -437,13 +440,13 @@ fn memory(report: &mut Report) -> Result<()> {
         "list 1M flows (Dataplane::flows, as `xdplb flows`)",
         listing,
         "s",
-        "Dataplane::flows: BPF_MAP_LOOKUP_BATCH over the LRU hash",
+        "Dataplane::flows: a scan of the flow table's mapping",
     ));
     report.data.insert(
         "memory".into(),
         serde_json::json!({
             "flow_entries": entries,
-            "insert_failed": failed,
+            "evicted": evicted,
             "fill_seconds": fill,
             "maps": per_map.iter().map(|(n, b, e)| serde_json::json!({"name": n, "memlock": b, "max_entries": e})).collect::<Vec<_>>(),
         }),

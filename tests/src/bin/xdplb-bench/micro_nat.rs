@@ -6,8 +6,8 @@
 
 use crate::{
     micro::{
-        expect, expect_counters, framed, mac, median, moved, per_call_run, CALLS, RING, RUNS, SEED,
-        XDP_TX,
+        expect, expect_counters, expect_new_flows, framed, mac, median, moved, per_call_run, CALLS,
+        RING, RUNS, SEED, XDP_TX,
     },
     progs,
     report::{Figure, Report},
@@ -197,6 +197,7 @@ pub fn run(report: &mut Report) -> Result<()> {
             })
             .collect();
         let before = lb.global_counters();
+        let held_before = lb.dataplane.flows()?.len();
         call[3].push(per_call_run(
             lb.dataplane.program(),
             framed(CLIENT_MAC, LB_MAC, &cases[0].0),
@@ -204,9 +205,11 @@ pub fn run(report: &mut Report) -> Result<()> {
             |i, _, action, out| expect("nat new connection", action, XDP_TX, out, &cases[i].1),
         )?);
         new_sources += CALLS as u32;
-        expect_counters(
+        expect_new_flows(
             "nat new connection (per call)",
-            &moved(&lb, &before),
+            &lb,
+            &before,
+            held_before,
             &[
                 (counters::FLOW_MISS, CALLS as u64),
                 (counters::NAT_NEW, CALLS as u64),

@@ -9,7 +9,7 @@
 //! thread is pinned to one CPU, since both non-Maglev schedulers keep per-CPU state.
 
 use crate::{
-    micro::{expect, expect_counters, framed, median, moved, per_call_run, tcp4, with_macs, CALLS},
+    micro::{expect, expect_new_flows, framed, median, per_call_run, tcp4, with_macs, CALLS},
     report::{Figure, Report},
 };
 use anyhow::{Context as _, Result};
@@ -136,6 +136,7 @@ pub fn run(report: &mut Report) -> Result<()> {
                 .collect::<Result<_>>()?;
             let what = format!("new flow, {scheduler}");
             let before = lb.global_counters();
+            let held_before = lb.dataplane.flows()?.len();
             figures[slot].push(per_call_run(
                 lb.dataplane.program(),
                 framed(
@@ -155,9 +156,11 @@ pub fn run(report: &mut Report) -> Result<()> {
                 },
             )?);
             sent[slot] += CALLS;
-            expect_counters(
+            expect_new_flows(
                 &what,
-                &moved(&lb, &before),
+                &lb,
+                &before,
+                held_before,
                 &[
                     (counters::FLOW_MISS, CALLS as u64),
                     (counters::ACTION_TX, CALLS as u64),
