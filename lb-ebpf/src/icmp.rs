@@ -104,7 +104,7 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
         );
     }
     (error.hash, error.seed) = (hash.get(), seed);
-    let sent = send(ctx, &error, vip, backend);
+    let sent = sent_from_word(send(ctx, &error, vip, backend));
     if sent.is_ok() {
         counters::global(idx::ICMP_ERROR_FORWARDED);
     }
@@ -114,11 +114,27 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
 /// [`forward::dsr_or_ipip`] as a BPF-to-BPF call, so the encapsulation code is not inlined a
 /// second time into the program's main path (its size costs TCP/UDP packets instruction-cache
 /// misses, measurably).
-/// (BPF calls take at most five arguments, the result's pointer included.)
+/// The result comes back as one word ([`sent_from_word`]): returned through a pointer, LLVM
+/// may hand the caller's stack address back in R0, which the verifier refuses.
 #[inline(never)]
-fn send(ctx: &XdpContext, error: &FlowError, vip: &VipMeta, backend: &Backend) -> Result<u32, u32> {
+fn send(ctx: &XdpContext, error: &FlowError, vip: &VipMeta, backend: &Backend) -> u64 {
     let hash = lookup::FlowHash::known(&error.packet.key, error.seed, error.hash);
-    forward::dsr_or_ipip(ctx, &error.packet, vip, backend, &hash)
+    match forward::dsr_or_ipip(ctx, &error.packet, vip, backend, &hash) {
+        Ok(action) => action as u64,
+        Err(reason) => SEND_FAILED | reason as u64,
+    }
+}
+
+/// Marks a failure reason in [`send`]'s word.
+const SEND_FAILED: u64 = 1 << 32;
+
+#[inline(always)]
+fn sent_from_word(word: u64) -> Result<u32, u32> {
+    if word & SEND_FAILED != 0 {
+        Err(word as u32)
+    } else {
+        Ok(word as u32)
+    }
 }
 
 #[inline(always)]

@@ -9,8 +9,7 @@ use core::cell::Cell;
 use lb_common::{
     counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
     BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FILTER_LIMITS, FLOW_ACK_SEEN, FLOW_FIN_SEEN,
-    FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, FLOW_TABLE_SEED, NO_BACKEND, PROTO_UDP,
-    SCHED_MAGLEV,
+    FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
 };
 
 /// What the VIP stage found: the packet's VIP, and its flow entry when the flow table has one
@@ -95,13 +94,13 @@ fn vips_lookup(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
 }
 
 /// The flow hashes, each computed on first use: the table's ([`Self::table`], every VIP
-/// packet) and the ring's ([`Self::get`]: new flows, `ipip`'s outer source and the ICMP
-/// path), one computation when the seed is the table's.
+/// packet, cheap) and the flow hash ([`Self::get`]: new flows' ring slot, `ipip`'s outer
+/// source and the ICMP path; a flow hit in `dsr` never needs it).
 pub struct FlowHash<'a> {
     key: &'a FlowKey,
     seed: u32,
     value: Cell<Option<u32>>,
-    /// [`lb_common::flow_table_hash`], when `seed` is not [`FLOW_TABLE_SEED`].
+    /// [`lb_common::flow_table_hash`].
     table: Cell<Option<u32>>,
     /// The hash stored in the flow's entry, for the outer header ([`Self::outer`]).
     stored: Cell<Option<u32>>,
@@ -145,9 +144,6 @@ impl<'a> FlowHash<'a> {
     /// The hash that picks the flow's set in the flow table.
     #[inline(always)]
     pub fn table(&self) -> u32 {
-        if self.seed == FLOW_TABLE_SEED {
-            return self.get();
-        }
         if let Some(value) = self.table.get() {
             return value;
         }

@@ -171,3 +171,34 @@ fn a_syn_flood_into_one_set_never_evicts_its_established_flows() {
         "each later SYN evicted one"
     );
 }
+
+#[test]
+fn the_table_hash_spreads_flows_evenly_over_sets() {
+    // 40,960 flows over 4,096 sets, 10 per set on average, in the patterns real traffic has:
+    // one client's successive ports, many IPv4 clients on one port, IPv6 clients. Poisson(10)
+    // puts at most about 25 in the fullest of 4,096 sets and leaves none empty.
+    const SETS: u32 = 4096;
+    let patterns: [Box<dyn Fn(u32) -> lb_common::FlowKey>; 3] = [
+        Box::new(|i| flow_key(CLIENT.into(), VIP.into(), 20_000 + i as u16, 80, PROTO_TCP)),
+        Box::new(|i| {
+            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i);
+            flow_key(src.into(), VIP.into(), 40_000, 443, PROTO_TCP)
+        }),
+        Box::new(|i| {
+            let src = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, (i >> 8) as u16, 0, 0, 0, i as u16);
+            let vip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+            flow_key(src.into(), vip.into(), 50_000, 80, PROTO_TCP)
+        }),
+    ];
+    for (n, key_of) in patterns.iter().enumerate() {
+        let mut per_set = vec![0u32; SETS as usize];
+        for i in 0..SETS * 10 {
+            per_set[(flow_table_hash(&key_of(i)) & (SETS - 1)) as usize] += 1;
+        }
+        let (min, max) = (per_set.iter().min().unwrap(), per_set.iter().max().unwrap());
+        assert!(
+            *min >= 1 && *max <= 30,
+            "pattern {n}: sets hold {min} to {max} flows"
+        );
+    }
+}
