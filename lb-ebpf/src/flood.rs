@@ -1,5 +1,6 @@
-//! Flood defence of the flow table. `FLOWS` is an LRU: any insert evicts the coldest entry, so
-//! a spoofed flood of new tuples, sustained long enough, flushes idle established flows. A
+//! Flood defence of the flow table. `FLOWS` evicts: a new flow whose set is full takes the
+//! slot of its least valuable entry, so a spoofed flood of new tuples that complete a fake
+//! handshake, sustained long enough, flushes idle established flows. A
 //! flow that sends a second packet is pinned: copied into `PINNED`, a hash table that never
 //! evicts (an insert into a full table fails). A packet that misses `FLOWS` but is pinned puts
 //! its flow back, with its backend. Pins are budgeted (a GCRA bucket in `FLOOD`), so a flood

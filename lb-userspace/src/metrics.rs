@@ -419,7 +419,7 @@ pub fn render(
 
     registry.register(
         "xdplb_flow_table_entries",
-        "Entries in the flow table, active or not (LRU: full means the coldest are evicted)",
+        "Entries in the flow table, active or not (a full set gives its least valuable entry to a new flow)",
         gauge(snapshot.flow_table_entries),
     );
     if let Some(age) = snapshot.active_flows_age_s {

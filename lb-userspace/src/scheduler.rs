@@ -13,9 +13,9 @@
 //!
 //! Least-conn counts are exact on the packet path for flows whose client sends FIN or RST.
 //! Two things the kernel cannot see are settled by the daemon's paced flow-table scan
-//! ([`reconcile`]): flows idle past `flow_idle_timeout` give their count back, and the counts
-//! of entries the LRU evicted (it tells no one) are removed by resetting each count to the
-//! number of counted entries found. A count is therefore off by at most the flows that opened
+//! ([`reconcile`]): flows idle past `flow_idle_timeout` give their count back, and each count
+//! is reset to the number of counted entries found (evictions give their counts back in the
+//! data path; this also catches what a race there lost). A count is therefore off by at most the flows that opened
 //! or closed on that backend while the scan read the table, until the next scan.
 
 use crate::{
@@ -208,7 +208,7 @@ pub fn connections(
 
 /// After a flow-table scan: idle counted flows give their count back (the entry loses
 /// [`FLOW_COUNTED`]), then each least-conn backend's count is set to the counted flows the
-/// scan found, which also drops the counts of entries the LRU evicted. Counts are corrected
+/// scan found, which also settles anything the data path's give-backs missed. Counts are corrected
 /// with atomic adds, so increments and give-backs from the data path are never lost; only
 /// flows opened or closed between the scan and the correction are off, until the next scan.
 pub fn settle_counts(

@@ -329,7 +329,7 @@ fn nat_backend(
 }
 
 /// Ids handed out first-freed-last-reused, so a freed id (whose old flows may linger in the
-/// LRU) is reused as late as possible.
+/// flow table) is reused as late as possible.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct IdPool {
     free: VecDeque<u32>,

@@ -403,7 +403,7 @@ impl Stats {
 }
 
 /// Active flows per backend id: seen within `idle_timeout_s` and not closed (FIN or RST seen).
-/// Closed and idle entries stay in the LRU flow table until evicted, so they are not counted.
+/// Closed and idle entries stay in the flow table until a new flow takes their slot, so they are not counted.
 pub fn active_flows(
     flows: &[(FlowKey, FlowValue)],
     now_s: u32,

@@ -411,7 +411,7 @@ fn vip_total_limit_applies_over_all_sources() {
 }
 
 /// Sends `tuples` spoofed tuples from 10.200.0.0/16, SYN then ACK each (the pattern that
-/// flushes an LRU), through the real program.
+/// flushes the flow table's sets), through the real program.
 fn flood(lb: &mut Harness, tuples: u32) {
     for i in 0..tuples {
         let src = Ipv4Addr::from(0x0ac8_0000 + (i >> 8));

@@ -398,9 +398,9 @@ fn a_spoofed_flood_does_not_break_idle_connections_of_a_drained_backend() {
         .unwrap();
 
     // Flood: 40,000 tuples of each pattern (160,000 tuples, ~40x the table, 280,000 packets),
-    // while a new client connects every 100 ms. The kernel's LRU does not evict in a fixed
-    // order (per-CPU lists, reference bits): one flood usually evicts some of the idle flows
-    // but may spare all five, so it is repeated, at most three times, until it evicted one.
+    // while a new client connects every 100 ms. Which entries go depends on which sets the
+    // flood's tuples land in: one flood usually evicts some of the idle flows but may spare
+    // all five, so it is repeated, at most three times, until it evicted one.
     let b0 = backend4(0).to_string();
     let mut evicted = 0;
     let mut sent = 0;
@@ -449,7 +449,7 @@ fn a_spoofed_flood_does_not_break_idle_connections_of_a_drained_backend() {
         new_clients.iter().flatten().all(|name| name == "b1"),
         "new clients go to the backend in service"
     );
-    // ... the floods evicted idle flows from the LRU flow table...
+    // ... the floods evicted idle flows from the flow table...
     assert!(
         evicted >= 1,
         "three floods evicted none of b0's idle flows from the flow table: make them larger"

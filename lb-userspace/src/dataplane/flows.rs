@@ -49,13 +49,21 @@ impl FlowTable {
         (self.set_mask + 1) * FLOW_WAYS
     }
 
-    /// Every flow in the table.
+    /// Every flow in the table, once. Two CPUs that both missed on the same new tuple at the
+    /// same moment each insert it, so a set can hold a key twice; the data path only ever
+    /// finds the first, and so does this (the other is left to be evicted).
     pub(super) fn all(&self) -> Vec<(FlowKey, FlowValue)> {
-        (0..self.slots())
-            .map(|index| self.read(index))
-            .filter(|slot| slot.key.family != 0)
-            .map(|slot| (slot.key, slot.value))
-            .collect()
+        let mut flows = Vec::new();
+        for first in (0..self.slots()).step_by(FLOW_WAYS as usize) {
+            let set: [FlowSlot; FLOW_WAYS as usize] =
+                std::array::from_fn(|way| self.read(first + way as u32));
+            for (way, slot) in set.iter().enumerate() {
+                if slot.key.family != 0 && !set[..way].iter().any(|s| s.holds(&slot.key)) {
+                    flows.push((slot.key, slot.value));
+                }
+            }
+        }
+        flows
     }
 
     /// The slot holding `key`, if any.
