@@ -17,6 +17,9 @@ use lb_common::{
 pub struct Found {
     pub vip: &'static VipMeta,
     pub flow: Option<*mut FlowValue>,
+    /// The flow's backend, when the flow entry is what proved the VIP (checked as
+    /// [`backend_of_vip`] would, so [`choose_backend`] does not look it up again).
+    pub backend: Option<&'static Backend>,
 }
 
 /// Flow table first: a flow hit finds its VIP through its backend's `vip_id` in `VIP_SLOTS`
@@ -31,17 +34,25 @@ pub fn find_vip_and_flow(key: &FlowKey, hash: &FlowHash, config_flags: u8) -> Op
     }
     let flow = crate::flows::find(key, hash);
     // SAFETY: flow-table slot, read only here (see `choose_backend` for the writes).
-    if let Some(vip) = flow.and_then(|flow| vip_of_flow(unsafe { &*flow }, key)) {
-        return Some(Found { vip, flow });
+    if let Some((vip, backend)) = flow.and_then(|flow| vip_of_flow(unsafe { &*flow }, key)) {
+        return Some(Found {
+            vip,
+            flow,
+            backend: Some(backend),
+        });
     }
     let vip = vips_lookup(key, config_flags)?;
-    Some(Found { vip, flow })
+    Some(Found {
+        vip,
+        flow,
+        backend: None,
+    })
 }
 
-/// The VIP of a flow's backend when it is the VIP with exactly the packet's (address, port,
-/// protocol); port-0 VIPs never match (`VIPS` decides for them).
+/// The VIP of a flow's backend, and the backend, when it is the VIP with exactly the packet's
+/// (address, port, protocol); port-0 VIPs never match (`VIPS` decides for them).
 #[inline(always)]
-fn vip_of_flow(flow: &FlowValue, key: &FlowKey) -> Option<&'static VipMeta> {
+fn vip_of_flow(flow: &FlowValue, key: &FlowKey) -> Option<(&'static VipMeta, &'static Backend)> {
     let backend = BACKENDS.get(flow.backend_id)?;
     if backend.flags & BACKEND_PRESENT == 0 {
         return None;
@@ -51,7 +62,7 @@ fn vip_of_flow(flow: &FlowValue, key: &FlowKey) -> Option<&'static VipMeta> {
         && slot.key.proto == key.proto
         && slot.key.family == key.family
         && slot.key.addr_words() == key.dst_words();
-    same.then_some(&slot.meta)
+    same.then_some((&slot.meta, backend))
 }
 
 /// Exact (address, port, protocol) first, then the address's all-ports entry when any VIP
@@ -263,6 +274,7 @@ pub fn choose_backend(
     hash: &FlowHash,
     vip: &VipMeta,
     flow: Option<*mut FlowValue>,
+    flow_backend: Option<&'static Backend>,
     limit_new: impl FnOnce() -> Result<(), u32>,
 ) -> Result<Choice, u32> {
     let key = &pkt.key;
@@ -276,7 +288,7 @@ pub fn choose_backend(
         // choose, so a drained backend gets no new connection through port reuse.
         let reopened = syn && flow.state & (FLOW_FIN_SEEN | FLOW_RST_SEEN) != 0;
         if !reopened {
-            if let Some(backend) = backend_of_vip(flow.backend_id, vip) {
+            if let Some(backend) = flow_backend.or_else(|| backend_of_vip(flow.backend_id, vip)) {
                 // A down backend keeps its established TCP flows (they cannot move), but UDP
                 // flows leave it, and so does a SYN: a handshake cannot complete there, and
                 // the client may be reusing the port of an attempt the backend reset (a reset

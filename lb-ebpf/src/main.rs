@@ -97,7 +97,8 @@ fn balance(ctx: &XdpContext) -> u32 {
         .get(0)
         .map_or((0, 0), |c| (c.hash_seed, c.flags));
     let hash = lookup::FlowHash::new(&pkt.key, seed);
-    let Some(lookup::Found { vip, flow }) = lookup::find_vip_and_flow(&pkt.key, &hash, flags)
+    let Some(lookup::Found { vip, flow, backend }) =
+        lookup::find_vip_and_flow(&pkt.key, &hash, flags)
     else {
         // Replies from nat backends are addressed to the LB, not to a VIP.
         if flags & CONFIG_HAS_NAT != 0 {
@@ -116,7 +117,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         return drop(reason);
     }
     let limit_new = || filter::limit_new_flow(&pkt.key, vip, seed);
-    let choice = match lookup::choose_backend(&pkt, &hash, vip, flow, limit_new) {
+    let choice = match lookup::choose_backend(&pkt, &hash, vip, flow, backend, limit_new) {
         Ok(choice) => choice,
         Err(reason) => return drop(reason),
     };
