@@ -538,6 +538,8 @@ pub struct FlowValue {
     pub hash: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 20);
+const _: () = assert!(core::mem::offset_of!(FlowValue, state) == 12);
+const _: () = assert!(core::mem::offset_of!(FlowValue, hash) == 16);
 
 /// Global knobs, one entry in `CONFIG`.
 #[repr(C)]

@@ -70,7 +70,18 @@ pub fn insert(key: &FlowKey, value: &FlowValue, hash: &FlowHash) -> Option<*mut 
         }
     }
     slot.key = *key;
-    slot.value = *value;
+    // As five word stores: a struct copy makes LLVM clear the 3 padding bytes with a call to
+    // `memset`, a BPF-to-BPF call (and return thunk) on every new flow. `state` is the low
+    // byte of the fourth word (little-endian BPF), its padding the rest.
+    let words = &mut slot.value as *mut FlowValue as *mut u32;
+    // SAFETY: FlowValue is five 4-byte aligned words (lb-common asserts the offsets).
+    unsafe {
+        *words = value.backend_id;
+        *words.add(1) = value.created;
+        *words.add(2) = value.last_seen;
+        *words.add(3) = value.state as u32;
+        *words.add(4) = value.hash;
+    }
     Some(&mut slot.value)
 }
 
