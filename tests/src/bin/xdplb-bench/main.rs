@@ -21,6 +21,7 @@
 
 mod connlog;
 mod control;
+mod load;
 mod micro;
 mod micro_nat;
 mod micro_protection;
