@@ -7,9 +7,10 @@
 //! thread per connection spends more per connection than the LBs measured here and hides their
 //! differences), answering `GET /` with their name. The client is [`load`]: closed loops of
 //! connect + request + read to EOF + close, at each of [`CONCURRENCIES`], every system at the
-//! same ones. A load balancer's connections/s is its capacity, so the figures and targets are
-//! at [`TARGET_CONCURRENCY`], where every system saturates this lab; the lowest concurrency is
-//! the latency-bound reference the earlier bench measured.
+//! same ones. A load balancer's connections/s is its capacity, so the figures are at
+//! [`TARGET_CONCURRENCY`] and nat's targets are checked at every [`SATURATED`] concurrency,
+//! where every system saturates this lab; the lowest concurrency is the latency-bound
+//! reference the earlier bench measured.
 //!
 //! The machine is shared, so the systems are measured in [`ROUNDS`] interleaved rounds (each
 //! round every system at every concurrency, the starting system rotated), and each figure
@@ -34,9 +35,12 @@ const WINDOW: Window = Window {
 };
 /// Connections in flight. 2 is what the earlier bench measured (2 blocking client threads).
 const CONCURRENCIES: &[usize] = &[2, 16, 64];
-/// Where the figures and targets are taken, the same for every system: 32 per core of this
-/// machine, well past the point (16) where every system here stops gaining.
+/// Where the main figures are taken, the same for every system: 32 per core of this machine,
+/// past the point (16) where every system here stops gaining.
 const TARGET_CONCURRENCY: usize = 64;
+/// Both saturate every system, and HAProxy serves somewhat more at 16 than at 64 here, so
+/// nat's targets are checked at both: met only where met at each.
+const SATURATED: &[usize] = &[16, TARGET_CONCURRENCY];
 const BACKENDS: usize = 2;
 const DSR_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const HAPROXY_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
@@ -586,15 +590,34 @@ pub fn run(report: &mut Report) -> Result<()> {
                 o.percentile(0.99)
             ),
         );
-        // nat's ratio at every concurrency, so the target's is seen next to the others'.
-        section.push(if runs.system == System::Nat {
-            figure.ratio(
-                o.rate() / pooled(System::Haproxy, o.concurrency).rate(),
-                "HAProxy",
+        if runs.system != System::Nat {
+            section.push(figure);
+            continue;
+        }
+        // nat's ratio at every concurrency, and its targets where the lab is saturated too.
+        let haproxy = pooled(System::Haproxy, o.concurrency);
+        let rate_ratio = o.rate() / haproxy.rate();
+        let p99_ratio = o.percentile(0.99) / haproxy.percentile(0.99);
+        let figure = figure.ratio(rate_ratio, "HAProxy");
+        if !SATURATED.contains(&o.concurrency) {
+            section.push(figure);
+            continue;
+        }
+        section.push(figure.target(">= 1.5x HAProxy", rate_ratio >= 1.5));
+        section.push(
+            Figure::new(
+                &format!("tcp.c{}.nat_p99", o.concurrency),
+                &format!(
+                    "xdplb nat: request latency p99, {} in flight",
+                    o.concurrency
+                ),
+                o.percentile(0.99),
+                "µs",
+                &format!("HAProxy's: {:.0} µs", haproxy.percentile(0.99)),
             )
-        } else {
-            figure
-        });
+            .ratio(p99_ratio, "HAProxy")
+            .target("< HAProxy", p99_ratio < 1.0),
+        );
     }
     report.data.insert(
         "tcp".into(),
