@@ -47,6 +47,9 @@ pub struct Outcome {
     pub latencies_us: Vec<f64>,
     /// Backend name (the response body) -> requests it answered.
     pub per_backend: BTreeMap<String, u64>,
+    /// The share of the machine's CPU that work outside the lab took meanwhile (see
+    /// `others.rs`); set by the caller.
+    pub others_cpu: f64,
 }
 
 impl Outcome {

@@ -25,6 +25,7 @@ mod load;
 mod micro;
 mod micro_nat;
 mod micro_protection;
+mod others;
 mod pps;
 mod progs;
 mod report;

@@ -18,6 +18,7 @@
 
 use crate::{
     load::{self, Outcome, Window},
+    others::Others,
     report::{Cdf, Figure, Report},
 };
 use anyhow::{bail, Context as _, Result};
@@ -131,6 +132,7 @@ impl Runs {
             ..Outcome::default()
         };
         for round in &self.rounds {
+            all.others_cpu += round.others_cpu * round.seconds;
             all.requests += round.requests;
             all.errors += round.errors;
             all.seconds += round.seconds;
@@ -142,6 +144,7 @@ impl Runs {
                 all.first_error.clone_from(&round.first_error);
             }
         }
+        all.others_cpu /= all.seconds;
         all.latencies_us.sort_by(f64::total_cmp);
         all
     }
@@ -317,16 +320,19 @@ impl Drop for Nftables<'_> {
 fn measure(lab: &Lab, system: System, runs: &mut [Runs]) -> Result<()> {
     wait_serving(lab, system)?;
     for run in runs.iter_mut().filter(|r| r.system == system) {
-        let o = load::run(&lab.client.ns, system.vip(), run.concurrency, WINDOW)?;
+        let others = Others::start(lab)?;
+        let mut o = load::run(&lab.client.ns, system.vip(), run.concurrency, WINDOW)?;
+        o.others_cpu = others.share()?;
         println!(
-            "  {}, {} in flight: {:.0} connections/s, p50 {:.0} µs, p99 {:.0} µs, {} errors, per backend {:?}",
+            "  {}, {} in flight: {:.0} connections/s, p50 {:.0} µs, p99 {:.0} µs, {} errors, per backend {:?}, others {:.0} % CPU",
             system.name(),
             run.concurrency,
             o.rate(),
             o.percentile(0.50),
             o.percentile(0.99),
             o.errors,
-            o.per_backend
+            o.per_backend,
+            o.others_cpu * 100.0
         );
         run.rounds.push(o);
     }
@@ -379,6 +385,14 @@ fn measure_all(lab: &Lab) -> Result<Vec<Runs>> {
     Ok(runs)
 }
 
+/// What work outside the lab took meanwhile, for a figure's text.
+fn outside(o: &Outcome) -> String {
+    format!(
+        "; work outside the lab took {:.0} % of the CPU meanwhile",
+        o.others_cpu * 100.0
+    )
+}
+
 /// Figures of one system at one concurrency, for bench/results.json.
 fn summary(runs: &Runs) -> serde_json::Value {
     let o = runs.pooled();
@@ -393,6 +407,7 @@ fn summary(runs: &Runs) -> serde_json::Value {
         "p90_us": o.percentile(0.9),
         "p99_us": o.percentile(0.99),
         "max_us": o.latencies_us.last(),
+        "others_cpu": o.others_cpu,
         "per_backend": o.per_backend,
     })
 }
@@ -473,7 +488,7 @@ pub fn run(report: &mut Report) -> Result<()> {
             "xdplb dsr: connections/s",
             dsr.rate(),
             "conn/s",
-            &measures,
+            &format!("{measures}{}", outside(&dsr)),
         )
         .ratio(rate_ratio, "HAProxy")
         .target(">= HAProxy", rate_ratio >= 1.0),
@@ -505,8 +520,9 @@ pub fn run(report: &mut Report) -> Result<()> {
             nat.rate(),
             "conn/s",
             &format!(
-                "as above, backends unmodified: both directions translated in XDP; per round {}",
-                round_ratios.join(", ")
+                "as above, backends unmodified: both directions translated in XDP; per round {}{}",
+                round_ratios.join(", "),
+                outside(&nat)
             ),
         )
         .ratio(nat_rate_ratio, "HAProxy")
@@ -536,7 +552,11 @@ pub fn run(report: &mut Report) -> Result<()> {
             "nftables DNAT + SNAT: connections/s",
             nft.rate(),
             "conn/s",
-            "numgen random over the backends, SNAT to a second address of the LB, conntrack, on the LB's stack",
+            &format!(
+                "numgen random over the backends, SNAT to a second address of the LB, conntrack, \
+                 on the LB's stack{}",
+                outside(&nft)
+            ),
         )
         .ratio(nat.rate() / nft.rate(), "xdplb nat"),
     );
@@ -553,8 +573,10 @@ pub fn run(report: &mut Report) -> Result<()> {
         haproxy.rate(),
         "conn/s",
         &format!(
-            "HAProxy 2.6 (nbthread {}) on the LB namespace, roundrobin, same backends and client",
-            cores()
+            "HAProxy 2.6 (nbthread {}) on the LB namespace, roundrobin, same backends and \
+             client{}",
+            cores(),
+            outside(&haproxy)
         ),
     ));
     section.push(Figure::new(
@@ -585,9 +607,10 @@ pub fn run(report: &mut Report) -> Result<()> {
             o.rate(),
             "conn/s",
             &format!(
-                "same lab, client and rounds; p50 {:.0} µs, p99 {:.0} µs",
+                "same lab, client and rounds; p50 {:.0} µs, p99 {:.0} µs{}",
                 o.percentile(0.5),
-                o.percentile(0.99)
+                o.percentile(0.99),
+                outside(&o)
             ),
         );
         if runs.system != System::Nat {
