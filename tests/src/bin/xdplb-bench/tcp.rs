@@ -27,7 +27,7 @@ use std::{
     path::Path,
     time::{Duration, Instant},
 };
-use xdplb_tests::lab::{self, Daemon, Lab, Process};
+use xdplb_tests::lab::{self, Daemon, Lab, Netns, Process};
 
 const ROUNDS: usize = 4;
 const WINDOW: Window = Window {
@@ -205,13 +205,20 @@ fn wait_serving(lab: &Lab, system: System) -> Result<()> {
     }
 }
 
-/// Waits (bounded) until the LB's interface has no XDP program: HAProxy and nftables are
-/// measured on the plain stack.
-fn wait_detached(lab: &Lab) -> Result<()> {
+/// Waits (bounded) until `iface` in `ns` has no XDP program: HAProxy and nftables are
+/// measured on the plain stack, without xdplb on the LB's interface or the lab's pass program
+/// on its bridge port.
+fn wait_detached(ns: &Netns, iface: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while lab.lb.ns.exec("ip link show dev eth0")?.contains("xdp") {
+    while ns
+        .exec(&format!("ip link show dev {iface}"))?
+        .contains("xdp")
+    {
         if Instant::now() > deadline {
-            bail!("xdplb's program was still on the LB's eth0 10 s after the daemon stopped");
+            bail!(
+                "an XDP program was still on {iface} in {} after 10 s",
+                ns.name
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -362,17 +369,23 @@ fn measure_all(lab: &Lab) -> Result<Vec<Runs>> {
             })
         })
         .collect();
+    // XDP_TX needs the lab's pass program on the LB's bridge port; the others run without.
+    lab.lb_port_pass(false)?;
+    wait_detached(&lab.switch, "p-lb")?;
     let _haproxy = start_haproxy(lab)?;
     for round in 0..ROUNDS {
         println!(" round {}", round + 1);
         for turn in Turn::ALL.iter().cycle().skip(round).take(Turn::ALL.len()) {
             match turn {
                 Turn::Xdplb => {
+                    lab.lb_port_pass(true)?;
                     let daemon = start_xdplb(lab, round)?;
                     measure(lab, System::Dsr, &mut runs)?;
                     measure(lab, System::Nat, &mut runs)?;
                     drop(daemon);
-                    wait_detached(lab)?;
+                    lab.lb_port_pass(false)?;
+                    wait_detached(&lab.lb.ns, "eth0")?;
+                    wait_detached(&lab.switch, "p-lb")?;
                 }
                 Turn::Haproxy => measure(lab, System::Haproxy, &mut runs)?,
                 Turn::Nftables => {
