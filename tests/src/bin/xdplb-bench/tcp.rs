@@ -24,7 +24,7 @@ use crate::{
 use anyhow::{bail, Context as _, Result};
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 use xdplb_tests::lab::{self, Daemon, Lab, Netns, Process};
@@ -154,22 +154,37 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// nginx on a backend: stopped, and its files removed, on drop.
+struct Nginx {
+    process: Option<Process>,
+    dir: PathBuf,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Backend `n` of the lab: nginx in one process (no master: killing it ends the server),
 /// answering every request with `b<n>`.
-fn nginx(lab: &Lab, n: usize) -> Result<Process> {
+fn nginx(lab: &Lab, n: usize) -> Result<Nginx> {
     let dir = std::env::temp_dir().join(format!("{}-nginx-b{n}", lab.id));
     std::fs::create_dir_all(&dir)?;
+    // The guard exists first, so a failed start still removes the directory.
+    let mut nginx = Nginx { process: None, dir };
     let config = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
          error_log stderr error;\nevents {{ worker_connections 4096; }}\n\
          http {{\n    access_log off;\n    client_body_temp_path {dir}/body;\n\
          \x20   proxy_temp_path {dir}/proxy;\n\
          \x20   server {{\n        listen 80 backlog=4096;\n        return 200 \"b{n}\\n\";\n    }}\n}}\n",
-        dir = dir.display()
+        dir = nginx.dir.display()
     );
-    let path = dir.join("nginx.conf");
+    let path = nginx.dir.join("nginx.conf");
     std::fs::write(&path, config)?;
-    lab.backends[n]
+    let process = lab.backends[n]
         .ns
         .spawn(
             Path::new("nginx"),
@@ -177,13 +192,14 @@ fn nginx(lab: &Lab, n: usize) -> Result<Process> {
                 "-e",
                 "stderr",
                 "-p",
-                &dir.to_string_lossy(),
+                &nginx.dir.to_string_lossy(),
                 "-c",
                 &path.to_string_lossy(),
             ],
         )
-        .map(Process)
-        .context("starting nginx (is nginx-light installed? `cargo xtask bench` installs it)")
+        .context("starting nginx (is nginx-light installed? `cargo xtask bench` installs it)")?;
+    nginx.process = Some(Process(process));
+    Ok(nginx)
 }
 
 /// Waits (bounded) until `system` answers.
