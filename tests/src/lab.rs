@@ -275,6 +275,20 @@ impl Lab {
         Ok(())
     }
 
+    /// Takes the pass program off the LB's bridge port (`false`) or puts it back (`true`).
+    /// Only XDP_TX from the LB needs it, but it also takes every frame the LB's own stack
+    /// sends, which veth then copies into an XDP buffer and back: a benchmark of balancers
+    /// on the LB's stack (HAProxy, nftables) measures them without it.
+    pub fn lb_port_pass(&self, on: bool) -> Result<()> {
+        let port = "p-lb";
+        if on {
+            return attach_pass(&self.switch, &self._peer_xdp, port);
+        }
+        // The pins hold the link: removing them detaches the program.
+        let pins = self._peer_xdp.0.join(port);
+        std::fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))
+    }
+
     /// `count` new TCP connections from the client to `vip`: the names of the backends that
     /// answered, or the errors.
     pub fn connect(&self, vip: SocketAddr, count: usize) -> Vec<Result<String, String>> {

@@ -27,9 +27,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bird2",
 ];
 
-/// Baselines `cargo xtask bench` measures xdplb against (nftables DNAT, HAProxy); installed
-/// only by the bench, so `cargo xtask test` and CI do not pull them in.
-const BENCH_DEBIAN_PACKAGES: &[&str] = &["nftables", "haproxy"];
+/// Baselines `cargo xtask bench` measures xdplb against (nftables DNAT, HAProxy), and the
+/// backends of its `tcp` section (nginx-light: an event-driven server, so the backends' cost
+/// per connection does not hide the balancers'); installed only by the bench, so
+/// `cargo xtask test` and CI do not pull them in.
+const BENCH_DEBIAN_PACKAGES: &[&str] = &["nftables", "haproxy", "nginx-light"];
 
 /// The kernel crate builds with `-Z build-std=core` (rust-src); `cargo xtask test` lints it with
 /// the nightly clippy.

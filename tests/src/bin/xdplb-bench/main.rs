@@ -21,9 +21,11 @@
 
 mod connlog;
 mod control;
+mod load;
 mod micro;
 mod micro_nat;
 mod micro_protection;
+mod others;
 mod pps;
 mod progs;
 mod report;
