@@ -40,6 +40,7 @@ pub fn now_ns() -> u64 {
                 unsafe { bpf_jiffies64() },
                 c.jiffies_per_second,
                 c.jiffies_at_zero,
+                c.ns_per_jiffy,
             )
         })
         // SAFETY: helper without arguments.

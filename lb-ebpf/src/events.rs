@@ -70,10 +70,11 @@ pub fn dropped(config_flags: u8, key: &FlowKey, vip: &VipMeta, reason: u32) {
     );
 }
 
-/// A BPF-to-BPF call: the record's code stays out of the inlined packet path, which only
-/// the log-on case enters. `event_reason`: the `LOG_*` event, the drop reason in the next
-/// byte (BPF calls take at most five arguments).
-#[inline(never)]
+/// Inlined: as a BPF-to-BPF call its call and return (through the return thunk) were a third
+/// of the log's cost, once the flow table made a new flow cheap (log on: +18 ns as a call,
+/// +13 ns inlined, over a 170 ns new flow). `event_reason`: the `LOG_*` event, the drop
+/// reason in the next byte.
+#[inline(always)]
 fn emit(key: &FlowKey, vip_id: u32, backend_id: u32, event_reason: u32, nat: Option<&NatForward>) {
     let (event, reason) = (event_reason as u8, (event_reason >> 8) as u8);
     let now = crate::clock::now_ns();

@@ -81,7 +81,12 @@ fn least_conn(vip: &VipMeta) -> Option<(u32, &'static Backend)> {
         if i >= len {
             break;
         }
-        let entry = (start + i) % len;
+        // `(start + i) % len` without a division per entry (start and i are below len).
+        let entry = if start + i >= len {
+            start + i - len
+        } else {
+            start + i
+        };
         let slot = vip.ring_base + 2 * entry;
         let (Some(id), Some(weight)) = (RINGS.get(slot), RINGS.get(slot + 1)) else {
             break;

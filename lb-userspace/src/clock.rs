@@ -76,7 +76,7 @@ pub fn tick_ns() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{clock_params, jiffies_to_ns, jiffies_to_seconds};
+    use lb_common::{clock_params, jiffies_to_ns, jiffies_to_seconds, whole_ns_per_jiffy};
 
     #[test]
     fn jiffies_convert_to_the_monotonic_seconds_they_were_measured_with() {
@@ -107,20 +107,39 @@ mod tests {
         // HZ = 300: a tick is not a whole number of ns.
         let at_zero = u64::MAX - 10;
         assert_eq!(
-            jiffies_to_ns(at_zero.wrapping_add(1), 300, at_zero),
+            jiffies_to_ns(
+                at_zero.wrapping_add(1),
+                300,
+                at_zero,
+                whole_ns_per_jiffy(300)
+            ),
             Some(3_333_333)
         );
         assert_eq!(
-            jiffies_to_ns(at_zero.wrapping_add(301), 300, at_zero),
+            jiffies_to_ns(at_zero.wrapping_add(301), 300, at_zero, 0),
             Some(1_003_333_333)
         );
         // A year of uptime at HZ = 1000 does not overflow.
         let year = 365 * 86_400;
         assert_eq!(
-            jiffies_to_ns(at_zero.wrapping_add(year * 1000), 1000, at_zero),
+            jiffies_to_ns(at_zero.wrapping_add(year * 1000), 1000, at_zero, 0),
             Some(year * 1_000_000_000)
         );
-        assert_eq!(jiffies_to_ns(5, 0, 0), None, "not measured yet");
+        assert_eq!(jiffies_to_ns(5, 0, 0, 0), None, "not measured yet");
+        // Where a tick is a whole number of ns, one multiply gives what the divisions give.
+        for hz in [100, 250, 1000] {
+            let per = whole_ns_per_jiffy(hz);
+            assert_ne!(per, 0);
+            for ticks in [1, 299, 86_400 * hz as u64 + 7, year * hz as u64] {
+                let jiffies = at_zero.wrapping_add(ticks);
+                assert_eq!(
+                    jiffies_to_ns(jiffies, hz, at_zero, per),
+                    jiffies_to_ns(jiffies, hz, at_zero, 0),
+                    "HZ {hz}, {ticks} ticks"
+                );
+            }
+        }
+        assert_eq!(whole_ns_per_jiffy(300), 0, "1e9 / 300 is not whole");
     }
 
     #[test]

@@ -205,7 +205,7 @@ pub fn target(
         jiffies_per_second: 0,
         jiffies_at_zero: 0,
         flow_set_mask: 0,
-        _pad2: [0; 4],
+        ns_per_jiffy: 0,
     };
     let mut vips = BTreeMap::new();
     let mut unresolved = Vec::new();

@@ -387,6 +387,7 @@ impl Dataplane {
         Ok(LbConfig {
             jiffies_per_second: 0,
             jiffies_at_zero: 0,
+            ns_per_jiffy: 0,
             flow_set_mask: 0,
             ..config
         })
@@ -400,6 +401,7 @@ impl Dataplane {
         let config = LbConfig {
             jiffies_per_second: clock.0,
             jiffies_at_zero: clock.1,
+            ns_per_jiffy: lb_common::whole_ns_per_jiffy(clock.0),
             flow_set_mask: self.flows.set_mask(),
             ..*config
         };

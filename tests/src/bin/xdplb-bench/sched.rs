@@ -4,21 +4,24 @@
 //! for all three.
 //!
 //! Every call's output is checked against the backend the scheduler must pick: the Maglev
-//! table's slot for the tuple, the next entry of the round-robin turn, and for least-conn
-//! (flows never close here, so counts stay level) the entry after the last one chosen. The
-//! thread is pinned to one CPU, since both non-Maglev schedulers keep per-CPU state.
+//! table's slot for the tuple and the next entry of the round-robin turn. Least-conn's pick
+//! depends on which flows the full table evicted (an eviction gives its count back), so each
+//! of its outputs must be one of the VIP's backends, and after each run the counts must be
+//! level (within 2: a pick, then an eviction from another backend) and equal, backend by
+//! backend, to the counted flows the table holds. The thread is pinned to one CPU, since both
+//! non-Maglev schedulers keep per-CPU state.
 
 use crate::{
     micro::{expect, expect_new_flows, framed, median, per_call_run, tcp4, with_macs, CALLS},
     report::{Figure, Report},
 };
-use anyhow::{Context as _, Result};
-use lb_common::counters;
+use anyhow::{ensure, Context as _, Result};
+use lb_common::{counters, FLOW_COUNTED};
 use lb_userspace::{
     dataplane::Role,
     model::{Forwarding, Protocol, Services, VipAddr},
     scheduler::Scheduler,
-    state::vip_key,
+    state::{vip_key, LiveVip},
 };
 use std::{
     collections::HashMap,
@@ -74,19 +77,24 @@ fn services() -> Services {
     }
 }
 
-/// The backend MAC new flow number `n` (of this VIP, since the maps were filled) must get.
+/// The VIP applied at address `last`.
+fn live_vip(lb: &Harness, last: u8) -> Result<&LiveVip> {
+    lb.live()
+        .vips
+        .get(&vip_key(&vip_addr(last)))
+        .context("VIP not applied")
+}
+
+/// The backend MAC new flow number `n` (of this VIP, since the maps were filled) must get;
+/// `None` for least-conn (any of the VIP's backends, checked by [`least_conn_level`]).
 fn predict(
     lb: &Harness,
     scheduler: Scheduler,
     last: u8,
     n: usize,
     src: Ipv4Addr,
-) -> Result<[u8; 6]> {
-    let vip = lb
-        .live()
-        .vips
-        .get(&vip_key(&vip_addr(last)))
-        .context("VIP not applied")?;
+) -> Result<Option<[u8; 6]>> {
+    let vip = live_vip(lb, last)?;
     let macs: HashMap<u32, [u8; 6]> = vip
         .backends
         .values()
@@ -105,12 +113,39 @@ fn predict(
             table[(lb_common::flow_hash(&key, SEED) % table.len() as u32) as usize]
         }
         Scheduler::RoundRobin => table[n % table.len()],
-        // (id, weight) pairs; equal weights and counts: each entry in turn.
-        Scheduler::LeastConn => table[2 * (n % (table.len() / 2))],
+        Scheduler::LeastConn => return Ok(None),
     };
     macs.get(&id)
         .copied()
+        .map(Some)
         .context("table names an unknown backend")
+}
+
+/// After a least-conn run: each backend's count equals the counted flows the table holds for
+/// it, and the counts are level.
+fn least_conn_level(lb: &Harness, last: u8) -> Result<()> {
+    let vip = live_vip(lb, last)?;
+    let flows = lb.dataplane.flows()?;
+    let mut counts = Vec::new();
+    for backend in vip.backends.values() {
+        let count = lb.dataplane.active_conns(backend.id)?;
+        let held = flows
+            .iter()
+            .filter(|(_, f)| f.backend_id == backend.id && f.state & FLOW_COUNTED != 0)
+            .count() as i64;
+        ensure!(
+            count == held,
+            "least-conn: backend {} counts {count} connections, the table holds {held}",
+            backend.id
+        );
+        counts.push(count);
+    }
+    let (min, max) = (counts.iter().min(), counts.iter().max());
+    ensure!(
+        max.zip(min).is_some_and(|(max, min)| max - min <= 2),
+        "least-conn: counts not level: {counts:?}"
+    );
+    Ok(())
 }
 
 pub fn run(report: &mut Report) -> Result<()> {
@@ -127,7 +162,12 @@ pub fn run(report: &mut Report) -> Result<()> {
         for (slot, (scheduler, last)) in SCHEDULERS.iter().enumerate() {
             let vip = Ipv4Addr::new(192, 0, 2, *last);
             let base = sent[slot];
-            let expected: Vec<(Ipv4Addr, [u8; 6])> = (0..CALLS)
+            let backend_macs: Vec<[u8; 6]> = live_vip(&lb, *last)?
+                .backends
+                .values()
+                .map(|b| b.entry.dst_mac)
+                .collect();
+            let expected: Vec<(Ipv4Addr, Option<[u8; 6]>)> = (0..CALLS)
                 .map(|i| {
                     let n = base + i;
                     let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + n as u32);
@@ -146,13 +186,15 @@ pub fn run(report: &mut Report) -> Result<()> {
                 ),
                 |i, frame| frame[26..30].copy_from_slice(&expected[i].0.octets()),
                 |i, input, action, out| {
-                    expect(
-                        &what,
-                        action,
-                        XDP_TX,
-                        out,
-                        &with_macs(input, expected[i].1, LB_MAC),
-                    )
+                    // Least-conn: whichever backend the output names, if it is the VIP's.
+                    let mac = expected[i].1.unwrap_or_else(|| {
+                        let named = out.get(..6).unwrap_or_default();
+                        *backend_macs
+                            .iter()
+                            .find(|mac| mac[..] == *named)
+                            .unwrap_or(&backend_macs[0])
+                    });
+                    expect(&what, action, XDP_TX, out, &with_macs(input, mac, LB_MAC))
                 },
             )?);
             sent[slot] += CALLS;
@@ -166,6 +208,9 @@ pub fn run(report: &mut Report) -> Result<()> {
                     (counters::ACTION_TX, CALLS as u64),
                 ],
             )?;
+            if *scheduler == Scheduler::LeastConn {
+                least_conn_level(&lb, *last)?;
+            }
         }
         println!(" done");
     }
