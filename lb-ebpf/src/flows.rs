@@ -9,25 +9,14 @@
 //! least valuable entry of its set ([`lb_common::flow_victim_rank`]), so an active flow is
 //! replaced only when all four entries of its set are busier than it.
 
-use crate::{
-    counters,
-    lookup::FlowHash,
-    maps::{CONFIG, FLOWS},
-};
+use crate::{counters, lookup::FlowHash, maps::FLOWS};
 use lb_common::{counters as idx, FlowKey, FlowValue, FLOW_PINNED, FLOW_WAYS};
-
-/// The first slot of the flow's set (set 0 until the loader wrote the table's size).
-#[inline(always)]
-fn first_slot(hash: &FlowHash) -> u32 {
-    let set_mask = CONFIG.get(0).map_or(0, |c| c.flow_set_mask);
-    lb_common::flow_set_first_slot(hash.table(), set_mask)
-}
 
 /// The entry of `key`, if the table holds it. Inlined into the main path; other paths call
 /// [`find_out_of_line`].
 #[inline(always)]
 pub fn find(key: &FlowKey, hash: &FlowHash) -> Option<*mut FlowValue> {
-    let first = first_slot(hash);
+    let first = hash.first_slot();
     let mut way = 0;
     while way < FLOW_WAYS {
         let slot = FLOWS.get_ptr_mut(first + way)?;
@@ -47,7 +36,7 @@ pub fn find(key: &FlowKey, hash: &FlowHash) -> Option<*mut FlowValue> {
 /// its pinned copy keeps the count and brings it back with the flow).
 #[inline(always)]
 pub fn insert(key: &FlowKey, value: &FlowValue, hash: &FlowHash) -> Option<*mut FlowValue> {
-    let first = first_slot(hash);
+    let first = hash.first_slot();
     let mut victim = first;
     let mut lowest = u64::MAX;
     let mut way = 0;

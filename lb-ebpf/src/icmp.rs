@@ -66,7 +66,8 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
     let Some(mut error) = flow_error(ctx) else {
         return pass(idx::PASS_NOT_TCP_UDP);
     };
-    let (seed, flags) = CONFIG.get(0).map_or((0, 0), |c| (c.hash_seed, c.flags));
+    let config = CONFIG.get(0);
+    let (seed, flags) = config.map_or((0, 0), |c| (c.hash_seed, c.flags));
     let Some(vip) = lookup::find_vip(&error.packet.key, flags) else {
         // About a packet the LB sent to a nat backend: addressed to a nat address.
         if flags & CONFIG_HAS_NAT != 0 {
@@ -81,7 +82,7 @@ pub fn forward_error(ctx: &XdpContext) -> u32 {
         }
         return pass(idx::PASS_NOT_VIP);
     };
-    let hash = lookup::FlowHash::new(&error.packet.key, seed);
+    let hash = lookup::FlowHash::new(&error.packet.key, config);
     let Some((backend_id, backend)) = lookup::flow_backend(&error.packet.key, &hash, vip) else {
         return pass(idx::PASS_ICMP_NO_BACKEND);
     };

@@ -7,9 +7,9 @@ use crate::{
 };
 use core::cell::Cell;
 use lb_common::{
-    counters, Backend, FlowKey, FlowValue, VipKey, VipMeta, AFFINITY_CONNECTION, BACKEND_DOWN,
-    BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FILTER_LIMITS, FLOW_ACK_SEEN, FLOW_FIN_SEEN,
-    FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
+    counters, Backend, FlowKey, FlowValue, LbConfig, VipKey, VipMeta, AFFINITY_CONNECTION,
+    BACKEND_DOWN, BACKEND_PRESENT, CONFIG_HAS_PORT0_VIPS, FILTER_LIMITS, FLOW_ACK_SEEN,
+    FLOW_FIN_SEEN, FLOW_PINNED, FLOW_RST_SEEN, FLOW_SYN_SEEN, NO_BACKEND, PROTO_UDP, SCHED_MAGLEV,
 };
 
 /// What the VIP stage found: the packet's VIP, and its flow entry when the flow table has one
@@ -110,6 +110,8 @@ fn vips_lookup(flow: &FlowKey, config_flags: u8) -> Option<&'static VipMeta> {
 pub struct FlowHash<'a> {
     key: &'a FlowKey,
     seed: u32,
+    /// [`LbConfig::flow_set_mask`], read with the seed so the table needs no config lookup.
+    set_mask: u32,
     value: Cell<Option<u32>>,
     /// [`lb_common::flow_table_hash`].
     table: Cell<Option<u32>>,
@@ -118,11 +120,14 @@ pub struct FlowHash<'a> {
 }
 
 impl<'a> FlowHash<'a> {
+    /// The hashes of `key` with the seed and flow-table size of `config`.
     #[inline(always)]
-    pub fn new(key: &'a FlowKey, seed: u32) -> Self {
+    pub fn new(key: &'a FlowKey, config: Option<&LbConfig>) -> Self {
+        let (seed, set_mask) = config.map_or((0, 0), |c| (c.hash_seed, c.flow_set_mask));
         Self {
             key,
             seed,
+            set_mask,
             value: Cell::new(None),
             table: Cell::new(None),
             stored: Cell::new(None),
@@ -135,6 +140,7 @@ impl<'a> FlowHash<'a> {
         Self {
             key,
             seed,
+            set_mask: 0,
             value: Cell::new(Some(value)),
             table: Cell::new(None),
             stored: Cell::new(None),
@@ -152,9 +158,15 @@ impl<'a> FlowHash<'a> {
         value
     }
 
+    /// The first slot of the flow's set in the flow table.
+    #[inline(always)]
+    pub fn first_slot(&self) -> u32 {
+        lb_common::flow_set_first_slot(self.table(), self.set_mask)
+    }
+
     /// The hash that picks the flow's set in the flow table.
     #[inline(always)]
-    pub fn table(&self) -> u32 {
+    fn table(&self) -> u32 {
         if let Some(value) = self.table.get() {
             return value;
         }

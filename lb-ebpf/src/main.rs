@@ -93,10 +93,9 @@ fn balance(ctx: &XdpContext) -> u32 {
         Err(idx::PASS_NOT_TCP_UDP) => return icmp::forward_error(ctx),
         Err(reason) => return pass(reason),
     };
-    let (seed, flags) = maps::CONFIG
-        .get(0)
-        .map_or((0, 0), |c| (c.hash_seed, c.flags));
-    let hash = lookup::FlowHash::new(&pkt.key, seed);
+    let config = maps::CONFIG.get(0);
+    let (seed, flags) = config.map_or((0, 0), |c| (c.hash_seed, c.flags));
+    let hash = lookup::FlowHash::new(&pkt.key, config);
     let Some(lookup::Found { vip, flow, backend }) =
         lookup::find_vip_and_flow(&pkt.key, &hash, flags)
     else {
