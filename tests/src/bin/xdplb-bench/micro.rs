@@ -198,6 +198,33 @@ pub(crate) fn per_call_run(
     Ok(total_ns as f64 / CALLS as f64)
 }
 
+/// [`per_call_run`] of one frame, unchanged every call, whose every result must be
+/// `want_action` with exactly `want` as output.
+pub(crate) fn same_frame_per_call(
+    prog: &Xdp,
+    what: &str,
+    frame: &[u8],
+    want_action: u32,
+    want: &[u8],
+) -> Result<f64> {
+    per_call_run(
+        prog,
+        frame.to_vec(),
+        |_, _| {},
+        |_, _, action, out| expect(what, action, want_action, out, want),
+    )
+}
+
+/// Sends a flow's first two packets, as a real flow's would come: the first inserts the flow,
+/// the second hits and pins it (the flood defence). Each must be sent with output `want`.
+pub(crate) fn establish(lb: &mut Harness, what: &str, frame: &[u8], want: &[u8]) -> Result<()> {
+    for _ in 0..2 {
+        let outcome = lb.run(frame);
+        expect(what, outcome.action, XDP_TX, &outcome.output, want)?;
+    }
+    Ok(())
+}
+
 /// `CALLS` new flows to `vip` (TCP from `sport` to 80), a fresh source address from
 /// `first_source` on each call: every output checked against the backend MAC the Maglev
 /// table predicts for the tuple, the counters against one miss per call. Returns the mean
@@ -389,19 +416,9 @@ pub fn run(report: &mut Report) -> Result<()> {
         .build();
     let decap_out = framed(LB_MAC, TUN_BACKEND_MAC, &tun_inner);
 
-    // Establish the flows the hit paths hit: the first packet is a miss that inserts the
-    // flow, the second a hit that pins it (the flood defence), as a real flow's would be.
+    // Establish the flows the hit paths hit.
     for (frame, out) in [(&hit4, &hit4_out), (&hit6, &hit6_out), (&tun_in, &tun_out)] {
-        for _ in 0..2 {
-            let outcome = lb.run(frame);
-            expect(
-                "first packets of a flow",
-                outcome.action,
-                XDP_TX,
-                &outcome.output,
-                out,
-            )?;
-        }
+        establish(&mut lb, "first packets of a flow", frame, out)?;
     }
 
     let mut decap = Harness::new(Role::Decap);
@@ -454,19 +471,21 @@ pub fn run(report: &mut Report) -> Result<()> {
 
         // --- per call ---
         let trivial = progs::program(&mut trivial_obj, "bench_tx")?;
-        call[0].push(per_call_run(
+        call[0].push(same_frame_per_call(
             trivial,
-            hit4.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("trivial", action, XDP_TX, out, &trivial_out),
+            "trivial",
+            &hit4,
+            XDP_TX,
+            &trivial_out,
         )?);
 
         let before = lb.global_counters();
-        call[1].push(per_call_run(
+        call[1].push(same_frame_per_call(
             lb.dataplane.program(),
-            hit4.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("flow hit dsr", action, XDP_TX, out, &hit4_out),
+            "flow hit dsr",
+            &hit4,
+            XDP_TX,
+            &hit4_out,
         )?);
         expect_counters(
             "flow hit dsr (per call)",
@@ -481,26 +500,29 @@ pub fn run(report: &mut Report) -> Result<()> {
         call[2].push(new_flows_per_call(&mut lb, WEB4, 40005, first_source)?);
         new_flows += CALLS as u32;
 
-        call[3].push(per_call_run(
+        call[3].push(same_frame_per_call(
             lb.dataplane.program(),
-            tun_in.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("ipip 4in4 flow hit", action, XDP_TX, out, &tun_out),
+            "ipip 4in4 flow hit",
+            &tun_in,
+            XDP_TX,
+            &tun_out,
         )?);
 
-        call[4].push(per_call_run(
+        call[4].push(same_frame_per_call(
             lb.dataplane.program(),
-            pass.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("non-VIP pass", action, XDP_PASS, out, &pass),
+            "non-VIP pass",
+            &pass,
+            XDP_PASS,
+            &pass,
         )?);
 
         let before = decap.global_counters();
-        call[5].push(per_call_run(
+        call[5].push(same_frame_per_call(
             decap.dataplane.program(),
-            tun_out.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("decap 4in4", action, XDP_PASS, out, &decap_out),
+            "decap 4in4",
+            &tun_out,
+            XDP_PASS,
+            &decap_out,
         )?);
         expect_counters(
             "decap (per call)",
@@ -511,11 +533,12 @@ pub fn run(report: &mut Report) -> Result<()> {
             ],
         )?;
 
-        call[6].push(per_call_run(
+        call[6].push(same_frame_per_call(
             lb.dataplane.program(),
-            hit6.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("flow hit dsr IPv6", action, XDP_TX, out, &hit6_out),
+            "flow hit dsr IPv6",
+            &hit6,
+            XDP_TX,
+            &hit6_out,
         )?);
         println!(" done");
     }

@@ -6,8 +6,8 @@
 
 use crate::{
     micro::{
-        expect, expect_counters, expect_new_flows, framed, mac, median, moved, per_call_run, CALLS,
-        RING, RUNS, SEED, XDP_TX,
+        establish, expect, expect_counters, expect_new_flows, framed, mac, median, moved,
+        per_call_run, same_frame_per_call, CALLS, RING, RUNS, SEED, XDP_TX,
     },
     progs,
     report::{Figure, Report},
@@ -130,16 +130,12 @@ pub fn run(report: &mut Report) -> Result<()> {
         out
     };
     // The connection the first two paths use: claimed, then pinned like a real one.
-    for _ in 0..2 {
-        let outcome = lb.run(&to_backend_in);
-        expect(
-            "nat connection setup",
-            outcome.action,
-            XDP_TX,
-            &outcome.output,
-            &to_backend_out,
-        )?;
-    }
+    establish(
+        &mut lb,
+        "nat connection setup",
+        &to_backend_in,
+        &to_backend_out,
+    )?;
 
     let mut call: [Vec<f64>; 4] = Default::default();
     let mut new_sources = u32::from(Ipv4Addr::new(100, 64, 0, 0));
@@ -148,25 +144,28 @@ pub fn run(report: &mut Report) -> Result<()> {
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
         let trivial = progs::program(&mut trivial_obj, "bench_tx")?;
-        call[0].push(per_call_run(
+        call[0].push(same_frame_per_call(
             trivial,
-            to_backend_in.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("trivial", action, XDP_TX, out, &trivial_out),
+            "trivial",
+            &to_backend_in,
+            XDP_TX,
+            &trivial_out,
         )?);
 
         let before = lb.global_counters();
-        call[1].push(per_call_run(
+        call[1].push(same_frame_per_call(
             lb.dataplane.program(),
-            to_backend_in.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("nat to backend", action, XDP_TX, out, &to_backend_out),
+            "nat to backend",
+            &to_backend_in,
+            XDP_TX,
+            &to_backend_out,
         )?);
-        call[2].push(per_call_run(
+        call[2].push(same_frame_per_call(
             lb.dataplane.program(),
-            reply_in.clone(),
-            |_, _| {},
-            |_, _, action, out| expect("nat reply", action, XDP_TX, out, &reply_out),
+            "nat reply",
+            &reply_in,
+            XDP_TX,
+            &reply_out,
         )?);
         expect_counters(
             "nat established (per call)",

@@ -9,8 +9,9 @@
 
 use crate::{
     micro::{
-        expect, expect_counters, framed, mac, median, moved, new_flows_per_call, per_call_run,
-        predicted_mac, repeat_run, tcp4, with_macs, CALLS, REPEAT, RING, RUNS, SEED, XDP_TX,
+        establish, expect, expect_counters, framed, mac, median, moved, new_flows_per_call,
+        per_call_run, predicted_mac, repeat_run, tcp4, with_macs, CALLS, REPEAT, RING, RUNS, SEED,
+        XDP_TX,
     },
     report::{Figure, Report},
 };
@@ -105,10 +106,7 @@ pub fn run(report: &mut Report) -> Result<()> {
     let (plain_hit, plain_out) = hit(PLAIN, 41001)?;
     let (acl_hit, acl_out) = hit(FILTERED, 41002)?;
     for (frame, out) in [(&plain_hit, &plain_out), (&acl_hit, &acl_out)] {
-        for _ in 0..2 {
-            let outcome = lb.run(frame);
-            expect("establishing", outcome.action, XDP_TX, &outcome.output, out)?;
-        }
+        establish(&mut lb, "establishing", frame, out)?;
     }
 
     let mut rep: [Vec<f64>; 2] = Default::default();
@@ -223,16 +221,7 @@ fn flood() -> Result<Flood> {
     };
     let backend_mac = predicted_mac(&lb, PLAIN.into(), &key)?;
     let want = with_macs(&frame, backend_mac, LB_MAC);
-    for _ in 0..2 {
-        let outcome = lb.run(&frame);
-        expect(
-            "pinned flow",
-            outcome.action,
-            XDP_TX,
-            &outcome.output,
-            &want,
-        )?;
-    }
+    establish(&mut lb, "pinned flow", &frame, &want)?;
     let backend = services.vips[0]
         .backends
         .iter()
