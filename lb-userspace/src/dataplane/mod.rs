@@ -405,9 +405,7 @@ impl Dataplane {
             flow_set_mask: self.flows.set_mask(),
             ..*config
         };
-        self.config
-            .set(0, config, 0)
-            .map_err(map_err(map_names::CONFIG))
+        put(&mut self.config, map_names::CONFIG, 0, config)
     }
 
     /// `VIPS` first, then its slot: a flow hit uses the slot only while it holds the same key,
@@ -420,9 +418,7 @@ impl Dataplane {
             key: *key,
             meta: *meta,
         };
-        self.vip_slots
-            .set(meta.vip_id, slot, 0)
-            .map_err(map_err(map_names::VIP_SLOTS))
+        put(&mut self.vip_slots, map_names::VIP_SLOTS, meta.vip_id, slot)
     }
 
     /// The slot first (flow hits then ask `VIPS`), then `VIPS`. A slot already given to
@@ -439,9 +435,12 @@ impl Dataplane {
                 .get(&meta.vip_id, 0)
                 .map_err(map_err(map_names::VIP_SLOTS))?;
             if slot.key == *key {
-                self.vip_slots
-                    .set(meta.vip_id, VipSlot::default(), 0)
-                    .map_err(map_err(map_names::VIP_SLOTS))?;
+                put(
+                    &mut self.vip_slots,
+                    map_names::VIP_SLOTS,
+                    meta.vip_id,
+                    VipSlot::default(),
+                )?;
             }
         }
         ignore_missing(self.vips.remove(key)).map_err(map_err(map_names::VIPS))
@@ -467,15 +466,11 @@ impl Dataplane {
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends
-            .set(id, backend, 0)
-            .map_err(map_err(map_names::BACKENDS))
+        put(&mut self.backends, map_names::BACKENDS, id, backend)
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
-        self.backends
-            .get(&id, 0)
-            .map_err(map_err(map_names::BACKENDS))
+        fetch(&self.backends, map_names::BACKENDS, id)
     }
 
     /// Makes backend `id` disappear for the data path (flows to it re-hash) and zeroes its
@@ -613,15 +608,11 @@ impl Dataplane {
     }
 
     pub fn set_vip_limits(&mut self, vip_id: u32, limits: &VipLimits) -> Result<()> {
-        self.vip_limits
-            .set(vip_id, limits, 0)
-            .map_err(map_err(map_names::VIP_LIMITS))
+        put(&mut self.vip_limits, map_names::VIP_LIMITS, vip_id, limits)
     }
 
     pub fn vip_limits(&self, vip_id: u32) -> Result<VipLimits> {
-        self.vip_limits
-            .get(&vip_id, 0)
-            .map_err(map_err(map_names::VIP_LIMITS))
+        fetch(&self.vip_limits, map_names::VIP_LIMITS, vip_id)
     }
 
     /// A VIP's drops by reason, summed over CPUs.
@@ -649,17 +640,13 @@ impl Dataplane {
     }
 
     pub fn set_flood(&mut self, state: &FloodState) -> Result<()> {
-        self.flood
-            .set(0, state, 0)
-            .map_err(map_err(map_names::FLOOD))
+        put(&mut self.flood, map_names::FLOOD, 0, state)
     }
 
     /// Writes words of the `VIP_ADDRS` bitmap (see [`crate::vip_addrs`]).
     pub fn set_vip_addr_words(&mut self, writes: &[(u32, u64)]) -> Result<()> {
         for (word, bits) in writes {
-            self.vip_addrs
-                .set(*word, bits, 0)
-                .map_err(map_err(map_names::VIP_ADDRS))?;
+            put(&mut self.vip_addrs, map_names::VIP_ADDRS, *word, bits)?;
         }
         Ok(())
     }
@@ -684,15 +671,11 @@ impl Dataplane {
     }
 
     pub fn set_log_budget(&mut self, budget: &LogBudget) -> Result<()> {
-        self.log_budget
-            .set(0, budget, 0)
-            .map_err(map_err(map_names::LOG_BUDGET))
+        put(&mut self.log_budget, map_names::LOG_BUDGET, 0, budget)
     }
 
     pub fn log_budget(&self) -> Result<LogBudget> {
-        self.log_budget
-            .get(&0, 0)
-            .map_err(map_err(map_names::LOG_BUDGET))
+        fetch(&self.log_budget, map_names::LOG_BUDGET, 0)
     }
 
     /// The connection log's ring buffer, for its one reader (`None` once taken).
@@ -723,27 +706,19 @@ impl Dataplane {
     }
 
     pub fn set_nat_config(&mut self, config: &NatConfig) -> Result<()> {
-        self.nat_config
-            .set(0, config, 0)
-            .map_err(map_err(map_names::NAT_CONFIG))
+        put(&mut self.nat_config, map_names::NAT_CONFIG, 0, config)
     }
 
     pub fn nat_config(&self) -> Result<NatConfig> {
-        self.nat_config
-            .get(&0, 0)
-            .map_err(map_err(map_names::NAT_CONFIG))
+        fetch(&self.nat_config, map_names::NAT_CONFIG, 0)
     }
 
     pub fn set_nat_backend(&mut self, id: u32, backend: &NatBackend) -> Result<()> {
-        self.nat_backends
-            .set(id, backend, 0)
-            .map_err(map_err(map_names::NAT_BACKENDS))
+        put(&mut self.nat_backends, map_names::NAT_BACKENDS, id, backend)
     }
 
     pub fn nat_backend(&self, id: u32) -> Result<NatBackend> {
-        self.nat_backends
-            .get(&id, 0)
-            .map_err(map_err(map_names::NAT_BACKENDS))
+        fetch(&self.nat_backends, map_names::NAT_BACKENDS, id)
     }
 
     /// Every nat connection (`NAT_REV`: backend-side tuple -> state), read in batches.
@@ -871,4 +846,19 @@ fn replace_set<K: Pod + Eq>(
         map.insert(key, 1, 0)?;
     }
     Ok(())
+}
+
+/// `map[index] = value` in an array map; errors name the map.
+fn put<T: Pod>(
+    map: &mut Array<MapData, T>,
+    name: &'static str,
+    index: u32,
+    value: impl std::borrow::Borrow<T>,
+) -> Result<()> {
+    map.set(index, value, 0).map_err(map_err(name))
+}
+
+/// `map[index]` of an array map; errors name the map.
+fn fetch<T: Pod>(map: &Array<MapData, T>, name: &'static str, index: u32) -> Result<T> {
+    map.get(&index, 0).map_err(map_err(name))
 }
