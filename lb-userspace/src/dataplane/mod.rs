@@ -284,15 +284,7 @@ impl Dataplane {
             loader.map_pin_path(name, Cow::Borrowed(path.as_path()));
         }
         let mut ebpf = loader.load(OBJECT)?;
-        let name = role.program_name();
-        let program: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
+        load_xdp(&mut ebpf, role.program_name())?;
         let nat_programs = match role {
             Role::Balancer => Some(load_nat_programs(&mut ebpf)?),
             Role::Decap => None,
@@ -770,20 +762,25 @@ impl Dataplane {
     }
 }
 
+/// Loads the object's XDP program `name` into the kernel.
+fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    Ok(program)
+}
+
 /// Loads the nat programs and puts them in their `NAT_PROGS` slots, where the balancer's
 /// tail calls find them.
 fn load_nat_programs(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>> {
     let mut slots: ProgramArray<MapData> = take(ebpf, map_names::NAT_PROGS)?;
     for (slot, name) in program_names::NAT.iter().enumerate() {
-        let program: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        let fd = program
+        let fd = load_xdp(ebpf, name)?
             .fd()
             .map_err(|source| DataplaneError::Program { name, source })?;
         slots
